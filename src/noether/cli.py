@@ -1,0 +1,62 @@
+"""Command-line entry points `noether-train` and `noether-eval`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from noether.core.config import ConfigError, load_yaml
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
+from noether.data.container import UnknownDatasetKeyError
+
+USER_ERRORS = (ConfigError, CheckpointLoadError, UnknownDatasetKeyError, FileNotFoundError)
+
+
+def bundled_example() -> Path:
+    return Path(str(resources.files("noether.examples") / "quickstart.yaml"))
+
+
+def _split_config_and_overrides(positionals: list[str]) -> tuple[Path, list[str]]:
+    """The first positional is the config file unless it is a `key=value` override."""
+    if positionals and not ("=" in positionals[0] and not Path(positionals[0]).exists()):
+        return Path(positionals[0]), positionals[1:]
+    return bundled_example(), positionals
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="noether-train", description="Train from a YAML config (default: the bundled example).")
+    parser.add_argument("args", nargs="*", metavar="[CONFIG] [dotted.key=value ...]")
+    parser.add_argument("--resume", metavar="RUN", help="continue this run (id or directory)")
+    parser.add_argument("--checkpoint", metavar="TAG", default="latest", help="checkpoint to resume from (default: latest)")
+    arguments = parser.parse_args(argv)
+    config_path, overrides = _split_config_and_overrides(arguments.args)
+    try:
+        from noether.training.run import train
+
+        paths = train(load_yaml(config_path, overrides), resume=arguments.resume, checkpoint=arguments.checkpoint)
+    except USER_ERRORS as error:
+        print(f"noether-train: error: {error}", file=sys.stderr)
+        return 2
+    print(paths.run_dir)
+    return 0
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="noether-eval", description="Evaluate a checkpoint with the config's callbacks.")
+    parser.add_argument("args", nargs="*", metavar="CONFIG [dotted.key=value ...]")
+    parser.add_argument("--run", required=True, metavar="RUN", help="run id or directory")
+    parser.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total")
+    arguments = parser.parse_args(argv)
+    config_path, overrides = _split_config_and_overrides(arguments.args)
+    try:
+        from noether.training.run import evaluate
+
+        summary = evaluate(load_yaml(config_path, overrides), run=arguments.run, checkpoint=arguments.checkpoint)
+    except USER_ERRORS as error:
+        print(f"noether-eval: error: {error}", file=sys.stderr)
+        return 2
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0

@@ -1,0 +1,72 @@
+"""What every callback is: config, lifecycle hooks, state for checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import PositiveInt, model_validator
+
+from noether.core.callbacks.context import CallbackContext
+from noether.core.config import RegistryConfig
+from noether.core.utils.training.counter import UpdateCounter
+
+SCHEDULE_FIELDS = ("every_n_epochs", "every_n_updates", "every_n_samples")
+
+
+class CallBackBaseConfig(RegistryConfig):
+    """Config of any callback: when it runs and under which key its state is checkpointed."""
+
+    id: str | None = None
+    name: str | None = None
+    every_n_epochs: PositiveInt | None = None
+    every_n_updates: PositiveInt | None = None
+    every_n_samples: PositiveInt | None = None
+    batch_size: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> CallBackBaseConfig:
+        given = [field for field in SCHEDULE_FIELDS if getattr(self, field) is not None]
+        if len(given) != 1:
+            found = f"got {', '.join(given)}" if given else "got none"
+            raise ValueError(f"set exactly one of {', '.join(SCHEDULE_FIELDS)} ({found})")
+        if self.every_n_samples is not None and self.batch_size is None:
+            raise ValueError("every_n_samples requires batch_size")
+        return self
+
+
+class CallbackBase:
+    """Hooks the trainer calls around training. All hooks run under torch.no_grad()."""
+
+    def __init__(self, callback_config: CallBackBaseConfig, context: CallbackContext) -> None:
+        self.config = callback_config
+        self.context = context
+        self.logger = logging.getLogger(f"noether.callbacks.{self.state_key}")
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in the trainer checkpoint: its `id`, else its class name."""
+        return self.config.id or type(self).__name__
+
+    def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        """Called once before the first update (also on resume)."""
+
+    def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        """Called once when training ends, by its limit or by a signal."""
+
+    def get_children(self) -> list[CallbackBase]:
+        """Callbacks owned by this one whose data the trainer must serve on the shared sampler."""
+        return []
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """Small state saved in the trainer checkpoint; None for stateless callbacks."""
+        return None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what state_dict returned."""
+
+    def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
+        """Restore large state kept in files of its own (e.g. EMA weights) from checkpoint_tag."""
+
+    def save_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
+        """Write large state of its own under checkpoint_tag (interrupt and error checkpoints)."""

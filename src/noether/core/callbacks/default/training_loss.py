@@ -1,0 +1,48 @@
+"""Logs the training loss averaged since the last log: `loss/online/{term}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from noether.core.callbacks.base import CallBackBaseConfig
+from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
+from noether.core.utils.training.counter import UpdateCounter
+
+
+class TrainingLossCallbackConfig(CallBackBaseConfig):
+    pass
+
+
+class TrainingLossCallback(PeriodicCallback):
+    """Sums loss terms on the device so logging costs no sync until the log step."""
+
+    def __init__(self, callback_config: TrainingLossCallbackConfig, context: Any) -> None:
+        super().__init__(callback_config, context)
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.step_count = 0
+
+    def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, torch.Tensor], weight: float, **kwargs: Any) -> None:
+        for term, value in losses.items():
+            weighted = value.detach().float() * weight
+            if term in self.loss_sums:
+                self.loss_sums[term] += weighted
+            else:
+                self.loss_sums[term] = weighted.clone()
+
+    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        self.step_count += 1
+
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if interval_type == "eval" or not self.step_count:
+            return
+        for term, total in self.loss_sums.items():
+            self.context.log_writer.add_scalar(f"loss/online/{term}", total / self.step_count)
+        self.loss_sums, self.step_count = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sums": dict(self.loss_sums), "step_count": self.step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loss_sums, self.step_count = dict(state_dict["loss_sums"]), state_dict["step_count"]

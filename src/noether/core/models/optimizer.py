@@ -1,0 +1,64 @@
+"""Optimizer and learning-rate schedule of a model, built from config."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+from noether.core.config import import_object
+
+
+class ScheduleConfig(BaseModel):
+    """Learning rate as a function of the update: linear warm-up, then constant, cosine or linear decay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    end_factor: float = Field(0.0, ge=0.0, le=1.0)
+
+    def factor(self, update: int, total_updates: int) -> float:
+        """Multiplier of the base learning rate for the step that produces update `update + 1`."""
+        warmup_updates = int(self.warmup_fraction * total_updates)
+        if update < warmup_updates:
+            return (update + 1) / warmup_updates
+        if self.decay == "constant":
+            return 1.0
+        progress = min((update - warmup_updates) / max(total_updates - warmup_updates, 1), 1.0)
+        if self.decay == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.end_factor + (1.0 - self.end_factor) * shape
+
+
+class OptimizerConfig(BaseModel):
+    """`kind` is a torch optimizer class; other keys are its keyword arguments (checked by name)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = "torch.optim.AdamW"
+    lr: PositiveFloat
+    schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _known_arguments(self) -> OptimizerConfig:
+        optimizer_class = self.optimizer_class()
+        accepted = set(inspect.signature(optimizer_class).parameters)
+        unknown = sorted(set(self.model_extra or {}) - accepted)
+        if unknown:
+            raise ValueError(f"{self.kind} has no argument {', '.join(unknown)}")
+        return self
+
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        optimizer_class = import_object(self.kind)
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            raise ValueError(f"'{self.kind}' is not a torch.optim.Optimizer")
+        return optimizer_class
+
+    def build(self, parameters: Any) -> torch.optim.Optimizer:
+        return self.optimizer_class()(parameters, lr=self.lr, **(self.model_extra or {}))

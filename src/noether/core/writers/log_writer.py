@@ -1,0 +1,102 @@
+"""Metric logging: a cache of the current step's values, flushed to metrics.jsonl, summary.json and the console."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noether.core.utils.training.counter import UpdateCounter
+
+logger = logging.getLogger("noether.metrics")
+
+
+class LogWriter:
+    """Collects scalars for the current step; callbacks later in the same step can read `log_cache`.
+
+    Values may be tensors: they are converted to floats only at flush, so logging a loss does not
+    force a device sync on every update.
+    """
+
+    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True) -> None:
+        self.metrics_file = metrics_file
+        self.summary_file = summary_file
+        self.is_main_process = is_main_process
+        self.log_cache: dict[str, Any] = {}
+        self.summary: dict[str, float] = {}
+        if is_main_process and summary_file.exists():
+            self.summary = json.loads(summary_file.read_text())
+
+    def add_scalar(self, key: str, value: float | torch.Tensor) -> None:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        self.log_cache[key] = value
+
+    def with_prefix(self, prefix: str) -> PrefixedLogWriter:
+        return PrefixedLogWriter(self, prefix)
+
+    def set_summary(self, key: str, value: float) -> None:
+        """Record a value for summary.json that is not a per-step metric (e.g. a best value)."""
+        self.summary[key] = float(value)
+        self._write_summary()
+
+    def flush(self, update_counter: UpdateCounter) -> dict[str, float]:
+        """Write the cached values as one metrics.jsonl line and clear the cache."""
+        if not self.log_cache:
+            return {}
+        values = {key: float(value) for key, value in self.log_cache.items()}
+        self.log_cache.clear()
+        if self.is_main_process:
+            record = {**update_counter.cur_iteration.to_dict(), **values}
+            with self.metrics_file.open("a") as file:
+                file.write(json.dumps(record) + "\n")
+            self.summary.update(values)
+            self._write_summary()
+            text = " ".join(f"{key}={_format(value)}" for key, value in values.items())
+            logger.info(f"{update_counter.cur_iteration} {text}")
+        return values
+
+    def drop_records_after(self, update: int) -> None:
+        """On resume: forget metrics the interrupted run logged after the checkpoint it resumes from."""
+        if not self.is_main_process or not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= update]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def _write_summary(self) -> None:
+        if self.is_main_process:
+            temporary = self.summary_file.with_suffix(".json.tmp")
+            temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+            temporary.replace(self.summary_file)
+
+
+class PrefixedLogWriter:
+    """A view of a LogWriter that puts `prefix` before every key (for nested callbacks)."""
+
+    def __init__(self, parent: LogWriter | PrefixedLogWriter, prefix: str) -> None:
+        self.parent = parent
+        self.prefix = prefix
+
+    @property
+    def log_cache(self) -> dict[str, Any]:
+        return self.parent.log_cache
+
+    def add_scalar(self, key: str, value: float | torch.Tensor) -> None:
+        self.parent.add_scalar(self.prefix + key, value)
+
+    def set_summary(self, key: str, value: float) -> None:
+        self.parent.set_summary(self.prefix + key, value)
+
+    def with_prefix(self, prefix: str) -> PrefixedLogWriter:
+        return PrefixedLogWriter(self, prefix)
+
+
+def _format(value: float) -> str:
+    if math.isnan(value) or math.isinf(value) or value == int(value):
+        return str(value)
+    return f"{value:.6g}"

@@ -1,0 +1,23 @@
+"""The run's datasets by key (`train`, `val`, `test`, ...)."""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+
+class UnknownDatasetKeyError(LookupError):
+    pass
+
+
+class DataContainer:
+    def __init__(self, datasets: dict[str, Dataset]) -> None:
+        self.datasets = datasets
+
+    def get(self, key: str) -> Dataset:
+        try:
+            return self.datasets[key]
+        except KeyError:
+            raise UnknownDatasetKeyError(f"unknown dataset key '{key}'; known keys: {', '.join(sorted(self.datasets))}") from None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.datasets

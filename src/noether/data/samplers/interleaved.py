@@ -1,0 +1,148 @@
+"""One data loader for training batches and the evaluation passes callbacks need, in step order."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from noether.core.utils.training.counter import UpdateCounter
+from noether.core.utils.training.iteration import TrainingIteration
+
+TRAIN_KEY = "train"
+
+
+class ScheduledConsumer(Protocol):
+    """A callback that consumes a full pass over a dataset whenever it is due."""
+
+    dataset_key: str
+    eval_batch_size: int
+
+    def is_due_after_update(self, update_counter: UpdateCounter) -> bool: ...
+
+    def is_due_after_epoch(self, update_counter: UpdateCounter) -> bool: ...
+
+
+def evaluation_indices(dataset_size: int, rank: int, world_size: int) -> list[int]:
+    """This rank's share of a sequential pass, padded like DistributedSampler so ranks get equal counts."""
+    per_rank = math.ceil(dataset_size / world_size)
+    indices = list(range(dataset_size))
+    indices += indices[: per_rank * world_size - dataset_size]
+    return indices[rank::world_size]
+
+
+def evaluation_batches(dataset_size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    indices = evaluation_indices(dataset_size, rank, world_size)
+    return [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
+
+
+@dataclass
+class TrainingBatching:
+    """How one update's samples are split: the global batch over ranks, each rank's share over micro-batches."""
+
+    dataset_size: int
+    effective_batch_size: int
+    micro_batch_size: int
+    world_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.effective_batch_size % self.world_size:
+            raise ValueError(
+                f"effective_batch_size {self.effective_batch_size} does not divide over {self.world_size} processes"
+            )
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.dataset_size // self.effective_batch_size
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.effective_batch_size // self.world_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return math.ceil(self.local_batch_size / self.micro_batch_size)
+
+
+class InterleavedSampler:
+    """Batch sampler yielding `(source, index)` lists: training micro-batches and, right after each
+    update at which a consumer is due, that consumer's whole evaluation pass.
+
+    The training order depends only on (seed, epoch), so it is the same with or without
+    consumers and can restart at any update (resume). Consumers are listed in the order the
+    trainer dispatches them; after an update, update-scheduled passes come before epoch ones.
+    """
+
+    def __init__(
+        self,
+        *,
+        batching: TrainingBatching,
+        start_iteration: TrainingIteration,
+        end_iteration: TrainingIteration,
+        consumers: Sequence[ScheduledConsumer] = (),
+        consumer_dataset_sizes: Sequence[int] = (),
+        seed: int = 0,
+    ) -> None:
+        self.batching = batching
+        self.start_iteration = start_iteration
+        self.end_iteration = end_iteration
+        self.consumers = list(consumers)
+        self.consumer_dataset_sizes = list(consumer_dataset_sizes)
+        self.seed = seed
+
+    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.batching.dataset_size, generator=generator)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batching = self.batching
+        counter = UpdateCounter(
+            start_iteration=self.start_iteration,
+            end_iteration=self.end_iteration,
+            updates_per_epoch=batching.updates_per_epoch,
+            effective_batch_size=batching.effective_batch_size,
+        )
+        permutation_epoch, permutation = -1, None
+        while not counter.is_finished:
+            epoch, update_in_epoch = divmod(counter.update, batching.updates_per_epoch)
+            if epoch != permutation_epoch:
+                permutation_epoch, permutation = epoch, self.epoch_permutation(epoch)
+            start = update_in_epoch * batching.effective_batch_size + batching.rank * batching.local_batch_size
+            local_indices = permutation[start : start + batching.local_batch_size].tolist()
+            for micro_start in range(0, len(local_indices), batching.micro_batch_size):
+                yield [(0, index) for index in local_indices[micro_start : micro_start + batching.micro_batch_size]]
+            counter.add_update()
+            yield from self._evaluation_passes(counter, "is_due_after_update")
+            if counter.is_full_epoch:
+                yield from self._evaluation_passes(counter, "is_due_after_epoch")
+
+    def _evaluation_passes(self, counter: UpdateCounter, due_check: str) -> Iterator[list[tuple[int, int]]]:
+        for source, (consumer, size) in enumerate(zip(self.consumers, self.consumer_dataset_sizes), start=1):
+            if getattr(consumer, due_check)(counter):
+                for batch in evaluation_batches(size, consumer.eval_batch_size, self.batching.rank, self.batching.world_size):
+                    yield [(source, index) for index in batch]
+
+
+class InterleavedDataset(Dataset):
+    """Routes `(source, index)` to the training set (source 0) or a consumer's dataset."""
+
+    def __init__(self, sources: Sequence[tuple[str, Dataset]]) -> None:
+        self.sources = list(sources)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[str, Any]:
+        source, index = item
+        key, dataset = self.sources[source]
+        return key, dataset[index]
+
+    def __len__(self) -> int:
+        return sum(len(dataset) for _, dataset in self.sources)
+
+
+def collate_tagged(samples: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """Collate samples of one source into `(dataset_key, batch)`."""
+    return samples[0][0], default_collate([sample for _, sample in samples])

@@ -1,0 +1,410 @@
+"""The training loop. Read it top to bottom: `train` is the whole story.
+
+A subclass defines `train_step` (the losses of one batch); everything else — batching and
+gradient accumulation, mixed precision, callbacks, checkpoints, resume and signals — is here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from pydantic import NonNegativeInt, PositiveInt, model_validator
+from torch.utils.data import DataLoader
+
+from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig
+from noether.core.callbacks.context import CallbackContext
+from noether.core.callbacks.default import (
+    LearningRateCallback,
+    LearningRateCallbackConfig,
+    ProgressCallback,
+    ProgressCallbackConfig,
+    TrainingLossCallback,
+    TrainingLossCallbackConfig,
+)
+from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
+from noether.core.checkpointing import capture_rng_states, load_model_weights, restore_rng_states, save_model_checkpoint
+from noether.core.config import RegistryConfig, by_kind
+from noether.core.utils.training.counter import UpdateCounter
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, load_checkpoint
+from noether.data.samplers.interleaved import (
+    TRAIN_KEY,
+    InterleavedDataset,
+    InterleavedSampler,
+    TrainingBatching,
+    collate_tagged,
+)
+
+logger = logging.getLogger("noether.trainer")
+
+TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+class BaseTrainerConfig(RegistryConfig):
+    max_epochs: PositiveInt | None = None
+    max_updates: PositiveInt | None = None
+    max_samples: PositiveInt | None = None
+    effective_batch_size: PositiveInt
+    max_batch_size: PositiveInt | None = None
+    precision: Precision = "float32"
+    num_workers: NonNegativeInt = 0
+    log_every_n_updates: PositiveInt | None = None
+    callbacks: list[by_kind(CallBackBaseConfig)] = []
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> BaseTrainerConfig:
+        given = [name for name in TRAINING_LIMITS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of {', '.join(TRAINING_LIMITS)} (got {', '.join(given) or 'none'})")
+        return self
+
+
+class BaseTrainer:
+    """Trains `context.model` on the `train` dataset and runs the configured callbacks in order."""
+
+    def __init__(self, trainer_config: BaseTrainerConfig, context: CallbackContext, *, seed: int = 0, device: str = "cpu") -> None:
+        self.config = trainer_config
+        self.context = context
+        self.seed = seed
+        self.device = torch.device(device)
+        self.num_workers = trainer_config.num_workers
+        context.trainer = self
+        self.batching = TrainingBatching(
+            dataset_size=len(context.data.get(TRAIN_KEY)),
+            effective_batch_size=trainer_config.effective_batch_size,
+            micro_batch_size=min(
+                trainer_config.max_batch_size or trainer_config.effective_batch_size,
+                trainer_config.effective_batch_size // context.world_size,
+            ),
+            world_size=context.world_size,
+            rank=context.rank,
+        )
+        self.micro_batch_size = self.batching.micro_batch_size
+        self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
+        self.callbacks = self._build_callbacks()
+        self.stop_requested: str | None = None
+        self.pending_checkpoints: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------- the step
+    def train_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Losses of one batch as a dict of scalar tensors; `total` is the one that is optimized."""
+        raise NotImplementedError
+
+    def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Losses of one batch without gradients, for offline loss callbacks."""
+        return self.train_step(model, batch)
+
+    def move_to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {key: self.move_to_device(value) for key, value in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self.move_to_device(value) for value in batch)
+        return batch
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.config.precision
+        if precision == "float32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------- the loop
+    def train(self, resume_tag: str | None = None) -> UpdateCounter:
+        model = self.context.model.to(self.device)
+        counter = self.create_update_counter(TrainingIteration())
+        model.initialize_optimizers(counter.end_update)
+        if resume_tag is not None:
+            counter = self.load_checkpoint(resume_tag)
+        model.train()
+        self._log_start(counter)
+        data_iter = iter(self._data_loader(counter))
+        self._dispatch("before_training", update_counter=counter)
+        if resume_tag is not None:
+            self._dispatch("resume_from_checkpoint", checkpoint_tag=resume_tag, update_counter=counter)
+
+        with self._stop_on_signals():
+            try:
+                while not counter.is_finished and self.stop_requested is None:
+                    self._train_update(model, data_iter, counter)
+                    self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
+                    self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
+                    if counter.is_full_epoch:
+                        self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
+                    self.context.log_writer.flush(counter)
+                    self._write_pending_checkpoints(counter)
+                    self.context.checkpoint_writer.check()
+            except BaseException as error:
+                self._save_on_failure(counter, error)
+                raise
+            if self.stop_requested is not None:
+                logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
+                self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter, large_state=True)
+
+        self._dispatch("after_training", update_counter=counter)
+        self.context.log_writer.flush(counter)
+        self._write_pending_checkpoints(counter)
+        self.context.checkpoint_writer.wait()
+        return counter
+
+    def _train_update(self, model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
+        """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
+        model.set_learning_rates(counter.update)
+        local_batch_size = self.batching.local_batch_size
+        for _ in range(self.batching.accumulation_steps):
+            dataset_key, batch = next(data_iter)
+            batch = self.move_to_device(batch)
+            with self.autocast():
+                losses = self.train_step(model, batch)
+            weight = _batch_length(batch) / local_batch_size
+            self.grad_scaler.scale(losses["total"] * weight).backward()
+            self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
+        model.optimizer_step(self.grad_scaler if self.grad_scaler.is_enabled() else None)
+        if self.grad_scaler.is_enabled():
+            self.grad_scaler.update()
+        model.optimizer_zero_grad()
+        counter.add_update()
+
+    def create_update_counter(self, start: TrainingIteration) -> UpdateCounter:
+        config = self.config
+        end = TrainingIteration(epoch=config.max_epochs or 0, update=config.max_updates or 0, sample=config.max_samples or 0)
+        return UpdateCounter(
+            start_iteration=start,
+            end_iteration=end,
+            updates_per_epoch=self.batching.updates_per_epoch,
+            effective_batch_size=config.effective_batch_size,
+        )
+
+    def _data_loader(self, counter: UpdateCounter) -> DataLoader:
+        consumers = [c for c in self.all_callbacks() if isinstance(c, PeriodicDataIteratorCallback)]
+        data = self.context.data
+        sampler = InterleavedSampler(
+            batching=self.batching,
+            start_iteration=counter.cur_iteration,
+            end_iteration=counter.end_iteration,
+            consumers=consumers,
+            consumer_dataset_sizes=[len(data.get(c.dataset_key)) for c in consumers],
+            seed=self.seed,
+        )
+        dataset = InterleavedDataset([(TRAIN_KEY, data.get(TRAIN_KEY))] + [(c.dataset_key, data.get(c.dataset_key)) for c in consumers])
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_tagged,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # ----------------------------------------------------------------------------- callbacks
+    def _build_callbacks(self) -> list[CallbackBase]:
+        schedule = (
+            {"every_n_updates": self.config.log_every_n_updates} if self.config.log_every_n_updates else {"every_n_epochs": 1}
+        )
+        defaults = [
+            TrainingLossCallback(TrainingLossCallbackConfig(**schedule), self.context),
+            LearningRateCallback(LearningRateCallbackConfig(**schedule), self.context),
+            ProgressCallback(ProgressCallbackConfig(**schedule), self.context),
+        ]
+        configured = []
+        for callback_config in self.config.callbacks:
+            callback = type(callback_config).configured_class()(callback_config, self.context)
+            configured.append(callback)
+        callbacks = defaults + configured
+        keys: dict[str, CallbackBase] = {}
+        for callback in callbacks:
+            if callback.state_dict() is None:
+                continue
+            if callback.state_key in keys:
+                raise ValueError(
+                    f"two stateful callbacks share the checkpoint key '{callback.state_key}'; give them distinct 'id's"
+                )
+            keys[callback.state_key] = callback
+        return callbacks
+
+    def all_callbacks(self) -> list[CallbackBase]:
+        """Callbacks in dispatch order, each followed by the children it dispatches itself."""
+
+        def walk(callbacks: list[CallbackBase]) -> Iterator[CallbackBase]:
+            for callback in callbacks:
+                yield callback
+                yield from walk(callback.get_children())
+
+        return list(walk(self.callbacks))
+
+    def _dispatch(self, hook: str, periodic_only: bool = False, **kwargs: Any) -> None:
+        """Call `hook` on every callback in order; if some raise, the others still run, then the first error is raised."""
+        first_error: BaseException | None = None
+        for callback in self.callbacks:
+            if periodic_only and not isinstance(callback, PeriodicCallback):
+                continue
+            try:
+                with torch.no_grad():
+                    getattr(callback, hook)(**kwargs)
+            except Exception as error:  # noqa: BLE001 - re-raised below once every callback had its turn
+                if first_error is None:
+                    first_error = error
+                else:
+                    logger.error(f"{callback.state_key}.{hook} also failed: {error!r}")
+        if first_error is not None:
+            raise first_error
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def request_checkpoint(self, tag: str, *, save_weights: bool, save_optim: bool, model_names: list[str] | None) -> None:
+        """Save at the end of the current step, once every callback has run and metrics are flushed,
+        so that a resume from `tag` continues exactly after this step."""
+        self.pending_checkpoints.append(
+            {"tag": tag, "save_weights": save_weights, "save_optim": save_optim, "model_names": model_names}
+        )
+
+    def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
+        for request in self.pending_checkpoints:
+            self.save_checkpoint(request.pop("tag"), counter, **request)
+        self.pending_checkpoints.clear()
+
+    def save_checkpoint(
+        self,
+        tag: str,
+        counter: UpdateCounter,
+        *,
+        save_weights: bool = True,
+        save_optim: bool = True,
+        model_names: list[str] | None = None,
+        large_state: bool = False,
+    ) -> None:
+        """Weights, optimizer state and trainer state under `tag`; with `large_state`, callbacks'
+        own files too (interrupt and error checkpoints)."""
+        context = self.context
+        if large_state:
+            self._dispatch("save_checkpoint", checkpoint_tag=tag, update_counter=counter)
+        if not context.is_main_process:
+            return
+        iteration = counter.cur_iteration
+        writer = context.checkpoint_writer
+        save_model_checkpoint(
+            writer, context.paths, context.model, tag, iteration, save_weights=save_weights, save_optim=save_optim, model_names=model_names
+        )
+        writer.save(context.paths.checkpoint_file(context.model.name, tag, "trainer"), self.trainer_state(counter))
+
+    def trainer_state(self, counter: UpdateCounter) -> dict[str, Any]:
+        callback_states = {}
+        for callback in self.all_callbacks():
+            state = callback.state_dict()
+            if state is not None:
+                callback_states[callback.state_key] = state
+        return {
+            "training_iteration": counter.state_dict(),
+            "run_id": self.context.paths.run_id,
+            "callbacks": callback_states,
+            "rng_states": capture_rng_states(),
+            "grad_scaler": self.grad_scaler.state_dict(),
+        }
+
+    def load_checkpoint(self, tag: str) -> UpdateCounter:
+        """Restore weights, optimizer and trainer state saved under `tag`; returns the counter to continue from."""
+        paths = self.context.paths
+        state_file = paths.checkpoint_file(self.context.model.name, tag, "trainer")
+        if not state_file.exists():
+            raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir} (missing {state_file.name})")
+        state = load_checkpoint(state_file)
+        load_model_weights(self.context.model, paths, tag, load_optim=True)
+        counter = self.create_update_counter(TrainingIteration.from_dict(state["training_iteration"]))
+        saved_states = dict(state["callbacks"])
+        for callback in self.all_callbacks():
+            if callback.state_dict() is None:
+                continue
+            if callback.state_key in saved_states:
+                callback.load_state_dict(saved_states.pop(callback.state_key))
+            else:
+                logger.warning(f"checkpoint '{tag}' has no state for callback '{callback.state_key}'; it starts fresh")
+        for orphan in saved_states:
+            logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have")
+        restore_rng_states(state["rng_states"])
+        self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.context.log_writer.drop_records_after(counter.update)
+        logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
+        return counter
+
+    def _save_on_failure(self, counter: UpdateCounter, error: BaseException) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            return
+        tag = f"{counter.cur_iteration}.error"
+        try:
+            self.save_checkpoint(tag, counter, large_state=True)
+            self.context.checkpoint_writer.wait()
+            logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
+        except Exception as save_error:  # noqa: BLE001 - the original error matters more
+            logger.error(f"training failed ({error!r}) and saving checkpoint '{tag}' failed too: {save_error!r}")
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, tag: str) -> UpdateCounter:
+        """Load checkpoint `tag` into the model and run every callback's `at_eval`."""
+        paths = self.context.paths
+        model = self.context.model.to(self.device)
+        model.initialize_optimizers(0)
+        state_file = paths.checkpoint_file(model.name, tag, "trainer")
+        weights_files = [paths.checkpoint_file(name, tag, "model") for name in model.named_models()]
+        if not any(path.exists() for path in [state_file, *weights_files]):
+            raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir}")
+        load_model_weights(model, paths, tag, load_optim=False)
+        iteration = TrainingIteration()
+        if state_file.exists():
+            iteration = TrainingIteration.from_dict(load_checkpoint(state_file)["training_iteration"])
+        else:
+            payload = load_checkpoint(weights_files[0]) if weights_files[0].exists() else {}
+            iteration = TrainingIteration.from_dict(payload.get("training_iteration", iteration.to_dict()))
+        counter = self.create_update_counter(iteration)
+        model.eval()
+        self._dispatch("at_eval", update_counter=counter, periodic_only=True)
+        self.context.log_writer.flush(counter)
+        self.context.checkpoint_writer.wait()
+        return counter
+
+    # ----------------------------------------------------------------------------- plumbing
+    def _log_start(self, counter: UpdateCounter) -> None:
+        counts = self.context.model.parameter_counts()
+        logger.info(
+            f"training {self.context.model.name}: {counts['trainable']:,} trainable and {counts['frozen']:,} frozen parameters; "
+            f"{counter.updates_per_epoch} updates per epoch, {counter.end_update} updates in all, "
+            f"batch {self.config.effective_batch_size} = {self.batching.accumulation_steps} x {self.micro_batch_size}"
+            f" x {self.context.world_size} process(es)"
+        )
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT finish the current update; a second SIGINT stops at once."""
+
+        def request_stop(signal_number: int, frame: Any) -> None:
+            name = signal.Signals(signal_number).name
+            if self.stop_requested is not None and signal_number == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = name
+
+        handlers: dict[int, Callable | int | None] = {}
+        try:
+            for signal_number in (signal.SIGTERM, signal.SIGINT):
+                handlers[signal_number] = signal.signal(signal_number, request_stop)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            pass
+        try:
+            yield
+        finally:
+            for signal_number, handler in handlers.items():
+                signal.signal(signal_number, handler)
+
+
+def _batch_length(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return _batch_length(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_length(batch[0])
+    raise TypeError(f"cannot tell the size of a batch of type {type(batch).__name__}")
