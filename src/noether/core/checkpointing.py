@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ def save_model_checkpoint(
             written.append(path.name)
         if save_optim and leaf.optimizer is not None:
             path = paths.checkpoint_file(name, tag, "optim")
-            writer.save(path, leaf.optimizer.state_dict())
+            writer.save(path, {**stamp(tag, iteration, paths.run_id), "state_dict": leaf.optimizer.state_dict()})
             written.append(path.name)
     return written
 
@@ -47,26 +48,41 @@ def save_model_checkpoint(
 def model_payload(
     model: Model, state_dict: dict[str, torch.Tensor], tag: str, iteration: TrainingIteration, run_id: str
 ) -> dict[str, Any]:
-    return {
-        "state_dict": state_dict,
-        "checkpoint_tag": tag,
-        "training_iteration": iteration.to_dict(),
-        "run_id": run_id,
-        "model_config": model.config.model_dump(mode="json"),
-    }
+    return {"state_dict": state_dict, **stamp(tag, iteration, run_id), "model_config": model.config.model_dump(mode="json")}
 
 
-def load_model_weights(model: ModelBase, paths: PathProvider, tag: str, *, load_optim: bool) -> None:
-    """Load every (sub)model saved under `tag`; frozen ones without a file keep their built weights."""
+def stamp(tag: str, iteration: TrainingIteration, run_id: str) -> dict[str, Any]:
+    """What every checkpoint file records about itself, so a set of files can be checked for consistency."""
+    return {"checkpoint_tag": tag, "training_iteration": iteration.to_dict(), "run_id": run_id}
+
+
+def load_model_weights(
+    model: ModelBase, paths: PathProvider, tag: str, *, load_optim: bool, expected_iteration: TrainingIteration | None = None
+) -> None:
+    """Load every (sub)model saved under `tag`; frozen ones without a file keep their built weights.
+
+    With `expected_iteration`, every file must have been written at that iteration: a set of files
+    of which only some were replaced (a crash while `latest` was being overwritten) is refused.
+    """
     for name, leaf in model.named_models().items():
         weights_file = paths.checkpoint_file(name, tag, "model")
         if weights_file.exists() or not leaf.is_frozen:
-            payload = load_checkpoint(weights_file)
-            if "state_dict" not in payload:
-                raise CheckpointLoadError(f"{weights_file} is not a model checkpoint (no 'state_dict')")
-            leaf.load_state_dict(payload["state_dict"])
+            leaf.load_state_dict(_load_stamped(weights_file, expected_iteration)["state_dict"])
         if load_optim and leaf.optimizer is not None:
-            leaf.optimizer.load_state_dict(load_checkpoint(paths.checkpoint_file(name, tag, "optim")))
+            leaf.optimizer.load_state_dict(_load_stamped(paths.checkpoint_file(name, tag, "optim"), expected_iteration)["state_dict"])
+
+
+def _load_stamped(path: Path, expected_iteration: TrainingIteration | None) -> dict[str, Any]:
+    payload = load_checkpoint(path)
+    if "state_dict" not in payload or "training_iteration" not in payload:
+        raise CheckpointLoadError(f"{path} is not a checkpoint written by this trainer (no 'state_dict'/'training_iteration')")
+    iteration = TrainingIteration.from_dict(payload["training_iteration"])
+    if expected_iteration is not None and iteration != expected_iteration:
+        raise CheckpointLoadError(
+            f"{path} was written at {iteration} but the trainer state of the same checkpoint at {expected_iteration}: "
+            "the set was only partly replaced (the process died while overwriting it); resume from another checkpoint"
+        )
+    return payload
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -199,8 +199,9 @@ class BaseTrainer:
             batch_sampler=sampler,
             collate_fn=collate_tagged,
             num_workers=self.num_workers,
-            persistent_workers=False,
             pin_memory=self.device.type == "cuda",
+            # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     # ----------------------------------------------------------------------------- callbacks
@@ -314,8 +315,9 @@ class BaseTrainer:
         if not state_file.exists():
             raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir} (missing {state_file.name})")
         state = load_checkpoint(state_file)
-        load_model_weights(self.context.model, paths, tag, load_optim=True)
-        counter = self.create_update_counter(TrainingIteration.from_dict(state["training_iteration"]))
+        iteration = TrainingIteration.from_dict(state["training_iteration"])
+        load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
+        counter = self.create_update_counter(iteration)
         saved_states = dict(state["callbacks"])
         for callback in self.all_callbacks():
             if callback.state_dict() is None:
