@@ -1,8 +1,15 @@
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig
-from noether.core.callbacks.checkpoint import CheckpointCallback, CheckpointCallbackConfig
+from noether.core.callbacks.checkpoint import (
+    BestCheckpointCallback,
+    BestCheckpointCallbackConfig,
+    CheckpointCallback,
+    CheckpointCallbackConfig,
+)
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
 
 __all__ = [
+    "BestCheckpointCallback",
+    "BestCheckpointCallbackConfig",
     "CallBackBaseConfig",
     "CallbackBase",
     "CheckpointCallback",

@@ -35,6 +35,17 @@ class CallBackBaseConfig(RegistryConfig):
         return self
 
 
+def nested_metric_prefixes(children: list[CallbackBase], prefix: str) -> list[str] | None:
+    """What children log under a parent's key prefix; None if any child cannot say."""
+    prefixes: list[str] = []
+    for child in children:
+        logged = child.logged_metric_prefixes()
+        if logged is None:
+            return None
+        prefixes += [prefix + key for key in logged]
+    return prefixes
+
+
 class CallbackBase:
     """Hooks the trainer calls around training. All hooks run under torch.no_grad()."""
 
@@ -57,6 +68,11 @@ class CallbackBase:
     def get_children(self) -> list[CallbackBase]:
         """Callbacks owned by this one whose data the trainer must serve on the shared sampler."""
         return []
+
+    def logged_metric_prefixes(self) -> list[str] | None:
+        """Prefixes of every metric key this callback may log; None when it cannot say (checked at start-up
+        by callbacks that read metrics, such as the best-checkpoint one)."""
+        return None
 
     def state_dict(self) -> dict[str, Any] | None:
         """Small state saved in the trainer checkpoint; None for stateless callbacks."""

@@ -22,6 +22,9 @@ class AccuracyCallbackConfig(PeriodicDataIteratorCallbackConfig):
 class AccuracyCallback(PeriodicDataIteratorCallback):
     config: AccuracyCallbackConfig
 
+    def logged_metric_prefixes(self) -> list[str]:
+        return [f"accuracy/{self.dataset_key}"]
+
     def process_data(self, batch: dict[str, torch.Tensor], *, trainer_model: Any) -> torch.Tensor:
         trainer = self.context.trainer
         batch = trainer.move_to_device(batch)

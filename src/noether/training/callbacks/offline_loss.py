@@ -23,6 +23,9 @@ class OfflineLossCallbackConfig(PeriodicDataIteratorCallbackConfig):
 class OfflineLossCallback(PeriodicDataIteratorCallback):
     config: OfflineLossCallbackConfig
 
+    def logged_metric_prefixes(self) -> list[str]:
+        return [f"loss/{self.dataset_key}/"]
+
     def process_data(self, batch: Any, *, trainer_model: Any) -> dict[str, torch.Tensor]:
         trainer = self.context.trainer
         batch = trainer.move_to_device(batch)

@@ -39,6 +39,9 @@ class CheckpointCallback(PeriodicCallback):
 
     config: CheckpointCallbackConfig
 
+    def logged_metric_prefixes(self) -> list[str]:
+        return []
+
     def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         select_models(self.context.model, self.config.model_names)  # fail now on an unknown model name
         weights, optim = self._checkpoint_bytes()

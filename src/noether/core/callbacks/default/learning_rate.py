@@ -14,6 +14,9 @@ class LearningRateCallbackConfig(CallBackBaseConfig):
 
 
 class LearningRateCallback(PeriodicCallback):
+    def logged_metric_prefixes(self) -> list[str]:
+        return ["lr/"]
+
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval":
             return

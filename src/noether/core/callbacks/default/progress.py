@@ -15,6 +15,9 @@ class ProgressCallbackConfig(CallBackBaseConfig):
 
 
 class ProgressCallback(PeriodicCallback):
+    def logged_metric_prefixes(self) -> list[str]:
+        return []
+
     def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         self.start_time = time.perf_counter()
         self.start_update = update_counter.update

@@ -41,6 +41,9 @@ class TrainingLossCallback(PeriodicCallback):
             self.context.log_writer.add_scalar(f"loss/online/{term}", total / self.step_count)
         self.loss_sums, self.step_count = {}, 0
 
+    def logged_metric_prefixes(self) -> list[str]:
+        return ["loss/online/"]
+
     def state_dict(self) -> dict[str, Any]:
         return {"loss_sums": dict(self.loss_sums), "step_count": self.step_count}
 
