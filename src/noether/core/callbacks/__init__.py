@@ -4,6 +4,8 @@ from noether.core.callbacks.checkpoint import (
     BestCheckpointCallbackConfig,
     CheckpointCallback,
     CheckpointCallbackConfig,
+    EmaCallback,
+    EmaCallbackConfig,
 )
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
 
@@ -14,6 +16,8 @@ __all__ = [
     "CallbackBase",
     "CheckpointCallback",
     "CheckpointCallbackConfig",
+    "EmaCallback",
+    "EmaCallbackConfig",
     "PeriodicCallback",
     "PeriodicDataIteratorCallback",
 ]

@@ -146,7 +146,7 @@ class BaseTrainer:
                 raise
             if self.stop_requested is not None:
                 logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
-                self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter, large_state=True)
+                self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
 
         self._dispatch("after_training", update_counter=counter)
         self.context.log_writer.flush(counter)
@@ -278,13 +278,11 @@ class BaseTrainer:
         save_weights: bool = True,
         save_optim: bool = True,
         model_names: list[str] | None = None,
-        large_state: bool = False,
     ) -> None:
-        """Weights, optimizer state and trainer state under `tag`; with `large_state`, callbacks'
-        own files too (interrupt and error checkpoints)."""
+        """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
+        large state of their own (EMA weights), so that every checkpoint resumes exactly."""
         context = self.context
-        if large_state:
-            self._dispatch("save_checkpoint", checkpoint_tag=tag, update_counter=counter)
+        self._dispatch("save_checkpoint", checkpoint_tag=tag, update_counter=counter)
         if not context.is_main_process:
             return
         iteration = counter.cur_iteration
@@ -339,7 +337,7 @@ class BaseTrainer:
             return
         tag = f"{counter.cur_iteration}.error"
         try:
-            self.save_checkpoint(tag, counter, large_state=True)
+            self.save_checkpoint(tag, counter)
             self.context.checkpoint_writer.wait()
             logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
@@ -364,6 +362,7 @@ class BaseTrainer:
             iteration = TrainingIteration.from_dict(payload.get("training_iteration", iteration.to_dict()))
         counter = self.create_update_counter(iteration)
         model.eval()
+        self._dispatch("resume_from_checkpoint", checkpoint_tag=tag, update_counter=counter)
         self._dispatch("at_eval", update_counter=counter, periodic_only=True)
         self.context.log_writer.flush(counter)
         self.context.checkpoint_writer.wait()

@@ -1,0 +1,189 @@
+"""Exponential moving averages of the weights: updated every step, checkpointed, evaluated by child callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
+from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
+from noether.core.checkpointing import stamp
+from noether.core.config import by_kind
+from noether.core.models.base import ModelBase
+from noether.core.models.ema import ModuleEma
+from noether.core.providers.path import PathProvider
+from noether.core.utils.training.counter import UpdateCounter
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import load_checkpoint
+
+
+class EmaCallbackConfig(CallBackBaseConfig):
+    name: Literal["EmaCallback"] | None = None
+    target_factors: list[float]
+    """One EMA per factor: `ema = factor * ema + (1 - factor) * live` after every update."""
+    model_paths: list[str | None] | None = None
+    """Submodules to average (`encoder`, `encoder.blocks`); None averages the whole model."""
+    save_weights: bool = False
+    """Write the EMA weights under the training iteration's tag at every invocation."""
+    save_last_weights: bool = True
+    """Write the EMA weights as `last` at the end of training."""
+    save_latest_weights: bool = True
+    """Write the EMA weights as `latest`, overwritten at every invocation."""
+    eval_callbacks: list[by_kind(CallBackBaseConfig)] | None = None
+    """Callbacks run on the EMA weights of each factor, on their own schedule; keys prefixed `ema={factor}/`."""
+
+    @field_validator("target_factors")
+    @classmethod
+    def _valid_factors(cls, factors: list[float]) -> list[float]:
+        if not factors:
+            raise ValueError("at least one target factor is required")
+        if len(set(factors)) != len(factors):
+            raise ValueError(f"target factors must be distinct, got {factors}")
+        for factor in factors:
+            if not 0.0 <= factor < 1.0:
+                raise ValueError(f"target factors must satisfy 0 <= factor < 1, got {factor}")
+        return factors
+
+
+class EmaCallback(PeriodicCallback):
+    """Keeps EMAs of the model (or of submodules) and runs child callbacks on them.
+
+    Children keep their own schedule; only on a step where one is due are the EMA weights copied
+    into the live model (and the live weights restored after), so idle children cost nothing.
+    Whenever the trainer writes a checkpoint, the EMA weights are written under the same tag,
+    which makes every checkpoint resume with the exact EMA.
+    """
+
+    config: EmaCallbackConfig
+
+    def __init__(self, callback_config: EmaCallbackConfig, context: Any) -> None:
+        super().__init__(callback_config, context)
+        self.target_factors = callback_config.target_factors
+        self.model_paths = callback_config.model_paths or [None]
+        self.emas: dict[str | None, ModuleEma] = {}
+        self.eval_callbacks: dict[float, list[CallbackBase]] = {
+            factor: [
+                type(child_config).configured_class()(child_config, context.with_log_prefix(f"ema={factor}/"))
+                for child_config in callback_config.eval_callbacks or []
+            ]
+            for factor in self.target_factors
+        }
+        self._written_this_step: tuple[int, set[str]] = (-1, set())
+
+    def get_children(self) -> list[CallbackBase]:
+        """All children, in the order they are dispatched, so their data is served by the shared loader."""
+        return [child for factor in self.target_factors for child in self.eval_callbacks[factor]]
+
+    def logged_metric_prefixes(self) -> list[str] | None:
+        prefixes: list[str] = []
+        for factor, children in self.eval_callbacks.items():
+            child_prefixes = nested_metric_prefixes(children, f"ema={factor}/")
+            if child_prefixes is None:
+                return None
+            prefixes += child_prefixes
+        return prefixes
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        self._build_emas()
+        for child in self.get_children():
+            child.before_training(update_counter=update_counter, **kwargs)
+
+    def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        for ema in self.emas.values():
+            ema.update()
+
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        super().after_update(update_counter=update_counter, **kwargs)
+        self._run_children("after_update", lambda child: child.is_due_after_update(update_counter), update_counter, kwargs)
+
+    def after_epoch(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        super().after_epoch(update_counter=update_counter, **kwargs)
+        self._run_children("after_epoch", lambda child: child.is_due_after_epoch(update_counter), update_counter, kwargs)
+
+    def at_eval(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        self._run_children("at_eval", lambda child: True, update_counter, kwargs)
+
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if interval_type == "eval":
+            return
+        if self.config.save_weights:
+            self._save(str(update_counter.cur_iteration), update_counter)
+        if self.config.save_latest_weights:
+            self._save("latest", update_counter)
+
+    def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if self.config.save_last_weights:
+            self._save("last", update_counter)
+        for child in self.get_children():
+            child.after_training(update_counter=update_counter, **kwargs)
+
+    def save_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
+        self._save(checkpoint_tag, update_counter)
+
+    def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
+        """Load the EMA written under `checkpoint_tag`; else the later of `latest` and `last`; else start from the live weights."""
+        self._build_emas()
+        paths = self.context.paths
+        for path, ema in self.emas.items():
+            name = self._file_model_name(path)
+            for factor in self.target_factors:
+                source = self._resume_file(paths, name, factor, checkpoint_tag)
+                if source is None:
+                    looked_for = [paths.checkpoint_file(name, tag, "model", ema_factor=factor).name for tag in (checkpoint_tag, "latest", "last")]
+                    self.logger.warning(f"no EMA weights found (looked for {', '.join(looked_for)}); EMA {factor} starts from the live weights")
+                    continue
+                ema.load_state_dict(factor, load_checkpoint(source)["state_dict"])
+                if source.name != paths.checkpoint_file(name, checkpoint_tag, "model", ema_factor=factor).name:
+                    self.logger.warning(f"EMA {factor} resumed from {source.name}, not from checkpoint '{checkpoint_tag}'")
+
+    # ----------------------------------------------------------------------------- internals
+    def _build_emas(self) -> None:
+        if self.emas:
+            return
+        model = self.context.model
+        for path in self.model_paths:
+            module = model if path is None else model.get_submodule(path)
+            self.emas[path] = ModuleEma(module, self.target_factors)
+
+    def _run_children(self, hook: str, is_due: Any, update_counter: UpdateCounter, kwargs: dict[str, Any]) -> None:
+        for factor in self.target_factors:
+            due = [child for child in self.eval_callbacks[factor] if isinstance(child, PeriodicCallback) and is_due(child)]
+            if not due:
+                continue
+            with contextlib.ExitStack() as swaps:
+                for ema in self.emas.values():
+                    swaps.enter_context(ema.swapped_in(factor))
+                for child in due:
+                    getattr(child, hook)(update_counter=update_counter, **kwargs)
+
+    def _file_model_name(self, path: str | None) -> str:
+        return self.context.model.name if path is None else f"{self.context.model.name}.{path}"
+
+    def _save(self, tag: str, update_counter: UpdateCounter) -> None:
+        """Write every EMA under `tag`, once per step even if asked twice (own schedule and trainer checkpoint)."""
+        step, written = self._written_this_step
+        if step != update_counter.update:
+            self._written_this_step = step, written = update_counter.update, set()
+        if tag in written or not self.context.is_main_process:
+            return
+        written.add(tag)
+        paths, writer = self.context.paths, self.context.checkpoint_writer
+        for path, ema in self.emas.items():
+            module = ema.module
+            for factor in self.target_factors:
+                payload = {"state_dict": ema.state_dict(factor), **stamp(tag, update_counter.cur_iteration, paths.run_id)}
+                if isinstance(module, ModelBase):
+                    payload["model_config"] = module.config.model_dump(mode="json")
+                writer.save(paths.checkpoint_file(self._file_model_name(path), tag, "model", ema_factor=factor), payload)
+
+    @staticmethod
+    def _resume_file(paths: PathProvider, name: str, factor: float, checkpoint_tag: str) -> Any:
+        exact = paths.checkpoint_file(name, checkpoint_tag, "model", ema_factor=factor)
+        if exact.exists():
+            return exact
+        candidates = [paths.checkpoint_file(name, tag, "model", ema_factor=factor) for tag in ("latest", "last")]
+        existing = [(TrainingIteration.from_dict(load_checkpoint(c)["training_iteration"]), c) for c in candidates if c.exists()]
+        return max(existing)[1] if existing else None
