@@ -6,10 +6,12 @@ from torch.utils.data import Dataset
 
 
 class UnknownDatasetKeyError(LookupError):
-    pass
+    """A dataset key that the run's config does not define."""
 
 
 class DataContainer:
+    """The datasets of a run; callbacks and the trainer look them up by key."""
+
     def __init__(self, datasets: dict[str, Dataset]) -> None:
         self.datasets = datasets
 

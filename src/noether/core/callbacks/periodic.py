@@ -122,7 +122,8 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
             if dataset_key != self.dataset_key:
                 raise RuntimeError(
                     f"{self.state_key} expected a batch of '{self.dataset_key}' from the shared loader but got "
-                    f"'{dataset_key}': it was dispatched at a step the interleaved sampler did not schedule"
+                    f"'{dataset_key}': it was dispatched at a step the interleaved sampler did not schedule (a callback "
+                    "owned by another reads the shared loader only if its parent lists it in get_children())"
                 )
             yield batch
 
@@ -132,16 +133,29 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
         from noether.data.samplers.interleaved import evaluation_batches
 
         if self._own_loader is None:
+            trainer = self.context.trainer
             batches = evaluation_batches(len(self.dataset), self.eval_batch_size, self.context.rank, self.context.world_size)
-            self._own_loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.context.trainer.num_workers)
+            self._own_loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                num_workers=trainer.num_workers,
+                # without a generator of its own, each pass would draw from the global RNG and so
+                # change the dropout of every later training step
+                generator=torch.Generator().manual_seed(trainer.seed),
+            )
         return self._own_loader
 
 
 def collate_results(results: list[Any]) -> Any:
     """Concatenate per-batch results along the batch dimension, keeping their structure."""
+    if not results:
+        raise ValueError("no batches to collate results from: the dataset is empty")
     first = results[0]
     if isinstance(first, torch.Tensor):
-        return torch.cat([result.reshape(-1, *result.shape[1:]) if result.dim() else result.reshape(1) for result in results])
+        if first.dim() == 0:
+            # without a batch dimension the padding of distributed evaluation could not be dropped
+            raise ValueError("process_data must return one entry per sample (batch as first dimension), not a scalar")
+        return torch.cat(results)
     if isinstance(first, dict):
         return {key: collate_results([result[key] for result in results]) for key in first}
     if isinstance(first, (list, tuple)):

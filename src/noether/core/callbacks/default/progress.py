@@ -23,8 +23,10 @@ class ProgressCallback(PeriodicCallback):
         self.start_update = update_counter.update
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if interval_type == "eval":
+            return
         done = update_counter.update - self.start_update
-        if interval_type == "eval" or done <= 0:
+        if done <= 0:
             return
         elapsed = time.perf_counter() - self.start_time
         remaining = elapsed / done * update_counter.remaining_updates
