@@ -14,7 +14,6 @@ from noether.core.config import ConfigError, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
 from noether.core.utils.training.counter import UpdateCounter
-from noether.core.writers.checkpoint_writer import load_checkpoint
 
 
 class BestCheckpointCallbackConfig(CallBackBaseConfig):
@@ -42,9 +41,15 @@ class BestCheckpointCallback(PeriodicCallback):
     """Saves `best_model.{metric}` on every improvement of `metric_key` and evaluates that model.
 
     Each tolerance t answers "what if training had stopped after t invocations without
-    improvement": when the streak of non-improvement first exceeds t, the best model so far is
-    copied to `best_model.{metric}.tolerance={t}`; tolerances never exceeded get the overall best
-    at the end. Everything is part of the state, so a resumed run writes the same files.
+    improvement": `best_model.{metric}.tolerance={t}` holds the best model up to the invocation
+    at which the streak of non-improvement first exceeded t (the overall best if it never did).
+    It is written together with `best_model.{metric}` at every new best while t is not exceeded
+    (one more write per open tolerance), so it never has to be copied from a best file that, after
+    a resume from an earlier checkpoint, may already hold a later model. Everything else is part of
+    the state, so a resumed run writes the same files as an uninterrupted one.
+
+    Under `noether-eval` (interval type "eval") the children evaluate the loaded model; nothing is
+    saved or tracked.
     """
 
     config: BestCheckpointCallbackConfig
@@ -53,21 +58,36 @@ class BestCheckpointCallback(PeriodicCallback):
         super().__init__(callback_config, context)
         self.metric_key = callback_config.metric_key
         self.model_names = callback_config.model_names
+        self.save_frozen_weights = callback_config.save_frozen_weights
         self.tolerances = callback_config.tolerances or []
-        self.higher_is_better = context.metric_properties.higher_is_better(self.metric_key)
+        try:
+            self.higher_is_better = context.metric_properties.higher_is_better(self.metric_key)
+            select_models(context.model, self.model_names)
+        except ValueError as error:
+            raise ConfigError(f"{self.state_key}: {error}") from None
         self.best_tag = f"best_model.{metric_tag(self.metric_key)}"
-        self.best_metric_value = -math.inf if self.higher_is_better else math.inf
+        self.no_best_value = -math.inf if self.higher_is_better else math.inf
+        self.best_metric_value = self.no_best_value
         self.tolerance_counter = 0
         self.tolerances_is_exceeded = {tolerance: False for tolerance in self.tolerances}
         self.best_value_at_tolerance: dict[int, float] = {}
         child_context = context.with_log_prefix(f"best={metric_tag(self.metric_key)}/")
-        self.eval_callbacks: list[CallbackBase] = [
-            type(child_config).configured_class()(child_config, child_context) for child_config in callback_config.eval_callbacks or []
-        ]
+        self.eval_callbacks: list[PeriodicCallback] = []
+        for child_config in callback_config.eval_callbacks or []:
+            child = type(child_config).configured_class()(child_config, child_context)
+            if not isinstance(child, PeriodicCallback):
+                raise ConfigError(
+                    f"{self.state_key}.eval_callbacks: {type(child).__name__} is not a periodic callback, "
+                    "so it cannot evaluate a model"
+                )
+            self.eval_callbacks.append(child)
 
     @property
     def has_best(self) -> bool:
-        return math.isfinite(self.best_metric_value)
+        return self.best_metric_value != self.no_best_value
+
+    def tolerance_tag(self, tolerance: int) -> str:
+        return f"{self.best_tag}.tolerance={tolerance}"
 
     def get_children(self) -> list[CallbackBase]:
         # iterating children read their own loader when a new best appears, not the shared sampler
@@ -78,8 +98,7 @@ class BestCheckpointCallback(PeriodicCallback):
         return None if child_prefixes is None else [f"best/{self.metric_key}", *child_prefixes]
 
     def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        select_models(self.context.model, self.model_names)  # fail now on an unknown model name
-        self._check_metric_is_logged_before()
+        self._check_config_against_other_callbacks()
         for child in self.eval_callbacks:
             child.before_training(update_counter=update_counter, **kwargs)
 
@@ -92,28 +111,33 @@ class BestCheckpointCallback(PeriodicCallback):
             self.best_metric_value = value
             self.tolerance_counter = 0
             self._save(self.best_tag, update_counter)
+            for tolerance in self.tolerances:
+                if not self.tolerances_is_exceeded[tolerance]:
+                    self._save(self.tolerance_tag(tolerance), update_counter)
             self._evaluate_children(update_counter)
             return
         self.tolerance_counter += 1
         for tolerance in self.tolerances:
             if not self.tolerances_is_exceeded[tolerance] and self.tolerance_counter > tolerance:
                 self.tolerances_is_exceeded[tolerance] = True
-                self._keep_best_for_tolerance(tolerance)
+                if self.has_best:
+                    self.best_value_at_tolerance[tolerance] = self.best_metric_value
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        for tolerance in self.tolerances:
-            if not self.tolerances_is_exceeded[tolerance]:
-                self._keep_best_for_tolerance(tolerance)
         if self.has_best:
             log_writer = self.context.log_writer
             log_writer.add_scalar(f"best/{self.metric_key}", self.best_metric_value)
-            for tolerance, value in self.best_value_at_tolerance.items():
-                log_writer.add_scalar(f"best/{self.metric_key}/tolerance={tolerance}", value)
+            # a tolerance exceeded before the first best has no model and no value
+            values = {t: self.best_metric_value for t, exceeded in self.tolerances_is_exceeded.items() if not exceeded}
+            values.update(self.best_value_at_tolerance)
+            for tolerance in sorted(values):
+                log_writer.add_scalar(f"best/{self.metric_key}/tolerance={tolerance}", values[tolerance])
         for child in self.eval_callbacks:
             child.after_training(update_counter=update_counter, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "metric_key": self.metric_key,
             "best_metric_value": self.best_metric_value,
             "tolerance_counter": self.tolerance_counter,
             "tolerances_is_exceeded": {str(t): exceeded for t, exceeded in self.tolerances_is_exceeded.items()},
@@ -121,13 +145,15 @@ class BestCheckpointCallback(PeriodicCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved_exceeded = {int(t): exceeded for t, exceeded in state_dict["tolerances_is_exceeded"].items()}
+        if state_dict["metric_key"] != self.metric_key or set(saved_exceeded) != set(self.tolerances):
+            raise ConfigError(
+                f"{self.state_key}: the checkpoint tracked metric '{state_dict['metric_key']}' with tolerances "
+                f"{sorted(saved_exceeded)}, the config has '{self.metric_key}' with {self.tolerances}; "
+                "a resumed run must keep them (or give this callback a new 'id' to start it fresh)"
+            )
         self.best_metric_value = state_dict["best_metric_value"]
         self.tolerance_counter = state_dict["tolerance_counter"]
-        saved_exceeded = {int(t): exceeded for t, exceeded in state_dict["tolerances_is_exceeded"].items()}
-        if set(saved_exceeded) != set(self.tolerances):
-            raise ValueError(
-                f"{self.state_key}: the checkpoint tracked tolerances {sorted(saved_exceeded)}, the config has {self.tolerances}"
-            )
         self.tolerances_is_exceeded = saved_exceeded
         self.best_value_at_tolerance = {int(t): value for t, value in state_dict["best_value_at_tolerance"].items()}
 
@@ -154,43 +180,46 @@ class BestCheckpointCallback(PeriodicCallback):
                 tag,
                 update_counter.cur_iteration,
                 model_names=self.model_names,
-                save_frozen_weights=self.config.save_frozen_weights,
+                save_frozen_weights=self.save_frozen_weights,
             )
-
-    def _keep_best_for_tolerance(self, tolerance: int) -> None:
-        """Copy the current best files to the tolerance's tag (the weights have moved on since)."""
-        if not self.has_best:
-            return
-        self.best_value_at_tolerance[tolerance] = self.best_metric_value
-        if not self.context.is_main_process:
-            return
-        writer, paths = self.context.checkpoint_writer, self.context.paths
-        writer.wait()  # the best file may still be in flight
-        tolerance_tag = f"{self.best_tag}.tolerance={tolerance}"
-        for name, model in select_models(self.context.model, self.model_names).items():
-            best_file = paths.checkpoint_file(name, self.best_tag, "model")
-            if best_file.exists():
-                payload = load_checkpoint(best_file)
-                payload["checkpoint_tag"] = tolerance_tag
-                writer.save(paths.checkpoint_file(name, tolerance_tag, "model"), payload)
 
     def _evaluate_children(self, update_counter: UpdateCounter) -> None:
         for child in self.eval_callbacks:
             child.at_eval(update_counter=update_counter)
 
-    def _check_metric_is_logged_before(self) -> None:
-        """Fail at start-up when no callback listed before this one can log the metric."""
+    def _check_config_against_other_callbacks(self) -> None:
+        """Fail at start-up when two callbacks would write the same best files, or when no callback
+        listed before this one can log the metric (a callback that cannot say defers that check to
+        the first invocation)."""
         callbacks = self.context.trainer.callbacks
-        earlier = callbacks[: callbacks.index(self)] if self in callbacks else []
+        if self not in callbacks:
+            return  # nested in another callback, which decides when it runs
+        position = callbacks.index(self)
+        for other in callbacks[:position]:
+            if isinstance(other, BestCheckpointCallback) and other.best_tag == self.best_tag:
+                raise ConfigError(
+                    f"{other.state_key} and {self.state_key} both watch '{self.metric_key}' and would overwrite each "
+                    f"other's {self.best_tag} files; keep one"
+                )
         prefixes: list[str] = []
-        for callback in earlier:
+        for callback in callbacks[:position]:
             logged = callback.logged_metric_prefixes()
             if logged is None:
-                return  # a callback that may log anything: only the first invocation can tell
+                return
             prefixes += logged
-        if not any(self.metric_key.startswith(prefix) for prefix in prefixes):
-            raise ConfigError(
-                f"{self.state_key}.metric_key: no callback listed before it logs '{self.metric_key}' "
-                f"(they log: {', '.join(f'{p}*' for p in prefixes)}); add one that does, e.g. an "
-                "OfflineLossCallback, before this callback"
-            )
+        if any(self.metric_key.startswith(prefix) for prefix in prefixes):
+            return
+        later = [
+            callback.state_key
+            for callback in callbacks[position + 1 :]
+            if any(self.metric_key.startswith(prefix) for prefix in callback.logged_metric_prefixes() or [])
+        ]
+        hint = (
+            f"{later[0]} logs it but is listed after this callback; move it before"
+            if later
+            else "add one that does (e.g. an OfflineLossCallback) before this callback"
+        )
+        raise ConfigError(
+            f"{self.state_key}.metric_key: no callback listed before it logs '{self.metric_key}' "
+            f"(they log: {', '.join(f'{p}*' for p in prefixes)}); {hint}"
+        )
