@@ -25,6 +25,10 @@ def _split_config_and_overrides(positionals: list[str]) -> tuple[Path, list[str]
     return bundled_example(), positionals
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-train", description="Train from a YAML config (default: the bundled example).")
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [dotted.key=value ...]")
@@ -37,7 +41,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
         paths = train(load_yaml(config_path, overrides), resume=arguments.resume, checkpoint=arguments.checkpoint)
     except USER_ERRORS as error:
-        print(f"noether-train: error: {error}", file=sys.stderr)
+        print(f"noether-train: error: {_one_line(error)}", file=sys.stderr)
         return 2
     print(paths.run_dir)
     return 0
@@ -55,7 +59,7 @@ def eval_main(argv: list[str] | None = None) -> int:
 
         summary = evaluate(load_yaml(config_path, overrides), run=arguments.run, checkpoint=arguments.checkpoint)
     except USER_ERRORS as error:
-        print(f"noether-eval: error: {error}", file=sys.stderr)
+        print(f"noether-eval: error: {_one_line(error)}", file=sys.stderr)
         return 2
     for key, value in summary.items():
         print(f"{key}: {value}")

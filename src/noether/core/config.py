@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 CONFIG_SUFFIX = "Config"
 
@@ -79,6 +80,10 @@ def config_class_for_kind(kind: str, base: type[RegistryConfig]) -> type[Registr
             raise ValueError(f"'{kind}' is not a class")
     if not issubclass(config_class, base):
         raise ValueError(f"'{kind}' is configured by {config_class.__name__}, which is not a {base.__name__}")
+    try:
+        config_class.configured_class()  # fail now, not when the run is built
+    except TypeError as error:
+        raise ValueError(f"'{kind}' cannot be built: {error}") from None
     return config_class
 
 
@@ -93,10 +98,22 @@ def _validate_by_kind(base: type[RegistryConfig]):
             return handler(value)
         kind = value.get("kind")
         if kind is None:
-            raise ValueError("'kind' is required: the dotted import path of the class to build")
-        return config_class_for_kind(kind, base).model_validate(value)
+            raise _kind_error(kind, "field required (the dotted import path of the class to build)")
+        if not isinstance(kind, str):
+            raise _kind_error(kind, f"must be a dotted import path like 'package.module.Class', not {kind!r}")
+        try:
+            config_class = config_class_for_kind(kind, base)
+        except ValueError as error:
+            raise _kind_error(kind, str(error)) from None
+        return config_class.model_validate(value)
 
     return validate
+
+
+def _kind_error(kind: Any, reason: str) -> ValidationError:
+    """An error located at the entry's `kind` key, so the message names `....kind`."""
+    error_type = PydanticCustomError("kind", "{reason}", {"reason": reason})
+    return ValidationError.from_exception_data("kind", [InitErrorDetails(type=error_type, loc=("kind",), input=kind)])
 
 
 def by_kind(base: type[ConfigT]) -> Any:
@@ -130,25 +147,35 @@ def format_validation_error(error: ValidationError) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`trainer.max_epochs=3` -> (['trainer', 'max_epochs'], 3); the value is parsed as YAML."""
     key, separator, raw_value = text.partition("=")
-    if not separator or not key:
+    keys = key.split(".")
+    if not separator or not all(keys):
         raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
-    return key.split("."), yaml.safe_load(raw_value) if raw_value else None
+    try:
+        value = yaml.safe_load(raw_value) if raw_value else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({_describe_yaml_error(error)})") from None
+    return keys, value
 
 
 def apply_override(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    """Set `value` at the dotted `keys`; list entries are addressed by index, missing mappings are created."""
     node: Any = tree
     for depth, key in enumerate(keys[:-1]):
         if isinstance(node, list):
-            node = node[_list_index(node, key, keys[: depth + 1])]
+            node = node[_list_index(node, key, keys)]
+        elif isinstance(node, dict):
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
         else:
-            node = node.setdefault(key, {})
+            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:depth])} is not a mapping or list")
     last = keys[-1]
     if isinstance(node, list):
         node[_list_index(node, last, keys)] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:-1])} is not a mapping")
+        raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[:-1])} is not a mapping or list")
 
 
 def _list_index(node: list, key: str, keys: list[str]) -> int:
@@ -165,12 +192,20 @@ def load_yaml(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_describe_yaml_error(error)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for text in overrides:
         apply_override(tree, *parse_override(text))
     return tree
+
+
+def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: the problem and where it is."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(error).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def validate_config(model: type[BaseModel], tree: dict[str, Any]) -> Any:

@@ -26,6 +26,10 @@ class ModelBase(nn.Module):
         self.name = model_config.name
         self.is_frozen = model_config.is_frozen
 
+    def train(self, mode: bool = True) -> ModelBase:
+        """Frozen models stay in eval mode: their dropout is off and their normalization statistics fixed."""
+        return super().train(mode and not self.is_frozen)
+
     def named_models(self, prefix: str | None = None) -> dict[str, Model]:
         """Every leaf model by its checkpoint name (`{model}` or `{model}.{submodel}`)."""
         raise NotImplementedError
@@ -70,13 +74,16 @@ class Model(ModelBase):
         return {prefix or self.name: self}
 
     def initialize_optimizer(self, total_updates: int) -> None:
-        """Freeze or build the optimizer; called by the trainer once the model is complete."""
+        """Freeze or build the optimizer; called by the trainer once the model is complete.
+
+        A model without optimizer is not trained, so its parameters stop requiring gradients:
+        none are computed for it and it counts as frozen (gradients still flow through it).
+        """
         self.total_updates = total_updates
-        if self.is_frozen:
+        if self.is_frozen or self.config.optimizer is None:
             self.requires_grad_(False)
             return
-        if self.config.optimizer is not None:
-            self.optimizer = self.config.optimizer.build([p for p in self.parameters() if p.requires_grad])
+        self.optimizer = self.config.optimizer.build([p for p in self.parameters() if p.requires_grad])
 
     def set_learning_rate(self, update: int) -> None:
         if self.optimizer is None:

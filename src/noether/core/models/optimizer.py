@@ -7,7 +7,8 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from noether.core.config import import_object
 
@@ -45,20 +46,36 @@ class OptimizerConfig(BaseModel):
     lr: PositiveFloat
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @field_validator("kind")
+    @classmethod
+    def _is_optimizer(cls, kind: str) -> str:
+        optimizer_class(kind)
+        return kind
+
     @model_validator(mode="after")
     def _known_arguments(self) -> OptimizerConfig:
-        optimizer_class = self.optimizer_class()
-        accepted = set(inspect.signature(optimizer_class).parameters)
+        accepted = set(inspect.signature(optimizer_class(self.kind)).parameters)
         unknown = sorted(set(self.model_extra or {}) - accepted)
         if unknown:
-            raise ValueError(f"{self.kind} has no argument {', '.join(unknown)}")
+            message = "{kind} has no argument '{name}'"
+            errors = [
+                InitErrorDetails(
+                    type=PydanticCustomError("optimizer_argument", message, {"kind": self.kind, "name": name}),
+                    loc=(name,),
+                    input=self.model_extra[name],
+                )
+                for name in unknown
+            ]
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
-    def optimizer_class(self) -> type[torch.optim.Optimizer]:
-        optimizer_class = import_object(self.kind)
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
-            raise ValueError(f"'{self.kind}' is not a torch.optim.Optimizer")
-        return optimizer_class
-
     def build(self, parameters: Any) -> torch.optim.Optimizer:
-        return self.optimizer_class()(parameters, lr=self.lr, **(self.model_extra or {}))
+        return optimizer_class(self.kind)(parameters, lr=self.lr, **(self.model_extra or {}))
+
+
+def optimizer_class(kind: str) -> type[torch.optim.Optimizer]:
+    """The torch optimizer class named by `kind`; ValueError when it is not one."""
+    target = import_object(kind)
+    if not (isinstance(target, type) and issubclass(target, torch.optim.Optimizer)):
+        raise ValueError(f"'{kind}' is not a torch.optim.Optimizer")
+    return target
