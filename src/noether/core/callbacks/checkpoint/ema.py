@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import field_validator
@@ -10,10 +11,9 @@ from pydantic import field_validator
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
 from noether.core.checkpointing import stamp
-from noether.core.config import by_kind
+from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import ModelBase
 from noether.core.models.ema import ModuleEma
-from noether.core.providers.path import PathProvider
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import load_checkpoint
@@ -62,10 +62,11 @@ class EmaCallback(PeriodicCallback):
         super().__init__(callback_config, context)
         self.target_factors = callback_config.target_factors
         self.model_paths = callback_config.model_paths or [None]
+        self._check_model_paths()
         self.emas: dict[str | None, ModuleEma] = {}
         self.eval_callbacks: dict[float, list[CallbackBase]] = {
             factor: [
-                type(child_config).configured_class()(child_config, context.with_log_prefix(f"ema={factor}/"))
+                build(_child_config_for_factor(child_config, factor), context.with_log_prefix(f"ema={factor}/"))
                 for child_config in callback_config.eval_callbacks or []
             ]
             for factor in self.target_factors
@@ -104,11 +105,10 @@ class EmaCallback(PeriodicCallback):
         self._run_children("after_epoch", lambda child: child.is_due_after_epoch(update_counter), update_counter, kwargs)
 
     def at_eval(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        """Only the children run: the EMA weights were loaded from the evaluated checkpoint, there is nothing to save."""
         self._run_children("at_eval", lambda child: True, update_counter, kwargs)
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        if interval_type == "eval":
-            return
         if self.config.save_weights:
             self._save(str(update_counter.cur_iteration), update_counter)
         if self.config.save_latest_weights:
@@ -124,20 +124,34 @@ class EmaCallback(PeriodicCallback):
         self._save(checkpoint_tag, update_counter)
 
     def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
-        """Load the EMA written under `checkpoint_tag`; else the later of `latest` and `last`; else start from the live weights."""
+        """Load the EMA of the resumed iteration, else the later of `latest` and `last`, else keep the live weights.
+
+        The EMA of the resumed iteration is the file under `checkpoint_tag` or under the iteration's own tag, if it
+        was written at that iteration: `latest` is also overwritten on the EMA's own schedule, so it may hold a
+        later EMA than the `latest` trainer checkpoint.
+        """
         self._build_emas()
-        paths = self.context.paths
+        iteration = update_counter.cur_iteration
         for path, ema in self.emas.items():
-            name = self._file_model_name(path)
             for factor in self.target_factors:
-                source = self._resume_file(paths, name, factor, checkpoint_tag)
-                if source is None:
-                    looked_for = [paths.checkpoint_file(name, tag, "model", ema_factor=factor).name for tag in (checkpoint_tag, "latest", "last")]
-                    self.logger.warning(f"no EMA weights found (looked for {', '.join(looked_for)}); EMA {factor} starts from the live weights")
+                exact = [self._file(path, factor, tag) for tag in dict.fromkeys([checkpoint_tag, str(iteration)])]
+                fallbacks = [self._file(path, factor, tag) for tag in ("latest", "last")]
+                found = self._written_at(exact, iteration) or self._latest_written(fallbacks)
+                if found is None:
+                    looked_for = ", ".join(candidate.name for candidate in exact + fallbacks)
+                    self.logger.warning(
+                        f"no EMA weights found (looked for {looked_for}); EMA {factor} starts from the live weights"
+                    )
                     continue
-                ema.load_state_dict(factor, load_checkpoint(source)["state_dict"])
-                if source.name != paths.checkpoint_file(name, checkpoint_tag, "model", ema_factor=factor).name:
-                    self.logger.warning(f"EMA {factor} resumed from {source.name}, not from checkpoint '{checkpoint_tag}'")
+                file, payload = found
+                ema.load_state_dict(factor, payload["state_dict"])
+                written_at = TrainingIteration.from_dict(payload["training_iteration"])
+                if written_at != iteration:
+                    looked_for = ", ".join(candidate.name for candidate in exact)
+                    self.logger.warning(
+                        f"no EMA weights written at {iteration} (looked for {looked_for}); EMA {factor} resumed from "
+                        f"{file.name}, written at {written_at}, so it differs from an uninterrupted run's"
+                    )
 
     # ----------------------------------------------------------------------------- internals
     def _build_emas(self) -> None:
@@ -159,6 +173,23 @@ class EmaCallback(PeriodicCallback):
                 for child in due:
                     getattr(child, hook)(update_counter=update_counter, **kwargs)
 
+    def _check_model_paths(self) -> None:
+        """Fail before training on a path that names no submodule."""
+        model = self.context.model
+        for path in self.model_paths:
+            if path is None:
+                continue
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                submodules = ", ".join(name for name, _ in model.named_children())
+                raise ConfigError(
+                    f"{self.state_key}.model_paths: model '{model.name}' has no submodule '{path}' (its submodules: {submodules})"
+                ) from None
+
+    def _file(self, path: str | None, factor: float, tag: str) -> Path:
+        return self.context.paths.checkpoint_file(self._file_model_name(path), tag, "model", ema_factor=factor)
+
     def _file_model_name(self, path: str | None) -> str:
         return self.context.model.name if path is None else f"{self.context.model.name}.{path}"
 
@@ -170,20 +201,35 @@ class EmaCallback(PeriodicCallback):
         if tag in written or not self.context.is_main_process:
             return
         written.add(tag)
-        paths, writer = self.context.paths, self.context.checkpoint_writer
+        run_id, writer = self.context.paths.run_id, self.context.checkpoint_writer
         for path, ema in self.emas.items():
             module = ema.module
             for factor in self.target_factors:
-                payload = {"state_dict": ema.state_dict(factor), **stamp(tag, update_counter.cur_iteration, paths.run_id)}
+                payload = {"state_dict": ema.state_dict(factor), **stamp(tag, update_counter.cur_iteration, run_id)}
                 if isinstance(module, ModelBase):
                     payload["model_config"] = module.config.model_dump(mode="json")
-                writer.save(paths.checkpoint_file(self._file_model_name(path), tag, "model", ema_factor=factor), payload)
+                writer.save(self._file(path, factor, tag), payload)
 
     @staticmethod
-    def _resume_file(paths: PathProvider, name: str, factor: float, checkpoint_tag: str) -> Any:
-        exact = paths.checkpoint_file(name, checkpoint_tag, "model", ema_factor=factor)
-        if exact.exists():
-            return exact
-        candidates = [paths.checkpoint_file(name, tag, "model", ema_factor=factor) for tag in ("latest", "last")]
-        existing = [(TrainingIteration.from_dict(load_checkpoint(c)["training_iteration"]), c) for c in candidates if c.exists()]
-        return max(existing)[1] if existing else None
+    def _written_at(files: list[Path], iteration: TrainingIteration) -> tuple[Path, dict[str, Any]] | None:
+        """The first of `files` that exists and was written at `iteration`, with its payload."""
+        for file in files:
+            if file.exists():
+                payload = load_checkpoint(file)
+                if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
+                    return file, payload
+        return None
+
+    @staticmethod
+    def _latest_written(files: list[Path]) -> tuple[Path, dict[str, Any]] | None:
+        """Of `files` that exist, the one written at the latest training iteration (the first on a tie), with its payload."""
+        existing = [(file, load_checkpoint(file)) for file in files if file.exists()]
+        if not existing:
+            return None
+        return max(existing, key=lambda item: TrainingIteration.from_dict(item[1]["training_iteration"]))
+
+
+def _child_config_for_factor(child_config: CallBackBaseConfig, factor: float) -> CallBackBaseConfig:
+    """The child's config with an id of its own per factor, so stateful children keep apart in checkpoints."""
+    own_id = child_config.id or type(child_config).configured_class().__name__
+    return child_config.model_copy(update={"id": f"ema={factor}/{own_id}"})
