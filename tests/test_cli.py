@@ -71,7 +71,6 @@ def test_without_a_config_the_bundled_example_trains(tmp_path):
     assert {"loss/val/total", "accuracy/val", "loss/test/total", "accuracy/test"} <= logged
 
 
-@pytest.mark.xfail(strict=True, reason="training/run.py train() writes config.yaml with run_id: null when the id is generated")
 def test_generated_run_id_names_the_printed_directory_and_is_in_config_yaml(tmp_path, write_config):
     tree = tiny_config(Path("outputs"), max_epochs=None, max_updates=1)
     del tree["run_id"]

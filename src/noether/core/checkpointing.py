@@ -1,7 +1,16 @@
-"""What goes into checkpoint files, and how it comes back: model weights, optimizer state, trainer state."""
+"""What goes into checkpoint files, how a set of them is written, and how it comes back.
+
+A checkpoint of the trainer is a set of files under one tag: each (sub)model's weights and
+optimizer state and the trainer state. Every file is written atomically by the CheckpointWriter,
+but a crash between two files of a set would still leave an old and a new file under the same tag
+(fatal for `latest`, which is overwritten at every save). So the trainer stages a set under hidden
+names first and moves it under the final names only once all of it is written, the trainer state
+last; `recover_checkpoint_sets` finishes that move after a crash.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -13,6 +22,37 @@ from noether.core.models.base import Model, ModelBase, select_models
 from noether.core.providers.path import PathProvider
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriter, load_checkpoint
+
+STAGED_SUFFIX = ".staged"
+TRAINER_STATE_KEYS = ("training_iteration", "callbacks", "rng_states", "grad_scaler", "metrics_file_size")
+
+
+def model_checkpoint_payloads(
+    paths: PathProvider,
+    model: ModelBase,
+    tag: str,
+    iteration: TrainingIteration,
+    *,
+    save_weights: bool = True,
+    save_optim: bool = False,
+    model_names: list[str] | None = None,
+    save_frozen_weights: bool = False,
+) -> dict[Path, dict[str, Any]]:
+    """`{model}_cp={tag}_model.th` / `_optim.th` of each selected (sub)model and what goes into it.
+
+    Frozen models carry no optimizer and are rebuilt identically from config, so their weights are
+    written only when asked.
+    """
+    payloads = {}
+    for name, leaf in select_models(model, model_names).items():
+        if save_weights and (save_frozen_weights or not leaf.is_frozen):
+            payloads[paths.checkpoint_file(name, tag, "model")] = model_payload(leaf, leaf.state_dict(), tag, iteration, paths.run_id)
+        if save_optim and leaf.optimizer is not None:
+            payloads[paths.checkpoint_file(name, tag, "optim")] = {
+                **stamp(tag, iteration, paths.run_id),
+                "state_dict": leaf.optimizer.state_dict(),
+            }
+    return payloads
 
 
 def save_model_checkpoint(
@@ -27,22 +67,24 @@ def save_model_checkpoint(
     model_names: list[str] | None = None,
     save_frozen_weights: bool = False,
 ) -> list[str]:
-    """Write `{model}_cp={tag}_model.th` / `_optim.th` for each selected (sub)model; returns their names.
+    """Write weights (and optimizer states) under `tag` directly, file by file; returns the file names.
 
-    Frozen models carry no optimizer and are rebuilt identically from config, so their weights are
-    written only when asked.
+    For checkpoints that are not resumed from (e.g. the best model); the trainer's own checkpoints
+    go through a CheckpointSetWriter.
     """
-    written = []
-    for name, leaf in select_models(model, model_names).items():
-        if save_weights and (save_frozen_weights or not leaf.is_frozen):
-            path = paths.checkpoint_file(name, tag, "model")
-            writer.save(path, model_payload(leaf, leaf.state_dict(), tag, iteration, paths.run_id))
-            written.append(path.name)
-        if save_optim and leaf.optimizer is not None:
-            path = paths.checkpoint_file(name, tag, "optim")
-            writer.save(path, {**stamp(tag, iteration, paths.run_id), "state_dict": leaf.optimizer.state_dict()})
-            written.append(path.name)
-    return written
+    payloads = model_checkpoint_payloads(
+        paths,
+        model,
+        tag,
+        iteration,
+        save_weights=save_weights,
+        save_optim=save_optim,
+        model_names=model_names,
+        save_frozen_weights=save_frozen_weights,
+    )
+    for path, payload in payloads.items():
+        writer.save(path, payload)
+    return [path.name for path in payloads]
 
 
 def model_payload(
@@ -56,35 +98,138 @@ def stamp(tag: str, iteration: TrainingIteration, run_id: str) -> dict[str, Any]
     return {"checkpoint_tag": tag, "training_iteration": iteration.to_dict(), "run_id": run_id}
 
 
+# --------------------------------------------------------------------------------- checkpoint sets
+def staged_path(path: Path) -> Path:
+    """The hidden name under which a file of a checkpoint set waits until the whole set is written."""
+    return path.with_name(f".{path.name}{STAGED_SUFFIX}")
+
+
+class CheckpointSetWriter:
+    """Writes checkpoint sets so that the files under a tag always belong to one complete set.
+
+    The files of a set are staged under hidden names, the trainer state last. The writer thread
+    writes in order, so once the staged trainer state exists the whole set does, and `commit_written`
+    moves it under the final names. Until then the previous set under that tag stays untouched.
+    """
+
+    def __init__(self, writer: CheckpointWriter) -> None:
+        self.writer = writer
+        # staged sets not yet under their final names: trainer state file -> the set's other files
+        self.uncommitted: dict[Path, list[Path]] = {}
+
+    def save(self, files: dict[Path, dict[str, Any]], trainer_file: Path, trainer_state: dict[str, Any]) -> None:
+        if trainer_file in self.uncommitted:
+            # the previous set under this tag must be in place before its staged names are reused
+            self.writer.wait()
+            self.commit_written()
+        for path, payload in files.items():
+            self.writer.save(staged_path(path), payload)
+        self.writer.save(staged_path(trainer_file), {**trainer_state, "files": [path.name for path in files]})
+        self.uncommitted[trainer_file] = list(files)
+
+    def commit_written(self) -> None:
+        """Move every set whose files are all written under the final names."""
+        written = [trainer_file for trainer_file in self.uncommitted if staged_path(trainer_file).exists()]
+        if written:
+            # a write of the set that failed did so before its trainer state was written: raise it
+            # now rather than move an incomplete set into place
+            self.writer.check()
+        for trainer_file in written:
+            _commit(trainer_file, self.uncommitted.pop(trainer_file))
+
+    def finish(self) -> None:
+        """Wait for every pending write and commit everything."""
+        self.writer.wait()
+        self.commit_written()
+
+
+def recover_checkpoint_sets(checkpoint_dir: Path) -> None:
+    """After a crash: move every completely staged set under its final names, delete incomplete ones.
+
+    Only for a run directory that no other process is writing to (the start of a resume).
+    """
+    for staged_trainer in sorted(checkpoint_dir.glob(f".*_trainer.th{STAGED_SUFFIX}")):
+        trainer_file = checkpoint_dir / staged_trainer.name[1 : -len(STAGED_SUFFIX)]
+        files = load_checkpoint(staged_trainer).get("files", [])
+        _commit(trainer_file, [checkpoint_dir / name for name in files])
+    for leftover in checkpoint_dir.glob(f".*{STAGED_SUFFIX}"):
+        leftover.unlink()
+
+
+def _commit(trainer_file: Path, files: list[Path]) -> None:
+    for path in files:
+        staged = staged_path(path)
+        if staged.exists():  # else an interrupted commit already moved it
+            os.replace(staged, path)
+    os.replace(staged_path(trainer_file), trainer_file)
+    directory = os.open(trainer_file.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the renames durable
+    finally:
+        os.close(directory)
+
+
+# --------------------------------------------------------------------------------- loading
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    payload = load_checkpoint(path)
+    missing = [key for key in TRAINER_STATE_KEYS if key not in payload]
+    if missing:
+        raise CheckpointLoadError(f"{path} is not a trainer state written by noether (no {', '.join(missing)})")
+    return payload
+
+
+def checkpoint_iteration(model: ModelBase, paths: PathProvider, tag: str) -> TrainingIteration:
+    """The training iteration at which checkpoint `tag` was written: from its trainer state, else its first weights file."""
+    trainer_file = paths.checkpoint_file(model.name, tag, "trainer")
+    if trainer_file.exists():
+        return TrainingIteration.from_dict(load_trainer_state(trainer_file)["training_iteration"])
+    for name in model.named_models():
+        weights_file = paths.checkpoint_file(name, tag, "model")
+        if weights_file.exists():
+            return TrainingIteration.from_dict(_load_stamped(weights_file, None)["training_iteration"])
+    raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir} (missing {trainer_file.name})")
+
+
 def load_model_weights(
     model: ModelBase, paths: PathProvider, tag: str, *, load_optim: bool, expected_iteration: TrainingIteration | None = None
 ) -> None:
     """Load every (sub)model saved under `tag`; frozen ones without a file keep their built weights.
 
     With `expected_iteration`, every file must have been written at that iteration: a set of files
-    of which only some were replaced (a crash while `latest` was being overwritten) is refused.
+    of different checkpoints under one tag cannot be resumed exactly and is refused.
     """
     for name, leaf in model.named_models().items():
         weights_file = paths.checkpoint_file(name, tag, "model")
         if weights_file.exists() or not leaf.is_frozen:
-            leaf.load_state_dict(_load_stamped(weights_file, expected_iteration)["state_dict"])
+            _load_into(leaf, _load_stamped(weights_file, expected_iteration)["state_dict"], weights_file)
         if load_optim and leaf.optimizer is not None:
-            leaf.optimizer.load_state_dict(_load_stamped(paths.checkpoint_file(name, tag, "optim"), expected_iteration)["state_dict"])
+            optim_file = paths.checkpoint_file(name, tag, "optim")
+            _load_into(leaf.optimizer, _load_stamped(optim_file, expected_iteration)["state_dict"], optim_file)
+
+
+def _load_into(target: torch.nn.Module | torch.optim.Optimizer, state_dict: Any, path: Path) -> None:
+    """`target.load_state_dict`, with a mismatch reported as a CheckpointLoadError naming the file."""
+    try:
+        target.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = " ".join(str(error).split())
+        raise CheckpointLoadError(f"{path} does not fit this {type(target).__name__}: {reason}") from None
 
 
 def _load_stamped(path: Path, expected_iteration: TrainingIteration | None) -> dict[str, Any]:
     payload = load_checkpoint(path)
     if "state_dict" not in payload or "training_iteration" not in payload:
-        raise CheckpointLoadError(f"{path} is not a checkpoint written by this trainer (no 'state_dict'/'training_iteration')")
+        raise CheckpointLoadError(f"{path} is not a checkpoint written by noether (no 'state_dict'/'training_iteration')")
     iteration = TrainingIteration.from_dict(payload["training_iteration"])
     if expected_iteration is not None and iteration != expected_iteration:
         raise CheckpointLoadError(
-            f"{path} was written at {iteration} but the trainer state of the same checkpoint at {expected_iteration}: "
-            "the set was only partly replaced (the process died while overwriting it); resume from another checkpoint"
+            f"{path} was written at {iteration} but the rest of checkpoint '{payload.get('checkpoint_tag')}' at "
+            f"{expected_iteration}; resume from another checkpoint"
         )
     return payload
 
 
+# --------------------------------------------------------------------------------- RNG
 def capture_rng_states() -> dict[str, Any]:
     python_version, python_state, python_gauss = random.getstate()
     numpy_state = np.random.get_state()

@@ -115,12 +115,14 @@ def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str = 
     config = parse_run_config(tree)
     if resume is None:
         paths = PathProvider(config.output_path, config.run_id or PathProvider.new_run_id())
-        if paths.run_dir.exists() and any(paths.run_dir.iterdir()):
-            raise ConfigError(f"run directory {paths.run_dir} already exists; use --resume to continue it")
+        if paths.metrics_file.exists() or any(paths.checkpoint_dir.glob("*.th")):
+            # a directory left by a start that failed on a config error holds nothing to protect
+            raise ConfigError(f"run directory {paths.run_dir} already holds a run; use --resume to continue it")
     else:
         paths = PathProvider.for_existing_run(resume, config.output_path)
     paths.create()
-    paths.config_file.write_text(yaml.safe_dump(config.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
+    resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+    paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
     configure_logging(paths.log_file)
     log_writer = LogWriter(paths.metrics_file, paths.summary_file)
     trainer = build_trainer(config, paths, log_writer)

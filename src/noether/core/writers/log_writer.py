@@ -60,14 +60,6 @@ class LogWriter:
             logger.info(f"{update_counter.cur_iteration} {text}")
         return values
 
-    def drop_records_after(self, update: int) -> None:
-        """On resume: forget metrics the interrupted run logged after the checkpoint it resumes from."""
-        if not self.is_main_process or not self.metrics_file.exists():
-            return
-        lines = self.metrics_file.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= update]
-        self.metrics_file.write_text("".join(line + "\n" for line in kept))
-
     def _write_summary(self) -> None:
         if self.is_main_process:
             temporary = self.summary_file.with_suffix(".json.tmp")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -27,11 +29,21 @@ from noether.core.callbacks.default import (
     TrainingLossCallbackConfig,
 )
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
-from noether.core.checkpointing import capture_rng_states, load_model_weights, restore_rng_states, save_model_checkpoint
-from noether.core.config import RegistryConfig, by_kind
+from noether.core.checkpointing import (
+    CheckpointSetWriter,
+    capture_rng_states,
+    checkpoint_iteration,
+    load_model_weights,
+    load_trainer_state,
+    model_checkpoint_payloads,
+    recover_checkpoint_sets,
+    restore_rng_states,
+    stamp,
+)
+from noether.core.config import ConfigError, RegistryConfig, by_kind
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, load_checkpoint
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.data.samplers.interleaved import (
     TRAIN_KEY,
     InterleavedDataset,
@@ -90,6 +102,7 @@ class BaseTrainer:
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
         self.pending_checkpoints: list[dict[str, Any]] = []
+        self.checkpoint_sets = CheckpointSetWriter(context.checkpoint_writer)
 
     # ----------------------------------------------------------------------------- the step
     def train_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -140,18 +153,19 @@ class BaseTrainer:
                         self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
+                    self.checkpoint_sets.commit_written()
                     self.context.checkpoint_writer.check()
+                if self.stop_requested is not None and not counter.is_finished:
+                    logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
+                    self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
             except BaseException as error:
                 self._save_on_failure(counter, error)
                 raise
-            if self.stop_requested is not None:
-                logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
-                self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
 
         self._dispatch("after_training", update_counter=counter)
         self.context.log_writer.flush(counter)
         self._write_pending_checkpoints(counter)
-        self.context.checkpoint_writer.wait()
+        self.checkpoint_sets.finish()
         return counter
 
     def _train_update(self, model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
@@ -160,6 +174,11 @@ class BaseTrainer:
         local_batch_size = self.batching.local_batch_size
         for _ in range(self.batching.accumulation_steps):
             dataset_key, batch = next(data_iter)
+            if dataset_key != TRAIN_KEY:
+                raise RuntimeError(
+                    f"expected a training batch but got one of '{dataset_key}': an evaluation pass the sampler "
+                    "scheduled was not consumed (a parent lists a child in get_children() but did not dispatch it)"
+                )
             batch = self.move_to_device(batch)
             with self.autocast():
                 losses = self.train_step(model, batch)
@@ -214,31 +233,15 @@ class BaseTrainer:
             LearningRateCallback(LearningRateCallbackConfig(**schedule), self.context),
             ProgressCallback(ProgressCallbackConfig(**schedule), self.context),
         ]
-        configured = []
-        for callback_config in self.config.callbacks:
-            callback = type(callback_config).configured_class()(callback_config, self.context)
-            configured.append(callback)
-        callbacks = defaults + configured
-        keys: dict[str, CallbackBase] = {}
-        for callback in callbacks:
-            if callback.state_dict() is None:
-                continue
-            if callback.state_key in keys:
-                raise ValueError(
-                    f"two stateful callbacks share the checkpoint key '{callback.state_key}'; give them distinct 'id's"
-                )
-            keys[callback.state_key] = callback
-        return callbacks
+        configured = [type(config).configured_class()(config, self.context) for config in self.config.callbacks]
+        labelled = [(f"the default {type(callback).__name__}", callback) for callback in defaults]
+        labelled += [(f"trainer.callbacks[{index}]", callback) for index, callback in enumerate(configured)]
+        _check_state_keys(labelled)
+        return defaults + configured
 
     def all_callbacks(self) -> list[CallbackBase]:
         """Callbacks in dispatch order, each followed by the children it dispatches itself."""
-
-        def walk(callbacks: list[CallbackBase]) -> Iterator[CallbackBase]:
-            for callback in callbacks:
-                yield callback
-                yield from walk(callback.get_children())
-
-        return list(walk(self.callbacks))
+        return [member for callback in self.callbacks for member in _with_children(callback)]
 
     def _dispatch(self, hook: str, periodic_only: bool = False, **kwargs: Any) -> None:
         """Call `hook` on every callback in order; if some raise, the others still run, then the first error is raised."""
@@ -258,11 +261,25 @@ class BaseTrainer:
             raise first_error
 
     # ----------------------------------------------------------------------------- checkpoints
-    def request_checkpoint(self, tag: str, *, save_weights: bool, save_optim: bool, model_names: list[str] | None) -> None:
+    def request_checkpoint(
+        self,
+        tag: str,
+        *,
+        save_weights: bool,
+        save_optim: bool,
+        model_names: list[str] | None,
+        save_frozen_weights: bool = False,
+    ) -> None:
         """Save at the end of the current step, once every callback has run and metrics are flushed,
         so that a resume from `tag` continues exactly after this step."""
         self.pending_checkpoints.append(
-            {"tag": tag, "save_weights": save_weights, "save_optim": save_optim, "model_names": model_names}
+            {
+                "tag": tag,
+                "save_weights": save_weights,
+                "save_optim": save_optim,
+                "model_names": model_names,
+                "save_frozen_weights": save_frozen_weights,
+            }
         )
 
     def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
@@ -278,6 +295,7 @@ class BaseTrainer:
         save_weights: bool = True,
         save_optim: bool = True,
         model_names: list[str] | None = None,
+        save_frozen_weights: bool = False,
     ) -> None:
         """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
         large state of their own (EMA weights), so that every checkpoint resumes exactly."""
@@ -285,34 +303,45 @@ class BaseTrainer:
         self._dispatch("save_checkpoint", checkpoint_tag=tag, update_counter=counter)
         if not context.is_main_process:
             return
-        iteration = counter.cur_iteration
-        writer = context.checkpoint_writer
-        save_model_checkpoint(
-            writer, context.paths, context.model, tag, iteration, save_weights=save_weights, save_optim=save_optim, model_names=model_names
+        files = model_checkpoint_payloads(
+            context.paths,
+            context.model,
+            tag,
+            counter.cur_iteration,
+            save_weights=save_weights,
+            save_optim=save_optim,
+            model_names=model_names,
+            save_frozen_weights=save_frozen_weights,
         )
-        writer.save(context.paths.checkpoint_file(context.model.name, tag, "trainer"), self.trainer_state(counter))
+        trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
+        self.checkpoint_sets.save(files, trainer_file, self.trainer_state(counter, tag))
 
-    def trainer_state(self, counter: UpdateCounter) -> dict[str, Any]:
+    def trainer_state(self, counter: UpdateCounter, tag: str) -> dict[str, Any]:
         callback_states = {}
         for callback in self.all_callbacks():
             state = callback.state_dict()
             if state is not None:
                 callback_states[callback.state_key] = state
         return {
-            "training_iteration": counter.state_dict(),
-            "run_id": self.context.paths.run_id,
+            **stamp(tag, counter.cur_iteration, self.context.paths.run_id),
             "callbacks": callback_states,
             "rng_states": capture_rng_states(),
             "grad_scaler": self.grad_scaler.state_dict(),
+            "metrics_file_size": _file_size(self.context.log_writer.metrics_file),
         }
 
     def load_checkpoint(self, tag: str) -> UpdateCounter:
-        """Restore weights, optimizer and trainer state saved under `tag`; returns the counter to continue from."""
+        """Restore weights, optimizer and trainer state saved under `tag`; returns the counter to continue from.
+
+        The sampler needs no state of its own: its order depends only on seed and epoch, so the
+        counter says where it continues.
+        """
         paths = self.context.paths
+        recover_checkpoint_sets(paths.checkpoint_dir)
         state_file = paths.checkpoint_file(self.context.model.name, tag, "trainer")
         if not state_file.exists():
-            raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir} (missing {state_file.name})")
-        state = load_checkpoint(state_file)
+            raise CheckpointLoadError(f"no checkpoint '{tag}' to resume from: {state_file} does not exist")
+        state = load_trainer_state(state_file)
         iteration = TrainingIteration.from_dict(state["training_iteration"])
         load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
@@ -325,23 +354,24 @@ class BaseTrainer:
             else:
                 logger.warning(f"checkpoint '{tag}' has no state for callback '{callback.state_key}'; it starts fresh")
         for orphan in saved_states:
-            logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have")
+            logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have; it is ignored")
         restore_rng_states(state["rng_states"])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
-        self.context.log_writer.drop_records_after(counter.update)
+        if self.context.is_main_process:
+            _forget_metrics_after(self.context.log_writer.metrics_file, state["metrics_file_size"])
         logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
         return counter
 
     def _save_on_failure(self, counter: UpdateCounter, error: BaseException) -> None:
-        if isinstance(error, KeyboardInterrupt):
-            return
-        tag = f"{counter.cur_iteration}.error"
+        """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then let the error propagate."""
         try:
-            self.save_checkpoint(tag, counter)
-            self.context.checkpoint_writer.wait()
-            logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
+            if not isinstance(error, KeyboardInterrupt):
+                tag = f"{counter.cur_iteration}.error"
+                self.save_checkpoint(tag, counter)
+                logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
+            self.checkpoint_sets.finish()
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
-            logger.error(f"training failed ({error!r}) and saving checkpoint '{tag}' failed too: {save_error!r}")
+            logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, tag: str) -> UpdateCounter:
@@ -349,17 +379,8 @@ class BaseTrainer:
         paths = self.context.paths
         model = self.context.model.to(self.device)
         model.initialize_optimizers(0)
-        state_file = paths.checkpoint_file(model.name, tag, "trainer")
-        weights_files = [paths.checkpoint_file(name, tag, "model") for name in model.named_models()]
-        if not any(path.exists() for path in [state_file, *weights_files]):
-            raise CheckpointLoadError(f"no checkpoint '{tag}' in {paths.checkpoint_dir}")
-        load_model_weights(model, paths, tag, load_optim=False)
-        iteration = TrainingIteration()
-        if state_file.exists():
-            iteration = TrainingIteration.from_dict(load_checkpoint(state_file)["training_iteration"])
-        else:
-            payload = load_checkpoint(weights_files[0]) if weights_files[0].exists() else {}
-            iteration = TrainingIteration.from_dict(payload.get("training_iteration", iteration.to_dict()))
+        iteration = checkpoint_iteration(model, paths, tag)
+        load_model_weights(model, paths, tag, load_optim=False, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
         model.eval()
         self._dispatch("resume_from_checkpoint", checkpoint_tag=tag, update_counter=counter)
@@ -399,6 +420,39 @@ class BaseTrainer:
         finally:
             for signal_number, handler in handlers.items():
                 signal.signal(signal_number, handler)
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _forget_metrics_after(metrics_file: Path, size: int) -> None:
+    """Cut metrics.jsonl back to what it held when the checkpoint was written: whatever the stopped
+    run logged later (after_training of an interrupt, a line torn by a crash) would be logged twice."""
+    if _file_size(metrics_file) > size:
+        os.truncate(metrics_file, size)
+
+
+def _with_children(callback: CallbackBase) -> Iterator[CallbackBase]:
+    yield callback
+    for child in callback.get_children():
+        yield from _with_children(child)
+
+
+def _check_state_keys(labelled: list[tuple[str, CallbackBase]]) -> None:
+    """Stateful callbacks sharing a key would overwrite each other's state in every checkpoint."""
+    owners: dict[str, str] = {}
+    for label, callback in labelled:
+        for member in _with_children(callback):
+            if member.state_dict() is None:
+                continue
+            member_label = label if member is callback else f"a {type(member).__name__} inside {label}"
+            if member.state_key in owners:
+                raise ConfigError(
+                    f"{owners[member.state_key]} and {member_label} both keep their checkpoint state under "
+                    f"'{member.state_key}'; give them distinct 'id's"
+                )
+            owners[member.state_key] = member_label
 
 
 def _batch_length(batch: Any) -> int:

@@ -8,6 +8,7 @@ from pydantic import model_validator
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
+from noether.core.config import ConfigError
 from noether.core.models.base import select_models
 from noether.core.utils.training.counter import UpdateCounter
 
@@ -43,37 +44,44 @@ class CheckpointCallback(PeriodicCallback):
         return []
 
     def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        select_models(self.context.model, self.config.model_names)  # fail now on an unknown model name
+        try:
+            select_models(self.context.model, self.config.model_names)
+        except ValueError as error:  # an unknown model name: fail now, not at the first save
+            raise ConfigError(f"{self.state_key}.model_names: {error}") from None
         weights, optim = self._checkpoint_bytes()
         config = self.config
         per_periodic = weights * config.save_weights + optim * config.save_optim
         per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
-        total = per_periodic * self._invocations(update_counter) + per_latest + weights + optim
+        last = weights + optim * (config.save_optim or config.save_latest_optim)
+        total = per_periodic * self._remaining_invocations(update_counter) + per_latest + last
         self.logger.info(
-            f"checkpoint size: weights {_megabytes(weights)}, optimizer ~{_megabytes(optim)}; "
-            f"this run writes ~{_megabytes(total)} of checkpoints in all"
+            f"one checkpoint: weights {_size(weights)}, optimizer state ~{_size(optim)}; "
+            f"this run will write ~{_size(total)} of checkpoints"
         )
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval":
             return
-        config, trainer = self.config, self.context.trainer
+        config = self.config
         if config.save_weights or config.save_optim:
-            tag = str(update_counter.cur_iteration)
-            trainer.request_checkpoint(tag, save_weights=config.save_weights, save_optim=config.save_optim, model_names=config.model_names)
+            self._request(str(update_counter.cur_iteration), save_weights=config.save_weights, save_optim=config.save_optim)
         if config.save_latest_weights or config.save_latest_optim:
-            trainer.request_checkpoint(
-                "latest", save_weights=config.save_latest_weights, save_optim=config.save_latest_optim, model_names=config.model_names
-            )
+            self._request("latest", save_weights=config.save_latest_weights, save_optim=config.save_latest_optim)
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        save_optim = self.config.save_optim or self.config.save_latest_optim
-        self.context.trainer.request_checkpoint("last", save_weights=True, save_optim=save_optim, model_names=self.config.model_names)
+        self._request("last", save_weights=True, save_optim=self.config.save_optim or self.config.save_latest_optim)
+
+    def _request(self, tag: str, *, save_weights: bool, save_optim: bool) -> None:
+        # a frozen submodel named in `model_names` is one the user asked for
+        model_names = self.config.model_names
+        self.context.trainer.request_checkpoint(
+            tag, save_weights=save_weights, save_optim=save_optim, model_names=model_names, save_frozen_weights=model_names is not None
+        )
 
     def _checkpoint_bytes(self) -> tuple[int, int]:
         weights = optim = 0
         for model in select_models(self.context.model, self.config.model_names).values():
-            if model.is_frozen:
+            if model.is_frozen and self.config.model_names is None:
                 continue
             weights += sum(t.numel() * t.element_size() for t in model.state_dict().values())
             if model.optimizer is not None:
@@ -81,14 +89,22 @@ class CheckpointCallback(PeriodicCallback):
                 optim += ADAM_LIKE_STATE_PER_PARAMETER * trainable
         return weights, optim
 
-    def _invocations(self, update_counter: UpdateCounter) -> int:
+    def _remaining_invocations(self, update_counter: UpdateCounter) -> int:
+        """How often this callback fires from the counter's position to the end of training."""
         config = self.config
+        start, end = update_counter.update, update_counter.end_update
         if config.every_n_epochs is not None:
-            return update_counter.end_update // update_counter.updates_per_epoch // config.every_n_epochs
+            per_epoch = update_counter.updates_per_epoch
+            return end // per_epoch // config.every_n_epochs - start // per_epoch // config.every_n_epochs
         if config.every_n_updates is not None:
-            return update_counter.end_update // config.every_n_updates
-        return update_counter.end_update * update_counter.effective_batch_size // config.every_n_samples
+            return end // config.every_n_updates - start // config.every_n_updates
+        batch = update_counter.effective_batch_size
+        return end * batch // config.every_n_samples - start * batch // config.every_n_samples
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / 1e6:.1f} MB"
+def _size(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{size:.1f} {unit}"

@@ -1,0 +1,118 @@
+"""CheckpointCallback: which files a run writes, under which names, with what inside."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from noether.core.config import ConfigError
+from noether.training.run import evaluate, train
+from tests.conftest import tiny_config
+from tests.support.models import composite_model_config
+
+CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
+
+
+def checkpoint_files(paths) -> list[str]:
+    return sorted(path.name for path in paths.checkpoint_dir.iterdir())
+
+
+@pytest.mark.parametrize("async_checkpoints", [True, False])
+def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_checkpoints: bool) -> None:
+    """Every 4 updates of 18: tags E0_U4, E0_U8, E1_U12, E1_U16; `latest` ends at U16, `last` at U18."""
+    callback = {"kind": CHECKPOINT, "every_n_updates": 4, "save_latest_weights": True, "save_latest_optim": True}
+    paths = train({**tiny_config(tmp_path, callbacks=[callback]), "async_checkpoints": async_checkpoints})
+
+    tags = ["E0_U4_S512", "E0_U8_S1024", "E1_U12_S1536", "E1_U16_S2048", "last", "latest"]
+    assert checkpoint_files(paths) == sorted(f"classifier_cp={tag}_{part}.th" for tag in tags for part in ("model", "optim", "trainer"))
+    weights = torch.load(paths.checkpoint_file("classifier", "E0_U8_S1024", "model"), weights_only=True)
+    assert weights["checkpoint_tag"] == "E0_U8_S1024"
+    assert weights["training_iteration"] == {"epoch": 0, "update": 8, "sample": 1024}
+    assert weights["run_id"] == "run"
+    assert weights["model_config"]["hidden_dim"] == 16
+    assert set(weights["state_dict"]) == {"layers.0.weight", "layers.0.bias", "layers.3.weight", "layers.3.bias", "layers.6.weight", "layers.6.bias"}
+    latest = torch.load(paths.checkpoint_file("classifier", "latest", "trainer"), weights_only=True)
+    assert latest["training_iteration"] == {"epoch": 1, "update": 16, "sample": 2048}
+    assert {"callbacks", "rng_states", "grad_scaler"} <= set(latest)
+    assert set(latest["rng_states"]) >= {"python", "numpy", "torch"}
+    last = torch.load(paths.checkpoint_file("classifier", "last", "optim"), weights_only=True)
+    assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
+    assert last["state_dict"]["state"][0]["step"] == 18
+
+
+def test_save_flags_choose_the_parts_of_periodic_and_latest_checkpoints(tmp_path: Path) -> None:
+    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "save_optim": False, "save_latest_weights": False, "save_latest_optim": True}
+    paths = train(tiny_config(tmp_path, callbacks=[callback]))
+
+    assert checkpoint_files(paths) == sorted(
+        [f"classifier_cp={tag}_{part}.th" for tag in ("E1_U9_S1152", "E2_U18_S2304") for part in ("model", "trainer")]
+        + [f"classifier_cp=latest_{part}.th" for part in ("optim", "trainer")]
+        + [f"classifier_cp=last_{part}.th" for part in ("model", "optim", "trainer")]
+    )
+
+
+def test_a_checkpoint_callback_that_saves_nothing_is_rejected_before_training(tmp_path: Path) -> None:
+    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "save_weights": False, "save_optim": False}
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\[0\]: nothing would be saved"):
+        train(tiny_config(tmp_path, callbacks=[callback]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_size_of_one_checkpoint_and_of_all_checkpoints_is_logged_before_training(tmp_path: Path) -> None:
+    """85,002 float32 parameters: 340 kB of weights, an AdamW state of twice that; 4 periodic saves, latest and last."""
+    callback = {"kind": CHECKPOINT, "every_n_updates": 4, "save_latest_weights": True, "save_latest_optim": True}
+    tree = tiny_config(tmp_path, callbacks=[callback])
+    tree["model"]["hidden_dim"] = 256
+    paths = train(tree)
+
+    log = paths.log_file.read_text()
+    assert "one checkpoint: weights 340.0 kB, optimizer state ~680.0 kB; this run will write ~6.1 MB of checkpoints" in log
+    assert log.index("one checkpoint") < log.index("E1_U9_S1152")  # before training
+    written = sum(path.stat().st_size for path in paths.checkpoint_dir.iterdir() if "_trainer" not in path.name)
+    assert written == pytest.approx(6_120_144, rel=0.05)  # the estimate is close to the truth
+
+
+def test_evaluation_writes_no_checkpoint(tmp_path: Path) -> None:
+    tree = tiny_config(tmp_path, callbacks=[{"kind": CHECKPOINT, "every_n_epochs": 1}])
+    paths = train(tree)
+    before = {path.name: path.stat().st_mtime_ns for path in paths.checkpoint_dir.iterdir()}
+
+    evaluate(tree, run="run", checkpoint="E1_U9_S1152")
+
+    assert {path.name: path.stat().st_mtime_ns for path in paths.checkpoint_dir.iterdir()} == before
+
+
+def composite_tree(output_path: Path, **callback_options) -> dict:
+    tree = tiny_config(output_path, max_epochs=1, callbacks=[{"kind": CHECKPOINT, "every_n_epochs": 1, **callback_options}])
+    tree["model"] = composite_model_config()
+    return tree
+
+
+def test_composite_model_writes_each_trained_submodel_and_skips_the_frozen_one(tmp_path: Path) -> None:
+    paths = train(composite_tree(tmp_path))
+
+    for tag in ("E1_U9_S1152", "last"):
+        for submodel in ("encoder", "head"):
+            for part in ("model", "optim"):
+                assert paths.checkpoint_file(f"composite.{submodel}", tag, part).exists()
+        assert paths.checkpoint_file("composite", tag, "trainer").exists()
+        assert not paths.checkpoint_file("composite.embed", tag, "model").exists()
+    head = torch.load(paths.checkpoint_file("composite.head", "last", "model"), weights_only=True)
+    assert set(head["state_dict"]) == {"linear.weight", "linear.bias"}
+    assert head["model_config"]["out_dim"] == 10
+
+
+def test_model_names_select_submodels_and_a_named_frozen_submodel_is_written(tmp_path: Path) -> None:
+    paths = train(composite_tree(tmp_path, model_names=["head", "embed"]))
+
+    assert checkpoint_files(paths) == sorted(
+        [f"composite.head_cp={tag}_{part}.th" for tag in ("E1_U9_S1152", "last") for part in ("model", "optim")]
+        + [f"composite.embed_cp={tag}_model.th" for tag in ("E1_U9_S1152", "last")]
+        + [f"composite_cp={tag}_trainer.th" for tag in ("E1_U9_S1152", "last")]
+    )
+
+
+def test_an_unknown_model_name_fails_before_training(tmp_path: Path) -> None:
+    expected = "CheckpointCallback.model_names: no model named 'decoder'; models are: composite.embed, composite.encoder, composite.head"
+    with pytest.raises(ConfigError, match=expected):
+        train(composite_tree(tmp_path, model_names=["decoder"]))

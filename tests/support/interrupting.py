@@ -1,0 +1,60 @@
+"""Test-only callbacks that stop training by a real signal at a chosen update.
+
+Configs name them as `kind: tests.support.interrupting.<Class>`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import PositiveInt
+
+from noether.core.callbacks.base import CallBackBaseConfig
+from noether.core.callbacks.periodic import PeriodicCallback
+from noether.core.utils.training.counter import UpdateCounter
+
+WAIT_LIMIT_SECONDS = 120
+
+
+class SignalSelfCallbackConfig(CallBackBaseConfig):
+    every_n_updates: PositiveInt | None = 1
+    at_update: PositiveInt
+    signal_name: Literal["SIGINT", "SIGTERM"]
+
+
+class SignalSelfCallback(PeriodicCallback):
+    """Sends `signal_name` to its own process after update `at_update`, as Ctrl-C or a scheduler would."""
+
+    config: SignalSelfCallbackConfig
+
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if update_counter.update == self.config.at_update:
+            os.kill(os.getpid(), getattr(signal, self.config.signal_name))
+
+
+class WaitForStopCallbackConfig(CallBackBaseConfig):
+    every_n_updates: PositiveInt | None = 1
+    at_update: PositiveInt
+    ready_file: str
+    """Created once update `at_update` is done: the moment for a test to send its signal."""
+
+
+class WaitForStopCallback(PeriodicCallback):
+    """After update `at_update`, creates `ready_file` and waits until a signal asks the trainer to
+    stop, so that a signal sent from outside lands at a known update."""
+
+    config: WaitForStopCallbackConfig
+
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if update_counter.update != self.config.at_update:
+            return
+        Path(self.config.ready_file).touch()
+        deadline = time.monotonic() + WAIT_LIMIT_SECONDS
+        while self.context.trainer.stop_requested is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no signal arrived within {WAIT_LIMIT_SECONDS} s")
+            time.sleep(0.01)

@@ -1,0 +1,325 @@
+"""Resume: a run continued from any of its checkpoints ends exactly as if it had never stopped.
+
+The reference is one uninterrupted run; a resumed run is a copy of its directory continued from
+one of its checkpoints, so it recomputes everything after that checkpoint and must reproduce the
+reference bit for bit: weights, optimizer state and every logged metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from noether.core.config import ConfigError
+from noether.core.providers.path import PathProvider
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
+from noether.training.run import train
+from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
+from tests.support.models import composite_model_config
+
+CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
+
+
+def resumable_tree(output_path: Path) -> dict[str, Any]:
+    """18 updates (9 per epoch) with state everywhere: dropout, AdamW with a cosine schedule, training
+    losses summed over 3 updates, a counting callback, validation passes served by the shared sampler."""
+    return tiny_config(
+        output_path,
+        log_every_n_updates=3,
+        callbacks=[
+            {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_updates": 5, "dataset_key": "val"},
+            {"kind": "tests.support.stateful.CountingCallback", "every_n_updates": 2},
+            {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+            {"kind": CHECKPOINT, "every_n_updates": 4},
+        ],
+    )
+
+
+def resume_copy(reference_dir: Path, output_path: Path, tree: dict[str, Any], checkpoint: str, run_id: str = "resumed"):
+    """Continue a copy of the reference run from `checkpoint`."""
+    shutil.copytree(reference_dir, output_path / run_id)
+    return train({**tree, "output_path": str(output_path), "run_id": run_id}, resume=run_id, checkpoint=checkpoint)
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=True)
+
+
+def assert_identical(actual: Any, expected: Any, where: str = "") -> None:
+    """Equal structure, equal values, tensors bit for bit."""
+    assert type(actual) is type(expected), where
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert list(actual) == list(expected), where
+        for key in expected:
+            assert_identical(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for index, (a, e) in enumerate(zip(actual, expected)):
+            assert_identical(a, e, f"{where}[{index}]")
+    else:
+        assert actual == expected, where
+
+
+def assert_same_end(actual_paths, expected_paths, model_names: list[str]) -> None:
+    """Same final weights, optimizer states and metrics.jsonl."""
+    for name in model_names:
+        for part in ("model", "optim"):
+            actual = load(actual_paths.checkpoint_file(name, "last", part))["state_dict"]
+            expected = load(expected_paths.checkpoint_file(name, "last", part))["state_dict"]
+            assert_identical(actual, expected, f"{name} {part}")
+    assert metrics(actual_paths) == metrics(expected_paths)
+
+
+def metrics(paths) -> list[dict[str, float]]:
+    return [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    output_path = tmp_path_factory.mktemp("reference")
+    tree = resumable_tree(output_path)
+    return tree, train(tree)
+
+
+# --------------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        pytest.param("E1_U9_S1152", id="epoch-boundary"),
+        pytest.param("E0_U4_S512", id="mid-epoch"),  # one update after a log: summed losses in flight
+        pytest.param("E1_U16_S2048", id="mid-epoch-after-validation"),
+    ],
+)
+def test_resume_from_a_periodic_checkpoint_reproduces_the_uninterrupted_run(reference, tmp_path, checkpoint):
+    tree, reference_paths = reference
+    resumed = resume_copy(reference_paths.run_dir, tmp_path, tree, checkpoint)
+
+    assert_same_end(resumed, reference_paths, ["classifier"])
+    assert f"resumed from checkpoint '{checkpoint}'" in resumed.log_file.read_text()
+
+
+def test_resume_from_last_trains_no_further(reference, tmp_path):
+    tree, reference_paths = reference
+    resumed = resume_copy(reference_paths.run_dir, tmp_path, tree, "last")
+
+    assert_same_end(resumed, reference_paths, ["classifier"])
+
+
+def test_resume_of_a_composite_model_with_a_frozen_submodel(tmp_path):
+    """The frozen embed is not saved: it is rebuilt from config and seed; encoder and head resume exactly."""
+    tree = tiny_config(tmp_path, callbacks=[{"kind": CHECKPOINT, "every_n_updates": 5}])
+    tree["model"] = composite_model_config()
+    reference_paths = train(tree)
+    assert not reference_paths.checkpoint_file("composite.embed", "E0_U5_S640", "model").exists()
+
+    resumed = resume_copy(reference_paths.run_dir, tmp_path, tree, "E0_U5_S640")
+
+    assert_same_end(resumed, reference_paths, ["composite.encoder", "composite.head"])
+
+
+def test_callbacks_missing_on_either_side_are_named_in_warnings(reference, tmp_path):
+    tree, reference_paths = reference
+    callbacks = [callback for callback in tree["trainer"]["callbacks"] if "Counting" not in callback["kind"]]
+    callbacks.append({"kind": "tests.support.stateful.CountingCallback", "every_n_updates": 2, "id": "new_counter"})
+    changed = {**tree, "trainer": {**tree["trainer"], "callbacks": callbacks}}
+
+    log = resume_copy(reference_paths.run_dir, tmp_path, changed, "E1_U9_S1152").log_file.read_text()
+
+    assert "checkpoint 'E1_U9_S1152' has no state for callback 'new_counter'; it starts fresh" in log
+    assert "checkpoint 'E1_U9_S1152' has state for callback 'CountingCallback', which this run does not have" in log
+
+
+def test_a_new_run_in_the_directory_of_a_run_is_refused(reference):
+    tree, reference_paths = reference
+    expected = f"run directory {reference_paths.run_dir} already holds a run; use --resume to continue it"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        train(tree)
+
+
+# --------------------------------------------------------------------------------- bad files
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class Foreign:
+    """Not a tensor type: a file holding it is refused by weights_only loading."""
+
+
+def write_foreign_object(path: Path) -> None:
+    torch.save({"state_dict": Foreign()}, path)
+
+
+def write_weights_of_another_model(path: Path) -> None:
+    payload = load(path)
+    payload["state_dict"] = torch.nn.Linear(3, 4).state_dict()
+    torch.save(payload, path)
+
+
+def write_trainer_state_of_another_program(path: Path) -> None:
+    torch.save({"epoch": 1, "weights": torch.zeros(3)}, path)
+
+
+def replace_by_later_checkpoint(path: Path) -> None:
+    shutil.copyfile(path.with_name(path.name.replace("E0_U4_S512", "E0_U8_S1024")), path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "part", "message"),
+    [
+        pytest.param(
+            truncate,
+            "model",
+            "checkpoint file is truncated or corrupt: {path}",
+            id="truncated",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="checkpoint_writer.load_checkpoint reports the OSError torch raises for some truncated files "
+                "as 'cannot read checkpoint file ...: Invalid argument'",
+            ),
+        ),
+        pytest.param(write_foreign_object, "model", "refusing to load {path}: it is not a plain tensor checkpoint", id="foreign-object"),
+        pytest.param(
+            write_weights_of_another_model,
+            "model",
+            "{path} does not fit this DigitsClassifier: Error(s) in loading state_dict",
+            id="another-model",
+        ),
+        pytest.param(
+            write_trainer_state_of_another_program, "trainer", "{path} is not a trainer state written by noether", id="foreign-trainer-state"
+        ),
+        pytest.param(replace_by_later_checkpoint, "optim", "{path} was written at E0_U8_S1024 but the rest of checkpoint", id="mixed-set"),
+        pytest.param(Path.unlink, "optim", "checkpoint file not found: {path}", id="missing"),
+    ],
+)
+def test_a_bad_checkpoint_file_is_refused_with_its_name(reference, tmp_path, damage, part, message):
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "damaged")
+    path = tmp_path / "damaged" / "checkpoints" / f"classifier_cp=E0_U4_S512_{part}.th"
+    damage(path)
+
+    with pytest.raises(CheckpointLoadError) as error:
+        train({**tree, "output_path": str(tmp_path), "run_id": "damaged"}, resume="damaged", checkpoint="E0_U4_S512")
+
+    assert message.format(path=path) in str(error.value)
+
+
+def test_an_unknown_checkpoint_tag_is_refused(reference, tmp_path):
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    missing = tmp_path / "run" / "checkpoints" / "classifier_cp=E7_U1_S1_trainer.th"
+
+    with pytest.raises(CheckpointLoadError, match=re.escape(f"no checkpoint 'E7_U1_S1' to resume from: {missing} does not exist")):
+        train({**tree, "output_path": str(tmp_path)}, resume="run", checkpoint="E7_U1_S1")
+
+
+def test_the_command_line_reports_a_bad_checkpoint_in_one_line(reference, tmp_path, write_config):
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    damaged = tmp_path / "run" / "checkpoints" / "classifier_cp=latest_model.th"
+    write_foreign_object(damaged)
+    config = write_config({**tree, "output_path": str(tmp_path)})
+
+    result = run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path, check=False)
+
+    assert result.returncode != 0
+    [line] = result.stderr.strip().splitlines()
+    named_as_given = damaged.relative_to(tmp_path)  # `--resume run` is the run directory in the working directory
+    assert line.startswith(f"noether-train: error: refusing to load {named_as_given}: it is not a plain tensor checkpoint")
+
+
+# --------------------------------------------------------------------------------- SIGKILL
+KILLS = 24
+
+
+class ForkServer:
+    """`tests/support/fork_trainer.py`: training processes forked from one that imported torch already."""
+
+    def __init__(self, log: Path) -> None:
+        # one thread per process: two cores shared by several processes would otherwise spin
+        env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fork_trainer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env
+        )
+        self.log = log
+
+    def start(self, tree: dict[str, Any], resume: str | None) -> int:
+        self.process.stdin.write(json.dumps({"tree": tree, "resume": resume, "log": str(self.log)}) + "\n")
+        self.process.stdin.flush()
+        return int(self._answer("started"))
+
+    def ended(self) -> int:
+        return int(self._answer("ended"))
+
+    def _answer(self, word: str) -> str:
+        answer, value = self.process.stdout.readline().split()
+        assert answer == word
+        return value
+
+    def log_tail(self) -> str:
+        return self.log.read_text()[-3000:] if self.log.exists() else ""
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_exactly(tmp_path):
+    """A 7 MB checkpoint (weights and AdamW state of a 560k-parameter MLP) as `latest` after every
+    update: the process spends most of its time writing when it is killed. Every restart resumes
+    from `latest`; the run finally ends as a never-killed one does."""
+    every_update = {
+        "kind": CHECKPOINT,
+        "every_n_updates": 1,
+        "save_weights": False,
+        "save_optim": False,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    }
+    tree = tiny_config(tmp_path, max_epochs=None, max_updates=400, effective_batch_size=32, callbacks=[every_update])
+    tree["model"].update(hidden_dim=512, depth=3)
+    checkpoint_dir = tmp_path / "run" / "checkpoints"
+    latest = checkpoint_dir / "classifier_cp=latest_trainer.th"
+    server = ForkServer(tmp_path / "processes.log")
+    moments = random.Random(0)
+    try:
+        for kill in range(KILLS):
+            previous = latest.stat().st_ino if latest.exists() else None
+            pid = server.start(tree, resume=None if previous is None else "run")
+            # from the moment a new `latest` is in place, the next one is being written
+            deadline = time.monotonic() + 120
+            while (latest.stat().st_ino if latest.exists() else None) == previous:
+                assert time.monotonic() < deadline, f"kill {kill}: no new checkpoint\n{server.log_tail()}"
+                time.sleep(0.002)
+            time.sleep(moments.uniform(0, 0.2))
+            os.kill(pid, signal.SIGKILL)
+            assert server.ended() == -signal.SIGKILL, server.log_tail()
+            for path in checkpoint_dir.iterdir():
+                if not path.name.startswith("."):  # every file under a final name is complete
+                    load(path)
+
+        # the rest without killing, and a reference that was never killed; saving `latest` less
+        # often changes nothing in training
+        sparse = json.loads(json.dumps(tree))
+        sparse["trainer"]["callbacks"][0]["every_n_updates"] = 1000
+        server.start(sparse, resume="run")
+        assert server.ended() == 0, server.log_tail()
+        server.start({**sparse, "run_id": "reference"}, resume=None)
+        assert server.ended() == 0, server.log_tail()
+    finally:
+        server.close()
+
+    assert_same_end(PathProvider(tmp_path, "run"), PathProvider(tmp_path, "reference"), ["classifier"])

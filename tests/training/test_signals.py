@@ -1,0 +1,150 @@
+"""Stopping training: SIGTERM/SIGINT finish the update and write an interrupt checkpoint, an exception
+writes an error checkpoint; a resume from either continues the run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from noether.core.config import ConfigError
+from noether.core.providers.path import PathProvider
+from noether.training.run import train
+from tests.conftest import cli_command, cli_env, run_cli, tiny_config
+
+CHECKPOINT = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}
+COUNTING = {"kind": "tests.support.stateful.CountingCallback", "every_n_updates": 2}
+EMA = {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]}
+VALIDATION = {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}
+BEST = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total"}
+
+
+def stoppable_tree(output_path: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
+    """18 updates. EMA weights are large state that callbacks write through the `save_checkpoint`
+    hook; the best-checkpoint callback logs its best value in `after_training`, also when stopped."""
+    return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, VALIDATION, BEST, CHECKPOINT, *extra_callbacks])
+
+
+def checkpoint_parts(paths: PathProvider, tag: str) -> list[Path]:
+    return [
+        paths.checkpoint_file("classifier", tag, "model"),
+        paths.checkpoint_file("classifier", tag, "optim"),
+        paths.checkpoint_file("classifier", tag, "trainer"),
+        paths.checkpoint_file("classifier", tag, "model", ema_factor=0.9),
+    ]
+
+
+def last_weights(paths: PathProvider) -> dict[str, torch.Tensor]:
+    return torch.load(paths.checkpoint_file("classifier", "last", "model"), weights_only=True)["state_dict"]
+
+
+def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> PathProvider:
+    return train(stoppable_tree(tmp_path_factory.mktemp("reference")))
+
+
+def test_sigterm_writes_the_interrupt_checkpoint_exits_cleanly_and_resumes_to_the_same_end(tmp_path, write_config, reference):
+    """The signal comes from outside while update 11 is being finished (mid-epoch)."""
+    ready = tmp_path / "update-11-done"
+    waiting = {"kind": "tests.support.interrupting.WaitForStopCallback", "at_update": 11, "ready_file": str(ready)}
+    config = write_config(stoppable_tree(tmp_path, waiting))
+    process = subprocess.Popen(
+        [cli_command("noether-train"), str(config)], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0, stderr
+    paths = PathProvider(tmp_path, "run")
+    assert stdout.strip().splitlines()[-1] == str(paths.run_dir)
+    assert "stopping on SIGTERM after update 11" in paths.log_file.read_text()
+    for path in checkpoint_parts(paths, "E1_U11_S1408.signal_interrupt"):
+        assert path.exists(), path.name
+    assert paths.checkpoint_file("classifier", "last", "model").exists()  # after_training ran
+    assert '"update": 11, "sample": 1408, "best/loss/val/total"' in paths.metrics_file.read_text()
+
+    run_cli("noether-train", str(config), "--resume", "run", "--checkpoint", "E1_U11_S1408.signal_interrupt", cwd=tmp_path)
+
+    assert_identical(last_weights(paths), last_weights(reference))
+    assert paths.metrics_file.read_text() == reference.metrics_file.read_text()
+
+
+def test_sigint_stops_after_the_update_and_runs_after_training(tmp_path):
+    signalling = {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 11, "signal_name": "SIGINT"}
+    handler_before = signal.getsignal(signal.SIGINT)
+    paths = train(stoppable_tree(tmp_path, signalling))
+
+    assert "stopping on SIGINT after update 11" in paths.log_file.read_text()
+    for path in checkpoint_parts(paths, "E1_U11_S1408.signal_interrupt"):
+        assert path.exists(), path.name
+    last = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
+    assert last["training_iteration"] == {"epoch": 1, "update": 11, "sample": 1408}
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the trainer's handler is gone
+
+
+def test_an_exception_in_a_callback_writes_an_error_checkpoint_to_resume_from(tmp_path, reference):
+    failing = {"kind": "tests.support.failing.FailAtUpdateCallback", "at_update": 7}
+    tree = stoppable_tree(tmp_path, failing)
+
+    with pytest.raises(RuntimeError, match="test failure after update 7"):
+        train(tree)
+
+    paths = PathProvider(tmp_path, "run")
+    for path in checkpoint_parts(paths, "E0_U7_S896.error"):
+        assert path.exists(), path.name
+    assert "saved checkpoint 'E0_U7_S896.error'" in paths.log_file.read_text()
+
+    train(tree, resume="run", checkpoint="E0_U7_S896.error")
+
+    assert_identical(last_weights(paths), last_weights(reference))
+    assert paths.metrics_file.read_text() == reference.metrics_file.read_text()
+
+
+def test_an_exception_in_the_training_step_writes_an_error_checkpoint(tmp_path):
+    tree = stoppable_tree(tmp_path)
+    tree["trainer"].update(kind="tests.support.failing.FailingClassificationTrainer", fail_on_step=6)
+
+    with pytest.raises(RuntimeError, match="test failure in train step 6"):
+        train(tree)
+
+    paths = PathProvider(tmp_path, "run")
+    for path in checkpoint_parts(paths, "E0_U5_S640.error"):
+        assert path.exists(), path.name
+    state = torch.load(paths.checkpoint_file("classifier", "E0_U5_S640.error", "trainer"), weights_only=True)
+    assert state["callbacks"]["CountingCallback"] == {"count": 2}
+
+
+def test_two_stateful_callbacks_under_one_key_are_refused_at_start_up(tmp_path):
+    tree = tiny_config(tmp_path, callbacks=[{**COUNTING, "id": "counter"}, CHECKPOINT, {**COUNTING, "id": "counter"}])
+
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\[0\] and trainer\.callbacks\[2\] both keep their checkpoint state under 'counter'"):
+        train(tree)
+
+    tree["trainer"]["callbacks"][2]["id"] = "other_counter"
+    paths = train(tree)  # the same run id: the failed start left nothing that needs protecting
+    state = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
+    assert state["callbacks"]["counter"] == state["callbacks"]["other_counter"] == {"count": 9}
+
+
+def test_a_callback_sharing_the_key_of_a_default_callback_is_refused(tmp_path):
+    tree = tiny_config(tmp_path, callbacks=[{**COUNTING, "id": "TrainingLossCallback"}])
+
+    with pytest.raises(ConfigError, match="the default TrainingLossCallback and trainer.callbacks.0. both keep"):
+        train(tree)
