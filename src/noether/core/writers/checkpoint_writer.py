@@ -1,0 +1,360 @@
+"""Crash-safe, asynchronous checkpoint files.
+
+A checkpoint only ever appears under its final name complete: it is written to a hidden temporary
+file in the same directory, fsync'ed, and renamed over the final name. A crash (even SIGKILL) at any
+moment therefore leaves either the previous file or the new one, never a torn one.
+
+By default the training loop only pays for copying the tensors into reusable host buffers; the
+serialization and the disk write happen on a background thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import copy
+import itertools
+import os
+import pickle
+import re
+import socket
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from queue import SimpleQueue
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointLoadError", "CheckpointWriteError", "CheckpointWriter", "load_checkpoint"]
+
+# Temporary files are named ".<final name>~<host>~<pid>~<n>.tmp": the leading dot and the ".tmp"
+# suffix keep them from being mistaken for checkpoints, host and pid tell whether the process that
+# wrote one is gone, so that its leftovers may be removed.
+_HOST = socket.gethostname()
+_TMP_NAME = re.compile(r"^\..+~(?P<host>[^~]+)~(?P<pid>\d+)~\d+\.tmp$")
+_tmp_counter = itertools.count()
+
+# How many distinct payload structures (e.g. model weights, optimizer state) keep their host
+# buffers; older ones are dropped so that a payload whose shapes keep changing cannot pile up memory.
+_POOL_STRUCTURES = 8
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class CheckpointLoadError(Exception):
+    """A checkpoint file is missing, damaged, or not a plain tensor checkpoint."""
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written; the previous file under that name, if any, is intact."""
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Loads a checkpoint onto the CPU without executing pickled code.
+
+    Every failure is reported as a CheckpointLoadError with a one-line message naming the file, so
+    that a resume from a bad file fails with a clear reason instead of a deep torch traceback.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointLoadError(f"checkpoint file not found: {path}") from None
+    except OSError as e:
+        raise CheckpointLoadError(f"cannot read checkpoint file {path}: {e.strerror}") from e
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointLoadError(_unreadable_reason(path)) from e
+        raise CheckpointLoadError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint "
+            f"(weights_only=True rejected it: {_weights_only_reason(str(e))})"
+        ) from e
+    except Exception as e:
+        raise CheckpointLoadError(_unreadable_reason(path)) from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointLoadError(
+            f"refusing to load {path}: it holds a {type(checkpoint).__name__}, not a checkpoint dict"
+        )
+    return checkpoint
+
+
+def _unreadable_reason(path: Path) -> str:
+    """Tells a damaged checkpoint (a zip archive, possibly cut short) from a file of another kind."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_ZIP_MAGIC))
+    except OSError as e:
+        return f"cannot read checkpoint file {path}: {e.strerror}"
+    if _ZIP_MAGIC.startswith(header):
+        return f"checkpoint file is truncated or corrupt: {path}"
+    return f"not a torch checkpoint file (no zip archive): {path}"
+
+
+def _weights_only_reason(message: str) -> str:
+    """Picks the one sentence that says what was refused out of torch's multi-paragraph message."""
+    _, marker, rest = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else message).splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else "unknown reason"
+
+
+class _BufferSet:
+    """Host tensors that receive one snapshot; busy while a write of that snapshot is pending."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.busy = True
+
+
+class CheckpointWriter:
+    """Writes checkpoint payloads (nested dicts/lists/tuples of tensors and plain values) to files.
+
+    Every file is written atomically (see the module docstring). With ``asynchronous=True``,
+    ``save`` copies the tensors into host buffers that are reused by later saves of a payload with
+    the same tensor structure, and a single background thread writes the files in submission order.
+    At most ``max_pending`` writes are in flight; a further ``save`` waits for a slot, which bounds
+    the host memory to ``max_pending`` buffer sets per structure.
+
+    A background write that fails is raised as CheckpointWriteError by the next ``check``, ``save``,
+    ``wait`` or ``close``. Writes still pending when the interpreter exits are completed then.
+
+    Leftover temporary files of a killed process are removed from a directory the first time this
+    writer writes into it; only files of this module's naming pattern written on this host by a
+    process that no longer exists are touched.
+    """
+
+    def __init__(self, asynchronous: bool = True, max_pending: int = 2) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+        self.asynchronous = asynchronous
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._error: CheckpointWriteError | None = None
+        self._closed = False
+        # buffer sets by tensor structure, least recently used first; only the caller's thread
+        # touches the dict, the writer thread only clears the busy flags (under self._cond)
+        self._pool: OrderedDict[tuple, list[_BufferSet]] = OrderedDict()
+        self._swept_dirs: set[Path] = set()
+        if asynchronous:
+            self._queue: SimpleQueue = SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+
+    def save(self, path: str | os.PathLike, payload: dict) -> None:
+        """Writes ``payload`` to ``path``; the payload may be modified as soon as this returns.
+
+        Blocks while ``max_pending`` writes are in flight.
+        """
+        self.check()
+        if self._closed:
+            raise RuntimeError("CheckpointWriter is closed")
+        path = Path(path).absolute()  # the write may happen after the working directory changed
+        if not self.asynchronous:
+            self._write(path, payload)
+            return
+        with self._cond:
+            while self._pending >= self.max_pending:
+                self._cond.wait()
+            self._pending += 1
+        buffers = None
+        try:
+            sources = _unique_tensors(payload)
+            buffers = self._take_buffers(list(sources.values()))
+            snapshot = _snapshot(payload, sources, buffers.tensors)
+        except BaseException:
+            self._finish(buffers)
+            raise
+        self._queue.put((path, snapshot, buffers))
+
+    def check(self) -> None:
+        """Raises the first error a background write hit since the last check."""
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def wait(self) -> None:
+        """Blocks until every pending checkpoint is complete and durable on disk."""
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+        self.check()
+
+    def close(self) -> None:
+        """Finishes the pending writes and stops the writer thread; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._pool.clear()
+            if self.asynchronous:
+                self._queue.put(None)
+                self._thread.join()
+                atexit.unregister(self.close)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _take_buffers(self, sources: list[torch.Tensor]) -> _BufferSet:
+        """Returns host buffers matching ``sources`` that no pending write is reading, marked busy."""
+        structure = tuple((tuple(t.shape), t.dtype, t.is_cuda) for t in sources)
+        sets = self._pool.setdefault(structure, [])
+        self._pool.move_to_end(structure)
+        while len(self._pool) > _POOL_STRUCTURES:
+            self._pool.popitem(last=False)
+        with self._cond:
+            for buffer_set in sets:
+                if not buffer_set.busy:
+                    buffer_set.busy = True
+                    return buffer_set
+        # Since save() holds a slot, fewer than max_pending sets are busy: a structure never needs
+        # more than max_pending sets.
+        buffer_set = _BufferSet(
+            [torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in structure]
+        )
+        sets.append(buffer_set)
+        return buffer_set
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            path, snapshot, buffers = job
+            try:
+                self._write(path, snapshot)
+            except CheckpointWriteError as e:
+                with self._cond:
+                    if self._error is None:
+                        self._error = e
+            finally:
+                del job, snapshot  # do not keep the payload alive while idle
+                self._finish(buffers)
+
+    def _finish(self, buffers: _BufferSet | None) -> None:
+        """Frees a write slot (and its buffers) and wakes up whoever waits for one."""
+        with self._cond:
+            if buffers is not None:
+                buffers.busy = False
+            self._pending -= 1
+            self._cond.notify_all()
+
+    def _write(self, path: Path, payload: dict) -> None:
+        try:
+            if path.parent not in self._swept_dirs:
+                _remove_stale_tmp_files(path.parent)
+                self._swept_dirs.add(path.parent)
+            _write_atomic(path, payload)
+        except Exception as e:
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {e}") from e
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    """Writes to a temporary file, makes it durable, then renames it over ``path``."""
+    tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    # makes the rename itself survive a power loss
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_tmp_files(directory: Path) -> None:
+    """Removes temporary files that a process on this host, now gone, left behind."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return  # the write that follows reports the real problem
+    for entry in entries:
+        match = _TMP_NAME.match(entry.name)
+        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass  # another process may have removed it first
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _unique_tensors(payload: dict) -> dict[tuple, torch.Tensor]:
+    """The payload's tensors in order; tensors viewing the same memory (tied weights) count once."""
+    sources: dict[tuple, torch.Tensor] = {}
+    for leaf in _leaves(payload):
+        if isinstance(leaf, torch.Tensor):
+            sources.setdefault(_identity(leaf), leaf)
+    return sources
+
+
+def _snapshot(payload: dict, sources: dict[tuple, torch.Tensor], buffers: list[torch.Tensor]) -> dict:
+    """Copies the tensors into ``buffers`` and deep-copies everything else."""
+    with torch.inference_mode(False), torch.no_grad():
+        for buffer, source in zip(buffers, sources.values()):
+            buffer.copy_(source, non_blocking=source.is_cuda)
+    for device in {t.device for t in sources.values() if t.is_cuda}:
+        torch.cuda.synchronize(device)
+    by_identity = dict(zip(sources, buffers))
+
+    def snapshot_leaf(leaf: Any) -> Any:
+        return by_identity[_identity(leaf)] if isinstance(leaf, torch.Tensor) else copy.deepcopy(leaf)
+
+    return _map_leaves(payload, snapshot_leaf)
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
+
+
+def _leaves(obj: Any) -> Iterator[Any]:
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from _leaves(value)
+    elif isinstance(obj, list) or type(obj) is tuple:
+        for value in obj:
+            yield from _leaves(value)
+    else:
+        yield obj
+
+
+def _map_leaves(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """Rebuilds the containers of ``obj`` around ``fn(leaf)``.
+
+    Dict subclasses keep their type and attributes, e.g. the ``_metadata`` of a module state_dict
+    that ``load_state_dict`` relies on.
+    """
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        if hasattr(obj, "__dict__"):
+            out.__dict__ = copy.deepcopy(obj.__dict__)
+        for key, value in obj.items():
+            out[key] = _map_leaves(value, fn)
+        return out
+    if isinstance(obj, list):
+        return [_map_leaves(value, fn) for value in obj]
+    if type(obj) is tuple:
+        return tuple(_map_leaves(value, fn) for value in obj)
+    return fn(obj)
