@@ -25,7 +25,7 @@ BEST = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs
 
 
 def stoppable_tree(output_path: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
-    """18 updates. EMA weights are large state that callbacks write through the `save_checkpoint`
+    """18 updates. EMA weights are large state that callbacks hand to every checkpoint through the `checkpoint_files`
     hook; the best-checkpoint callback logs its best value in `after_training`, also when stopped."""
     return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, VALIDATION, BEST, CHECKPOINT, *extra_callbacks])
 

@@ -3,8 +3,8 @@
 Importing torch takes seconds, so this process imports it once and forks a fresh training-like
 process for every "run" line on stdin. Each child resumes from the latest checkpoint in the
 directory and then writes checkpoints as fast as it can until it is killed; it prints
-"running <pid>" once it is about to write. A "reap" line waits for that child and prints
-"reaped <wait status>".
+"running <pid>" once it is about to write, or "failed <error>". A "reap" line waits for that child
+and prints "reaped <wait status>".
 
 Every checkpoint holds its step and a tensor filled with that step, so a reader can tell a
 consistent file from a torn one.
@@ -49,7 +49,8 @@ def main() -> None:
             if child == 0:
                 try:
                     train(directory)
-                except BaseException:
+                except BaseException as e:
+                    print(f"failed {e!r}", flush=True)
                     traceback.print_exc()
                 os._exit(1)
         elif command == "reap":

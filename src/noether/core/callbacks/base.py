@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from pydantic import PositiveInt, model_validator
@@ -84,5 +85,7 @@ class CallbackBase:
     def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
         """Restore large state kept in files of its own (e.g. EMA weights) from checkpoint_tag."""
 
-    def save_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
-        """Write large state of its own under checkpoint_tag (interrupt and error checkpoints)."""
+    def checkpoint_files(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
+        """Files of large state of its own (e.g. EMA weights) to write with every trainer checkpoint,
+        as {path: payload}; the trainer writes them as part of the checkpoint's all-or-nothing set."""
+        return {}

@@ -300,9 +300,11 @@ class BaseTrainer:
         """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
         large state of their own (EMA weights), so that every checkpoint resumes exactly."""
         context = self.context
-        self._dispatch("save_checkpoint", checkpoint_tag=tag, update_counter=counter)
         if not context.is_main_process:
             return
+        callback_files: dict[Path, dict[str, Any]] = {}
+        for callback in self.all_callbacks():
+            callback_files.update(callback.checkpoint_files(checkpoint_tag=tag, update_counter=counter))
         files = model_checkpoint_payloads(
             context.paths,
             context.model,
@@ -314,7 +316,7 @@ class BaseTrainer:
             save_frozen_weights=save_frozen_weights,
         )
         trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
-        self.checkpoint_sets.save(files, trainer_file, self.trainer_state(counter, tag))
+        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag))
 
     def trainer_state(self, counter: UpdateCounter, tag: str) -> dict[str, Any]:
         callback_states = {}

@@ -71,7 +71,6 @@ class EmaCallback(PeriodicCallback):
             ]
             for factor in self.target_factors
         }
-        self._written_this_step: tuple[int, set[str]] = (-1, set())
 
     def get_children(self) -> list[CallbackBase]:
         """All children, in the order they are dispatched, so their data is served by the shared loader."""
@@ -120,8 +119,8 @@ class EmaCallback(PeriodicCallback):
         for child in self.get_children():
             child.after_training(update_counter=update_counter, **kwargs)
 
-    def save_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
-        self._save(checkpoint_tag, update_counter)
+    def checkpoint_files(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
+        return self._payloads(checkpoint_tag, update_counter)
 
     def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
         """Load the EMA of the resumed iteration, else the later of `latest` and `last`, else keep the live weights.
@@ -194,21 +193,22 @@ class EmaCallback(PeriodicCallback):
         return self.context.model.name if path is None else f"{self.context.model.name}.{path}"
 
     def _save(self, tag: str, update_counter: UpdateCounter) -> None:
-        """Write every EMA under `tag`, once per step even if asked twice (own schedule and trainer checkpoint)."""
-        step, written = self._written_this_step
-        if step != update_counter.update:
-            self._written_this_step = step, written = update_counter.update, set()
-        if tag in written or not self.context.is_main_process:
-            return
-        written.add(tag)
-        run_id, writer = self.context.paths.run_id, self.context.checkpoint_writer
+        """Write every EMA under `tag` on its own schedule (checkpoints of the trainer include them anyway)."""
+        if self.context.is_main_process:
+            for file, payload in self._payloads(tag, update_counter).items():
+                self.context.checkpoint_writer.save(file, payload)
+
+    def _payloads(self, tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
+        run_id = self.context.paths.run_id
+        payloads = {}
         for path, ema in self.emas.items():
             module = ema.module
             for factor in self.target_factors:
                 payload = {"state_dict": ema.state_dict(factor), **stamp(tag, update_counter.cur_iteration, run_id)}
                 if isinstance(module, ModelBase):
                     payload["model_config"] = module.config.model_dump(mode="json")
-                writer.save(self._file(path, factor, tag), payload)
+                payloads[self._file(path, factor, tag)] = payload
+        return payloads
 
     @staticmethod
     def _written_at(files: list[Path], iteration: TrainingIteration) -> tuple[Path, dict[str, Any]] | None:
