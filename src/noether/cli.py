@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -43,7 +44,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"noether-train: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    print(paths.run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line rather than one per process
+        print(paths.run_dir)
     return 0
 
 

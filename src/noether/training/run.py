@@ -13,6 +13,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict
 
+from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
@@ -78,13 +79,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_logging(log_file: Path | None) -> None:
-    """Print to stdout and, for a run, append the same lines to its log.txt."""
+def configure_logging(log_file: Path | None, is_main_process: bool = True) -> None:
+    """Print to stdout and, for a run, append the same lines to its log.txt; other ranks print only warnings."""
     root = logging.getLogger("noether")
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.INFO if is_main_process else logging.WARNING)
+    if not is_main_process:
+        log_file = None
     root.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
@@ -94,7 +97,10 @@ def configure_logging(log_file: Path | None) -> None:
         root.addHandler(handler)
 
 
-def build_trainer(config: RunConfig, paths: PathProvider, log_writer: LogWriter) -> BaseTrainer:
+def build_trainer(
+    config: RunConfig, paths: PathProvider, log_writer: LogWriter, setup: distributed.DistributedSetup | None = None
+) -> BaseTrainer:
+    setup = setup or distributed.DistributedSetup(rank=0, world_size=1, device=config.device)
     seed_everything(config.seed)
     data = DataContainer({key: type(c).configured_class()(c) for key, c in config.datasets.items()})
     context = CallbackContext(
@@ -105,27 +111,42 @@ def build_trainer(config: RunConfig, paths: PathProvider, log_writer: LogWriter)
         log_writer=log_writer,
         metric_properties=MetricPropertyProvider(config.metric_higher_is_better),
         checkpoint_writer=CheckpointWriter(asynchronous=config.async_checkpoints),
+        rank=setup.rank,
+        world_size=setup.world_size,
     )
     trainer_class = type(config.trainer).configured_class()
-    return trainer_class(config.trainer, context, seed=config.seed, device=config.device)
+    return trainer_class(config.trainer, context, seed=config.seed, device=setup.device)
 
 
 def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str = "latest") -> PathProvider:
-    """Train a new run, or continue run `resume` (an id or a directory) from `checkpoint`."""
+    """Train a new run, or continue run `resume` (an id or a directory) from `checkpoint`.
+
+    Under torchrun every process calls this; rank 0 alone writes the run directory.
+    """
     config = parse_run_config(tree)
+    setup = distributed.setup(config.device)
+    try:
+        return _train(config, setup, resume, checkpoint)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str | None, checkpoint: str) -> PathProvider:
+    is_main = setup.rank == 0
     if resume is None:
-        paths = PathProvider(config.output_path, config.run_id or PathProvider.new_run_id())
+        paths = PathProvider(config.output_path, config.run_id or distributed.broadcast_from_main(PathProvider.new_run_id()))
         if paths.metrics_file.exists() or any(paths.checkpoint_dir.glob("*.th")):
             # a directory left by a start that failed on a config error holds nothing to protect
             raise ConfigError(f"run directory {paths.run_dir} already holds a run; use --resume to continue it")
     else:
         paths = PathProvider.for_existing_run(resume, config.output_path)
-    paths.create()
-    resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-    paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
-    configure_logging(paths.log_file)
-    log_writer = LogWriter(paths.metrics_file, paths.summary_file)
-    trainer = build_trainer(config, paths, log_writer)
+    if is_main:
+        paths.create()
+        resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+        paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
+    configure_logging(paths.log_file, is_main)
+    log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main)
+    trainer = build_trainer(config, paths, log_writer, setup)
     try:
         trainer.train(resume_tag=checkpoint if resume is not None else None)
     finally:
@@ -137,13 +158,17 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
     """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`."""
     config = parse_run_config(tree)
     paths = PathProvider.for_existing_run(run, config.output_path)
-    eval_dir = paths.run_dir / "eval"
-    eval_dir.mkdir(exist_ok=True)
-    configure_logging(None)
-    log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json")
-    trainer = build_trainer(config, paths, log_writer)
+    setup = distributed.setup(config.device)
     try:
-        trainer.evaluate(checkpoint)
+        eval_dir = paths.run_dir / "eval"
+        eval_dir.mkdir(exist_ok=True)
+        configure_logging(None, setup.rank == 0)
+        log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", setup.rank == 0)
+        trainer = build_trainer(config, paths, log_writer, setup)
+        try:
+            trainer.evaluate(checkpoint)
+        finally:
+            trainer.context.checkpoint_writer.close()
+        return log_writer.summary
     finally:
-        trainer.context.checkpoint_writer.close()
-    return log_writer.summary
+        distributed.teardown()

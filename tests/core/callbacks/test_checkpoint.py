@@ -34,7 +34,8 @@ def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_che
     latest = torch.load(paths.checkpoint_file("classifier", "latest", "trainer"), weights_only=True)
     assert latest["training_iteration"] == {"epoch": 1, "update": 16, "sample": 2048}
     assert {"callbacks", "rng_states", "grad_scaler"} <= set(latest)
-    assert set(latest["rng_states"]) >= {"python", "numpy", "torch"}
+    assert len(latest["rng_states"]) == 1  # one entry per process
+    assert set(latest["rng_states"][0]) >= {"python", "numpy", "torch"}
     last = torch.load(paths.checkpoint_file("classifier", "last", "optim"), weights_only=True)
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
     assert last["state_dict"]["state"][0]["step"] == 18

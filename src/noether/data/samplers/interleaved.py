@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from noether.core.config import ConfigError
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
 
@@ -52,8 +53,8 @@ class TrainingBatching:
 
     def __post_init__(self) -> None:
         if self.effective_batch_size % self.world_size:
-            raise ValueError(
-                f"effective_batch_size {self.effective_batch_size} does not divide over {self.world_size} processes"
+            raise ConfigError(
+                f"trainer.effective_batch_size: {self.effective_batch_size} does not divide over {self.world_size} processes"
             )
 
     @property

@@ -32,7 +32,8 @@ class OfflineLossCallback(PeriodicDataIteratorCallback):
         with trainer.autocast():
             losses = trainer.evaluation_step(trainer_model, batch)
         size = _batch_size(batch)
-        # one entry per sample, so that the mean over the dataset weights every sample equally
+        # one entry per sample, so that the mean over the dataset weights every sample equally; a batch
+        # mean stands for each of its samples, which is exact unless distributed padding is in the batch
         return {term: value.detach().float().expand(size) for term, value in losses.items()}
 
     def process_results(

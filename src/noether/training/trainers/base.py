@@ -18,6 +18,7 @@ import torch
 from pydantic import NonNegativeInt, PositiveInt, model_validator
 from torch.utils.data import DataLoader
 
+from noether.core import distributed
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.default import (
@@ -41,6 +42,7 @@ from noether.core.checkpointing import (
     stamp,
 )
 from noether.core.config import ConfigError, RegistryConfig, by_kind
+from noether.core.models.base import ModelBase
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
@@ -110,7 +112,8 @@ class BaseTrainer:
         raise NotImplementedError
 
     def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        """Losses of one batch without gradients, for offline loss callbacks."""
+        """Losses of one batch without gradients, for offline loss callbacks: scalars, or one value per
+        sample (exact dataset means also when distributed evaluation pads the last batch)."""
         return self.train_step(model, batch)
 
     def move_to_device(self, batch: Any) -> Any:
@@ -136,6 +139,7 @@ class BaseTrainer:
         model.initialize_optimizers(counter.end_update)
         if resume_tag is not None:
             counter = self.load_checkpoint(resume_tag)
+        trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
         data_iter = iter(self._data_loader(counter))
@@ -146,7 +150,7 @@ class BaseTrainer:
         with self._stop_on_signals():
             try:
                 while not counter.is_finished and self.stop_requested is None:
-                    self._train_update(model, data_iter, counter)
+                    self._train_update(model, trainer_model, data_iter, counter)
                     self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     if counter.is_full_epoch:
@@ -155,6 +159,8 @@ class BaseTrainer:
                     self._write_pending_checkpoints(counter)
                     self.checkpoint_sets.commit_written()
                     self.context.checkpoint_writer.check()
+                    if distributed.any_rank(self.stop_requested is not None, self.device) and self.stop_requested is None:
+                        self.stop_requested = "a signal to another process"
                 if self.stop_requested is not None and not counter.is_finished:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
@@ -168,11 +174,19 @@ class BaseTrainer:
         self.checkpoint_sets.finish()
         return counter
 
-    def _train_update(self, model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
+    def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
+        """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself."""
+        if not distributed.is_distributed():
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    def _train_update(self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
         """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
         model.set_learning_rates(counter.update)
         local_batch_size = self.batching.local_batch_size
-        for _ in range(self.batching.accumulation_steps):
+        steps = self.batching.accumulation_steps
+        for step in range(steps):
             dataset_key, batch = next(data_iter)
             if dataset_key != TRAIN_KEY:
                 raise RuntimeError(
@@ -180,10 +194,13 @@ class BaseTrainer:
                     "scheduled was not consumed (a parent lists a child in get_children() but did not dispatch it)"
                 )
             batch = self.move_to_device(batch)
-            with self.autocast():
-                losses = self.train_step(model, batch)
-            weight = _batch_length(batch) / local_batch_size
-            self.grad_scaler.scale(losses["total"] * weight).backward()
+            # gradients are averaged over processes once per update, on its last micro-batch
+            synchronize = step == steps - 1 or trainer_model is model
+            with contextlib.nullcontext() if synchronize else trainer_model.no_sync():
+                with self.autocast():
+                    losses = self.train_step(trainer_model, batch)
+                weight = _batch_length(batch) / local_batch_size
+                self.grad_scaler.scale(losses["total"] * weight).backward()
             self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
         model.optimizer_step(self.grad_scaler if self.grad_scaler.is_enabled() else None)
         if self.grad_scaler.is_enabled():
@@ -296,10 +313,16 @@ class BaseTrainer:
         save_optim: bool = True,
         model_names: list[str] | None = None,
         save_frozen_weights: bool = False,
+        all_ranks: bool = True,
     ) -> None:
         """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
-        large state of their own (EMA weights), so that every checkpoint resumes exactly."""
+        large state of their own (EMA weights), so that every checkpoint resumes exactly.
+
+        Every rank calls it (`all_ranks`) to contribute its RNG state, except after an error that may
+        have hit one rank alone; rank 0 writes.
+        """
         context = self.context
+        rng_states = distributed.gather_to_all(capture_rng_states()) if all_ranks else [capture_rng_states()]
         if not context.is_main_process:
             return
         callback_files: dict[Path, dict[str, Any]] = {}
@@ -316,9 +339,9 @@ class BaseTrainer:
             save_frozen_weights=save_frozen_weights,
         )
         trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
-        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag))
+        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag, rng_states))
 
-    def trainer_state(self, counter: UpdateCounter, tag: str) -> dict[str, Any]:
+    def trainer_state(self, counter: UpdateCounter, tag: str, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         callback_states = {}
         for callback in self.all_callbacks():
             state = callback.state_dict()
@@ -327,7 +350,7 @@ class BaseTrainer:
         return {
             **stamp(tag, counter.cur_iteration, self.context.paths.run_id),
             "callbacks": callback_states,
-            "rng_states": capture_rng_states(),
+            "rng_states": rng_states,
             "grad_scaler": self.grad_scaler.state_dict(),
             "metrics_file_size": _file_size(self.context.log_writer.metrics_file),
         }
@@ -339,7 +362,9 @@ class BaseTrainer:
         counter says where it continues.
         """
         paths = self.context.paths
-        recover_checkpoint_sets(paths.checkpoint_dir)
+        if self.context.is_main_process:
+            recover_checkpoint_sets(paths.checkpoint_dir)
+        distributed.barrier()
         state_file = paths.checkpoint_file(self.context.model.name, tag, "trainer")
         if not state_file.exists():
             raise CheckpointLoadError(f"no checkpoint '{tag}' to resume from: {state_file} does not exist")
@@ -357,7 +382,11 @@ class BaseTrainer:
                 logger.warning(f"checkpoint '{tag}' has no state for callback '{callback.state_key}'; it starts fresh")
         for orphan in saved_states:
             logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have; it is ignored")
-        restore_rng_states(state["rng_states"])
+        rng_states = state["rng_states"]
+        if len(rng_states) != self.context.world_size:
+            logger.warning(f"checkpoint '{tag}' was written by {len(rng_states)} process(es), this run has {self.context.world_size}: "
+                           "random states are taken from rank 0, so the run will not continue exactly")
+        restore_rng_states(rng_states[self.context.rank] if self.context.rank < len(rng_states) else rng_states[0])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self.context.is_main_process:
             _forget_metrics_after(self.context.log_writer.metrics_file, state["metrics_file_size"])
@@ -369,7 +398,7 @@ class BaseTrainer:
         try:
             if not isinstance(error, KeyboardInterrupt):
                 tag = f"{counter.cur_iteration}.error"
-                self.save_checkpoint(tag, counter)
+                self.save_checkpoint(tag, counter, all_ranks=False)
                 logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
             self.checkpoint_sets.finish()
         except Exception as save_error:  # noqa: BLE001 - the original error matters more

@@ -17,5 +17,8 @@ class ClassificationTrainer(BaseTrainer):
     config: ClassificationTrainerConfig
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"total": self.evaluation_step(model, batch)["total"].mean()}
+
+    def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = model(batch[self.config.input_key])
-        return {"total": F.cross_entropy(logits.float(), batch[self.config.target_key])}
+        return {"total": F.cross_entropy(logits.float(), batch[self.config.target_key], reduction="none")}
