@@ -65,6 +65,9 @@ class MultiTermClassificationTrainer(ClassificationTrainer):
         cross_entropy = torch.nn.functional.cross_entropy(logits, batch["y"])
         return {"total": cross_entropy, "cross_entropy": cross_entropy, "logit_norm": logits.norm(dim=-1).mean()}
 
+    def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.train_step(model, batch)  # batch means: the offline loss weights them by batch size
+
 
 class ForwardingParentCallbackConfig(CallBackBaseConfig):
     eval_callbacks: list[by_kind(CallBackBaseConfig)] = []

@@ -17,8 +17,11 @@ class ClassificationTrainer(BaseTrainer):
     config: ClassificationTrainerConfig
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"total": self.evaluation_step(model, batch)["total"].mean()}
+        return {"total": self.cross_entropy_per_sample(model, batch).mean()}
 
     def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"total": self.cross_entropy_per_sample(model, batch)}
+
+    def cross_entropy_per_sample(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch[self.config.input_key])
-        return {"total": F.cross_entropy(logits.float(), batch[self.config.target_key], reduction="none")}
+        return F.cross_entropy(logits.float(), batch[self.config.target_key], reduction="none")
