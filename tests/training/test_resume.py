@@ -185,11 +185,6 @@ def replace_by_later_checkpoint(path: Path) -> None:
             "model",
             "checkpoint file is truncated or corrupt: {path}",
             id="truncated",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="checkpoint_writer.load_checkpoint reports the OSError torch raises for some truncated files "
-                "as 'cannot read checkpoint file ...: Invalid argument'",
-            ),
         ),
         pytest.param(write_foreign_object, "model", "refusing to load {path}: it is not a plain tensor checkpoint", id="foreign-object"),
         pytest.param(

@@ -21,7 +21,7 @@ import torch
 from noether.core.models.base import Model, ModelBase, select_models
 from noether.core.providers.path import PathProvider
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriter, load_checkpoint
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter, load_checkpoint
 
 STAGED_SUFFIX = ".staged"
 TRAINER_STATE_KEYS = ("training_iteration", "callbacks", "rng_states", "grad_scaler", "metrics_file_size")
@@ -107,40 +107,31 @@ def staged_path(path: Path) -> Path:
 class CheckpointSetWriter:
     """Writes checkpoint sets so that the files under a tag always belong to one complete set.
 
-    The files of a set are staged under hidden names, the trainer state last. The writer thread
-    writes in order, so once the staged trainer state exists the whole set does, and `commit_written`
-    moves it under the final names. Until then the previous set under that tag stays untouched.
+    The files of a set are staged under hidden names, the trainer state last, and the writer
+    thread, once it has written them all, moves them under the final names (trainer state last).
+    Until then the previous set under that tag stays untouched; the training loop never waits.
     """
 
     def __init__(self, writer: CheckpointWriter) -> None:
         self.writer = writer
-        # staged sets not yet under their final names: trainer state file -> the set's other files
-        self.uncommitted: dict[Path, list[Path]] = {}
 
     def save(self, files: dict[Path, dict[str, Any]], trainer_file: Path, trainer_state: dict[str, Any]) -> None:
-        if trainer_file in self.uncommitted:
-            # the previous set under this tag must be in place before its staged names are reused
-            self.writer.wait()
-            self.commit_written()
         for path, payload in files.items():
             self.writer.save(staged_path(path), payload)
         self.writer.save(staged_path(trainer_file), {**trainer_state, "files": [path.name for path in files]})
-        self.uncommitted[trainer_file] = list(files)
-
-    def commit_written(self) -> None:
-        """Move every set whose files are all written under the final names."""
-        written = [trainer_file for trainer_file in self.uncommitted if staged_path(trainer_file).exists()]
-        if written:
-            # a write of the set that failed did so before its trainer state was written: raise it
-            # now rather than move an incomplete set into place
-            self.writer.check()
-        for trainer_file in written:
-            _commit(trainer_file, self.uncommitted.pop(trainer_file))
+        self.writer.call_after_writes(lambda: _commit_complete(trainer_file, list(files)))
 
     def finish(self) -> None:
-        """Wait for every pending write and commit everything."""
+        """Wait until every set is written and under its final names."""
         self.writer.wait()
-        self.commit_written()
+
+
+def _commit_complete(trainer_file: Path, files: list[Path]) -> None:
+    """Move a staged set into place if every file of it was written; a failed write was reported already."""
+    missing = [path.name for path in [*files, trainer_file] if not staged_path(path).exists()]
+    if missing:
+        raise CheckpointWriteError(f"checkpoint set of {trainer_file.name} left incomplete (no {', '.join(missing)}); not moved into place")
+    _commit(trainer_file, files)
 
 
 def recover_checkpoint_sets(checkpoint_dir: Path) -> None:
@@ -231,11 +222,12 @@ def _load_stamped(path: Path, expected_iteration: TrainingIteration | None) -> d
 
 # --------------------------------------------------------------------------------- RNG
 def capture_rng_states() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states; the long integer states as tensors, cheap to snapshot."""
     python_version, python_state, python_gauss = random.getstate()
-    numpy_state = np.random.get_state()
+    numpy_name, numpy_keys, *numpy_rest = np.random.get_state()
     states = {
-        "python": [python_version, list(python_state), python_gauss],
-        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "python": [python_version, torch.tensor(python_state, dtype=torch.int64), python_gauss],
+        "numpy": [numpy_name, torch.from_numpy(numpy_keys.astype(np.int64)), *numpy_rest],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -245,9 +237,9 @@ def capture_rng_states() -> dict[str, Any]:
 
 def restore_rng_states(states: dict[str, Any]) -> None:
     python_version, python_state, python_gauss = states["python"]
-    random.setstate((python_version, tuple(python_state), python_gauss))
+    random.setstate((python_version, tuple(python_state.tolist()), python_gauss))
     name, keys, *rest = states["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -2,6 +2,7 @@ import os
 import pickle
 import random
 import re
+import threading
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_payload_is_snapshotted_when_save_returns(tmp_path):
 def test_repeated_saves_reuse_buffers_and_last_wins(tmp_path):
     weights = torch.zeros(256, 256)
     path = tmp_path / "cp=latest_model.th"
-    with CheckpointWriter(max_pending=2) as writer:
+    with CheckpointWriter(max_pending_bytes=2 * weights.numel() * weights.element_size()) as writer:
         pointers = set()
         for step in range(5):
             weights.fill_(step)
@@ -146,14 +147,45 @@ def test_failed_write_is_reported_and_keeps_previous_file(tmp_path, asynchronous
 
 
 def test_background_error_surfaces_from_next_save(tmp_path):
-    with CheckpointWriter(max_pending=1) as writer:
+    with CheckpointWriter() as writer:
         writer.save(tmp_path / "missing_dir" / "a.th", {"step": 1})
-        writer.save(tmp_path / "b.th", {"step": 2})  # waits until the first write failed
+        writer.save(tmp_path / "b.th", {"step": 2})
+        written = threading.Event()
+        writer.call_after_writes(written.set)
+        assert written.wait(30)
         with pytest.raises(CheckpointWriteError, match="missing_dir"):
             writer.save(tmp_path / "c.th", {"step": 3})
         writer.save(tmp_path / "c.th", {"step": 3})  # reported once, then the writer goes on
     assert load_checkpoint(tmp_path / "b.th") == {"step": 2}
     assert load_checkpoint(tmp_path / "c.th") == {"step": 3}
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_actions_run_after_the_writes_before_them_and_report_errors(tmp_path, asynchronous):
+    seen = []
+    with CheckpointWriter(asynchronous=asynchronous) as writer:
+        writer.save(tmp_path / "a.th", {"step": 1})
+        writer.call_after_writes(lambda: seen.append(load_checkpoint(tmp_path / "a.th")["step"]))
+        writer.wait()
+        assert seen == [1]
+
+        def fail() -> None:
+            raise OSError("disk gone")
+
+        with pytest.raises(CheckpointWriteError, match="disk gone"):
+            writer.call_after_writes(fail)
+            writer.wait()
+
+
+def test_bytes_in_flight_are_bounded(tmp_path):
+    weights = torch.zeros(64, 1024)  # 256 KiB
+    with CheckpointWriter(max_pending_bytes=weights.numel() * weights.element_size()) as writer:
+        for step in range(6):
+            writer.save(tmp_path / f"cp=S{step}_model.th", {"weights": weights})
+            # one payload fills the budget: the next save waited until the previous one was written
+            assert writer._pending_bytes <= writer.max_pending_bytes
+        assert len(next(iter(writer._pool.values()))) == 1
+    assert len(list(tmp_path.glob("cp=S*_model.th"))) == 6
 
 
 def test_closed_writer_refuses_saves(tmp_path):

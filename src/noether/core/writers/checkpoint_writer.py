@@ -62,7 +62,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointLoadError(f"checkpoint file not found: {path}") from None
-    except OSError as e:
+    except (PermissionError, IsADirectoryError) as e:
         raise CheckpointLoadError(f"cannot read checkpoint file {path}: {e.strerror}") from e
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
@@ -113,8 +113,9 @@ class CheckpointWriter:
     Every file is written atomically (see the module docstring). With ``asynchronous=True``,
     ``save`` copies the tensors into host buffers that are reused by later saves of a payload with
     the same tensor structure, and a single background thread writes the files in submission order.
-    At most ``max_pending`` writes are in flight; a further ``save`` waits for a slot, which bounds
-    the host memory to ``max_pending`` buffer sets per structure.
+    At most ``max_pending_bytes`` of tensor data are in flight (a larger single payload goes alone);
+    a further ``save`` waits, which bounds the host memory the buffers take. ``call_after_writes``
+    queues an action behind the pending writes (e.g. renaming a complete set of files into place).
 
     A background write that fails is raised as CheckpointWriteError by the next ``check``, ``save``,
     ``wait`` or ``close``. Writes still pending when the interpreter exits are completed then.
@@ -124,13 +125,14 @@ class CheckpointWriter:
     process that no longer exists are touched.
     """
 
-    def __init__(self, asynchronous: bool = True, max_pending: int = 2) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {max_pending}")
+    def __init__(self, asynchronous: bool = True, max_pending_bytes: int = 4 * 2**30) -> None:
+        if max_pending_bytes < 1:
+            raise ValueError(f"max_pending_bytes must be positive, got {max_pending_bytes}")
         self.asynchronous = asynchronous
-        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._cond = threading.Condition()
-        self._pending = 0
+        self._pending = 0  # queued jobs, writes and actions
+        self._pending_bytes = 0
         self._error: CheckpointWriteError | None = None
         self._closed = False
         # buffer sets by tensor structure, least recently used first; only the caller's thread
@@ -146,7 +148,7 @@ class CheckpointWriter:
     def save(self, path: str | os.PathLike, payload: dict) -> None:
         """Writes ``payload`` to ``path``; the payload may be modified as soon as this returns.
 
-        Blocks while ``max_pending`` writes are in flight.
+        Blocks while too many bytes are in flight.
         """
         self.check()
         if self._closed:
@@ -155,19 +157,32 @@ class CheckpointWriter:
         if not self.asynchronous:
             self._write(path, payload)
             return
+        sources = _unique_tensors(payload)
+        size = sum(t.numel() * t.element_size() for t in sources.values())
         with self._cond:
-            while self._pending >= self.max_pending:
+            while self._pending_bytes and self._pending_bytes + size > self.max_pending_bytes:
                 self._cond.wait()
             self._pending += 1
+            self._pending_bytes += size
         buffers = None
         try:
-            sources = _unique_tensors(payload)
             buffers = self._take_buffers(list(sources.values()))
             snapshot = _snapshot(payload, sources, buffers.tensors)
         except BaseException:
-            self._finish(buffers)
+            self._finish(buffers, size)
             raise
-        self._queue.put((path, snapshot, buffers))
+        self._queue.put((path, snapshot, buffers, size))
+
+    def call_after_writes(self, action: Callable[[], None]) -> None:
+        """Runs ``action`` once every earlier save is written (at once when synchronous); an error it
+        raises is reported like a failed write. ``wait`` waits for it too."""
+        self.check()
+        if not self.asynchronous:
+            self._run_action(action)
+            return
+        with self._cond:
+            self._pending += 1
+        self._queue.put((action,))
 
     def check(self) -> None:
         """Raises the first error a background write hit since the last check."""
@@ -215,8 +230,7 @@ class CheckpointWriter:
                 if not buffer_set.busy:
                     buffer_set.busy = True
                     return buffer_set
-        # Since save() holds a slot, fewer than max_pending sets are busy: a structure never needs
-        # more than max_pending sets.
+        # as many sets as writes of this structure are in flight at once, bounded by max_pending_bytes
         buffer_set = _BufferSet(
             [torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in structure]
         )
@@ -225,23 +239,42 @@ class CheckpointWriter:
 
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
-            path, snapshot, buffers = job
+            if len(job) == 1:
+                try:
+                    self._run_action(job[0])
+                finally:
+                    self._finish(None, 0)
+                continue
+            path, snapshot, buffers, size = job
             try:
                 self._write(path, snapshot)
             except CheckpointWriteError as e:
-                with self._cond:
-                    if self._error is None:
-                        self._error = e
+                self._record(e)
             finally:
                 del job, snapshot  # do not keep the payload alive while idle
-                self._finish(buffers)
+                self._finish(buffers, size)
 
-    def _finish(self, buffers: _BufferSet | None) -> None:
-        """Frees a write slot (and its buffers) and wakes up whoever waits for one."""
+    def _run_action(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as e:
+            error = e if isinstance(e, CheckpointWriteError) else CheckpointWriteError(f"checkpoint action failed: {e}")
+            if not self.asynchronous:
+                raise error from e
+            self._record(error)
+
+    def _record(self, error: CheckpointWriteError) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = error
+
+    def _finish(self, buffers: _BufferSet | None, size: int) -> None:
+        """Frees a job's bytes (and its buffers) and wakes up whoever waits."""
         with self._cond:
             if buffers is not None:
                 buffers.busy = False
             self._pending -= 1
+            self._pending_bytes -= size
             self._cond.notify_all()
 
     def _write(self, path: Path, payload: dict) -> None:

@@ -157,7 +157,6 @@ class BaseTrainer:
                         self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
-                    self.checkpoint_sets.commit_written()
                     self.context.checkpoint_writer.check()
                     if distributed.any_rank(self.stop_requested is not None, self.device) and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"

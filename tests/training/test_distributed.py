@@ -1,0 +1,271 @@
+"""Training under torchrun: real two-process CPU runs (gloo) of `noether-train`, compared with a single
+process that uses the same effective batch size, and stopped by signals, failures and bad configs.
+
+Each torchrun start costs seconds, so every run here is the tiny digits example, and the runs that
+several tests inspect are module fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from noether.core.providers.path import PathProvider
+from noether.examples.digits import DigitsDataset, DigitsDatasetConfig
+from noether.training.run import train
+from tests.conftest import cli_command, cli_env, tiny_config
+
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+RUN_TIMEOUT_SECONDS = 120
+# summation order differs between one process and two (gradients averaged by all-reduce), nothing else
+TOLERANCE = 1e-6
+
+VALIDATION_LOSS = {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}
+VALIDATION_ACCURACY = {"kind": "noether.training.callbacks.AccuracyCallback", "every_n_epochs": 1, "dataset_key": "val"}
+BEST = {
+    "kind": "noether.core.callbacks.BestCheckpointCallback",
+    "every_n_epochs": 1,
+    "metric_key": "loss/val/total",
+    "tolerances": [0],
+    # evaluates each new best with a loader of its own, not the shared sampler
+    "eval_callbacks": [{"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "test"}],
+}
+EMA = {
+    "kind": "noether.core.callbacks.EmaCallback",
+    "every_n_epochs": 1,
+    "target_factors": [0.9],
+    "eval_callbacks": [VALIDATION_LOSS],
+}
+CHECKPOINT = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}
+
+
+def distributable_tree(output_path: Path, *extra_callbacks: dict[str, Any], dropout: float = 0.0) -> dict[str, Any]:
+    """18 updates of 128 samples, 2 micro-batches of 32 per rank under 2 processes (4 under one).
+
+    SGD, because Adam divides out the scale of the gradient and would hide gradients summed rather
+    than averaged over ranks.
+    """
+    tree = tiny_config(
+        output_path,
+        max_batch_size=32,
+        log_every_n_updates=3,
+        callbacks=[VALIDATION_LOSS, VALIDATION_ACCURACY, BEST, EMA, CHECKPOINT, *extra_callbacks],
+    )
+    tree["model"]["dropout"] = dropout
+    tree["model"]["optimizer"] = {"kind": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.01}
+    return tree
+
+
+def torchrun_command(config: Path, *args: str) -> list[str]:
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "--no-python", cli_command("noether-train"), str(config), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    return {**cli_env(), "OMP_NUM_THREADS": "1"}
+
+
+@contextlib.contextmanager
+def torchrun(config: Path, *args: str) -> Iterator[subprocess.Popen]:
+    """A two-process run. Whatever still runs at the end is stopped as a scheduler would stop it: SIGTERM to
+    torchrun, which passes it on to the workers and kills those that do not stop within 30 s."""
+    process = subprocess.Popen(
+        torchrun_command(config, *args), cwd=config.parent, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def run_torchrun(config: Path, *args: str) -> subprocess.CompletedProcess:
+    """A finished two-process run; a hang fails the test by the timeout."""
+    with torchrun(config, *args) as process:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_SECONDS)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def write_yaml(tree: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def metric_lines(paths: PathProvider) -> list[dict[str, float]]:
+    return [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
+
+
+def steps_logged(paths: PathProvider) -> list[tuple[int, int, int]]:
+    return [(line["epoch"], line["update"], line["sample"]) for line in metric_lines(paths)]
+
+
+def files_under(directory: Path) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*")}
+
+
+def load(path: Path) -> dict[str, Any]:
+    return torch.load(path, weights_only=True)
+
+
+def last_weights(paths: PathProvider) -> dict[str, torch.Tensor]:
+    return load(paths.checkpoint_file("classifier", "last", "model"))["state_dict"]
+
+
+def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(actual[key], expected[key]), key
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> PathProvider:
+    return train(distributable_tree(tmp_path_factory.mktemp("single")))
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> tuple[PathProvider, subprocess.CompletedProcess]:
+    """The same config under torchrun, with a run id that rank 0 generates."""
+    directory = tmp_path_factory.mktemp("two")
+    tree = distributable_tree(directory)
+    del tree["run_id"]
+    result = run_torchrun(write_yaml(tree, directory / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = Path(result.stdout.strip().splitlines()[-1])
+    return PathProvider(directory, run_dir.name), result
+
+
+def test_two_processes_train_the_weights_of_one_process_with_the_same_effective_batch_size(single_process, two_processes):
+    """Every model file (periodic, latest, last, best, EMA) holds the weights of the single-process run."""
+    paths, _ = two_processes
+    model_files = sorted(path.name for path in single_process.checkpoint_dir.glob("*_model.th"))
+    assert "classifier_ema=0.9_cp=last_model.th" in model_files and "classifier_cp=best_model.loss.val.total_model.th" in model_files
+
+    for name in model_files:
+        expected, actual = load(single_process.checkpoint_dir / name), load(paths.checkpoint_dir / name)
+        assert actual["training_iteration"] == expected["training_iteration"], name
+        for key, tensor in expected["state_dict"].items():
+            torch.testing.assert_close(actual["state_dict"][key], tensor, rtol=0, atol=TOLERANCE, msg=f"{name}: {key}")
+
+
+def test_evaluation_over_a_dataset_that_does_not_divide_over_the_ranks_matches_one_process(single_process, two_processes):
+    """Each rank evaluates half of val and test (269 samples each, so one is padded); the padding must
+    not count. Covers loaders served by the shared sampler (val, and the EMA's child) and a loader of
+    its own (the best model's child on test)."""
+    assert len(DigitsDataset(DigitsDatasetConfig(kind="noether.examples.digits.DigitsDataset", split="val"))) == 269
+    assert len(DigitsDataset(DigitsDatasetConfig(kind="noether.examples.digits.DigitsDataset", split="test"))) == 269
+    paths, _ = two_processes
+    expected_lines, actual_lines = metric_lines(single_process), metric_lines(paths)
+    assert len(actual_lines) == len(expected_lines)
+    evaluated = ("loss/val/total", "accuracy/val", "ema=0.9/loss/val/total", "best=loss.val.total/loss/test/total")
+    compared = set()
+    for expected, actual in zip(expected_lines, actual_lines):
+        assert actual.keys() == expected.keys()
+        for key in set(evaluated) & expected.keys():
+            assert actual[key] == pytest.approx(expected[key], abs=TOLERANCE), (expected["update"], key)
+            compared.add(key)
+    assert compared == set(evaluated)
+
+
+def test_rank_zero_alone_writes_the_run_directory(single_process, two_processes):
+    """The files of a single-process run and no others, no metrics line or log line written twice, the
+    run directory printed once."""
+    paths, result = two_processes
+    assert files_under(paths.run_dir) == files_under(single_process.run_dir)
+    assert result.stdout.splitlines().count(str(paths.run_dir)) == 1
+
+    assert steps_logged(paths) == steps_logged(single_process)
+    log_messages = [line.split(" ", 1)[1] for line in paths.log_file.read_text().splitlines()]
+    assert len(log_messages) == len(set(log_messages))
+    assert sum("training classifier:" in message for message in log_messages) == 1
+    assert "batch 128 = 2 x 32 x 2 process(es)" in log_messages[0]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_with_dropout(tmp_path_factory) -> PathProvider:
+    """Dropout masks from each rank's own random state, which differs between ranks."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    result = run_torchrun(write_yaml(rank_noise_tree(directory), directory / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return PathProvider(directory, "run")
+
+
+def rank_noise_tree(output_path: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
+    return distributable_tree(output_path, {"kind": "tests.support.distributed.RankNoiseCallback"}, *extra_callbacks, dropout=0.1)
+
+
+@pytest.mark.parametrize("receiver", ["torchrun", "rank 1"])
+def test_sigterm_stops_every_rank_at_the_same_update_and_the_run_resumes_exactly(tmp_path, uninterrupted_with_dropout, receiver):
+    """A scheduler's SIGTERM goes to torchrun, which passes it on to every worker; a SIGTERM to one
+    worker alone must stop the other at the same update too. Rank 0 logs what stopped it."""
+    ready_file = tmp_path / "update-11-done"
+    waiting = {"kind": "tests.support.distributed.WaitForSignalOnAnyRankCallback", "at_update": 11, "ready_file": str(ready_file)}
+    config = write_yaml(rank_noise_tree(tmp_path, waiting), tmp_path / "config.yaml")
+    with torchrun(config) as process:
+        rank_ready_files = [Path(f"{ready_file}.{rank}") for rank in range(2)]
+        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+        while not all(path.exists() for path in rank_ready_files) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if receiver == "torchrun":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.kill(int(rank_ready_files[1].read_text()), signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_SECONDS)
+
+    if receiver == "rank 1":  # torchrun itself reports a SIGTERM it received with an exit code of its own
+        assert process.returncode == 0, stdout + stderr
+    paths = PathProvider(tmp_path, "run")
+    assert stdout.strip().splitlines()[-1] == str(paths.run_dir), stdout + stderr  # rank 0 finished normally
+    stopped_by = "SIGTERM" if receiver == "torchrun" else "a signal to another process"
+    assert f"stopping on {stopped_by} after update 11" in paths.log_file.read_text()
+    tag = "E1_U11_S1408.signal_interrupt"
+    interrupt_state = load(paths.checkpoint_file("classifier", tag, "trainer"))
+    rank_0_rng, rank_1_rng = interrupt_state["rng_states"]  # both ranks took part in the save
+    assert not torch.equal(rank_0_rng["torch"], rank_1_rng["torch"])
+
+    resumed = run_torchrun(config, "--resume", "run", "--checkpoint", tag)
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_identical(last_weights(paths), last_weights(uninterrupted_with_dropout))
+    assert paths.metrics_file.read_text() == uninterrupted_with_dropout.metrics_file.read_text()
+
+
+def test_a_rank_that_fails_stops_the_whole_run_with_its_error(tmp_path):
+    """Rank 1 raises after update 5 while rank 0 waits for it in a collective: torchrun must exit with
+    the error instead of hanging (the timeout of `run_torchrun` fails the test on a hang)."""
+    failing = {"kind": "tests.support.distributed.FailOnRankCallback", "at_update": 5, "rank": 1}
+    config = write_yaml(distributable_tree(tmp_path, failing), tmp_path / "config.yaml")
+
+    result = run_torchrun(config)
+
+    assert result.returncode != 0
+    assert "RuntimeError: test failure on rank 1 after update 5" in result.stdout + result.stderr
+    paths = PathProvider(tmp_path, "run")
+    assert paths.checkpoint_file("classifier", "E0_U5_S640.error", "trainer").exists()  # rank 0 stopped at update 5
+    assert not paths.checkpoint_file("classifier", "last", "model").exists()
+
+
+def test_an_effective_batch_size_that_does_not_divide_over_the_ranks_is_a_one_line_config_error(tmp_path):
+    config = write_yaml(distributable_tree(tmp_path), tmp_path / "config.yaml")
+
+    result = run_torchrun(config, "trainer.effective_batch_size=127")
+
+    assert result.returncode != 0
+    worker_errors = [line for line in result.stderr.splitlines() if line.startswith(("noether-train:", "[rank"))]
+    # each worker ends with the message and no traceback (torchrun adds a report of its own)
+    assert worker_errors == ["noether-train: error: trainer.effective_batch_size: 127 does not divide over 2 processes"] * 2
+    assert not any(PathProvider(tmp_path, "run").checkpoint_dir.glob("*"))
