@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -36,17 +37,14 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="RUN", help="continue this run (id or directory)")
     parser.add_argument("--checkpoint", metavar="TAG", default="latest", help="checkpoint to resume from (default: latest)")
     arguments = parser.parse_args(argv)
-    config_path, overrides = _split_config_and_overrides(arguments.args)
-    try:
-        from noether.training.run import train
+    from noether.training.run import train
 
-        paths = train(load_yaml(config_path, overrides), resume=arguments.resume, checkpoint=arguments.checkpoint)
-    except USER_ERRORS as error:
-        print(f"noether-train: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line rather than one per process
-        print(paths.run_dir)
-    return 0
+    def train_and_print() -> None:
+        paths = train(_load_config(arguments.args), resume=arguments.resume, checkpoint=arguments.checkpoint)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line rather than one per process
+            print(paths.run_dir)
+
+    return _report_user_errors(parser.prog, train_and_print)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -55,14 +53,26 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, metavar="RUN", help="run id or directory")
     parser.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total")
     arguments = parser.parse_args(argv)
-    config_path, overrides = _split_config_and_overrides(arguments.args)
-    try:
-        from noether.training.run import evaluate
+    from noether.training.run import evaluate
 
-        summary = evaluate(load_yaml(config_path, overrides), run=arguments.run, checkpoint=arguments.checkpoint)
+    def evaluate_and_print() -> None:
+        summary = evaluate(_load_config(arguments.args), run=arguments.run, checkpoint=arguments.checkpoint)
+        for key, value in summary.items():
+            print(f"{key}: {value}")
+
+    return _report_user_errors(parser.prog, evaluate_and_print)
+
+
+def _load_config(positionals: list[str]) -> dict:
+    config_path, overrides = _split_config_and_overrides(positionals)
+    return load_yaml(config_path, overrides)
+
+
+def _report_user_errors(prog: str, command: Callable[[], None]) -> int:
+    """A user's mistake ends in one line on stderr and exit code 2, not a traceback."""
+    try:
+        command()
     except USER_ERRORS as error:
-        print(f"noether-eval: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    for key, value in summary.items():
-        print(f"{key}: {value}")
     return 0

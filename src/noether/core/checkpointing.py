@@ -55,38 +55,6 @@ def model_checkpoint_payloads(
     return payloads
 
 
-def save_model_checkpoint(
-    writer: CheckpointWriter,
-    paths: PathProvider,
-    model: ModelBase,
-    tag: str,
-    iteration: TrainingIteration,
-    *,
-    save_weights: bool = True,
-    save_optim: bool = False,
-    model_names: list[str] | None = None,
-    save_frozen_weights: bool = False,
-) -> list[str]:
-    """Write weights (and optimizer states) under `tag` directly, file by file; returns the file names.
-
-    For checkpoints that are not resumed from (e.g. the best model); the trainer's own checkpoints
-    go through a CheckpointSetWriter.
-    """
-    payloads = model_checkpoint_payloads(
-        paths,
-        model,
-        tag,
-        iteration,
-        save_weights=save_weights,
-        save_optim=save_optim,
-        model_names=model_names,
-        save_frozen_weights=save_frozen_weights,
-    )
-    for path, payload in payloads.items():
-        writer.save(path, payload)
-    return [path.name for path in payloads]
-
-
 def model_payload(
     model: Model, state_dict: dict[str, torch.Tensor], tag: str, iteration: TrainingIteration, run_id: str
 ) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pydantic import NonNegativeInt, field_validator
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
-from noether.core.checkpointing import save_model_checkpoint
+from noether.core.checkpointing import model_checkpoint_payloads
 from noether.core.config import ConfigError, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
@@ -172,16 +172,19 @@ class BestCheckpointCallback(PeriodicCallback):
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
 
     def _save(self, tag: str, update_counter: UpdateCounter) -> None:
-        if self.context.is_main_process:
-            save_model_checkpoint(
-                self.context.checkpoint_writer,
-                self.context.paths,
-                self.context.model,
-                tag,
-                update_counter.cur_iteration,
-                model_names=self.model_names,
-                save_frozen_weights=self.save_frozen_weights,
-            )
+        if not self.context.is_main_process:
+            return
+        context = self.context
+        payloads = model_checkpoint_payloads(
+            context.paths,
+            context.model,
+            tag,
+            update_counter.cur_iteration,
+            model_names=self.model_names,
+            save_frozen_weights=self.save_frozen_weights,
+        )
+        for path, payload in payloads.items():
+            context.checkpoint_writer.save(path, payload)
 
     def _evaluate_children(self, update_counter: UpdateCounter) -> None:
         for child in self.eval_callbacks:
