@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from tests.conftest import cli_command, cli_env, tiny_config
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 RUN_TIMEOUT_SECONDS = 120
-# summation order differs between one process and two (gradients averaged by all-reduce), nothing else
+# one process and two differ only in the order of floating-point sums (micro-batches, all-reduce)
 TOLERANCE = 1e-6
 
 VALIDATION_LOSS = {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}
@@ -48,7 +49,12 @@ EMA = {
     "target_factors": [0.9],
     "eval_callbacks": [VALIDATION_LOSS],
 }
-CHECKPOINT = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}
+CHECKPOINT = {
+    "kind": "noether.core.callbacks.CheckpointCallback",
+    "every_n_epochs": 1,
+    "save_latest_weights": True,
+    "save_latest_optim": True,
+}
 
 
 def distributable_tree(output_path: Path, *extra_callbacks: dict[str, Any], dropout: float = 0.0) -> dict[str, Any]:
@@ -68,8 +74,11 @@ def distributable_tree(output_path: Path, *extra_callbacks: dict[str, Any], drop
     return tree
 
 
-def torchrun_command(config: Path, *args: str) -> list[str]:
-    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "--no-python", cli_command("noether-train"), str(config), *args]
+ONE_NODE_OF_TWO = ("--standalone", "--nproc_per_node", "2")
+
+
+def torchrun_command(config: Path, *args: str, launch: tuple[str, ...] = ONE_NODE_OF_TWO) -> list[str]:
+    return [str(TORCHRUN), *launch, "--no-python", cli_command("noether-train"), str(config), *args]
 
 
 def torchrun_env() -> dict[str, str]:
@@ -77,11 +86,16 @@ def torchrun_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def torchrun(config: Path, *args: str) -> Iterator[subprocess.Popen]:
-    """A two-process run. Whatever still runs at the end is stopped as a scheduler would stop it: SIGTERM to
-    torchrun, which passes it on to the workers and kills those that do not stop within 30 s."""
+def torchrun(config: Path, *args: str, launch: tuple[str, ...] = ONE_NODE_OF_TWO) -> Iterator[subprocess.Popen]:
+    """A run under torchrun. Whatever still runs at the end is stopped as a scheduler would stop it: SIGTERM
+    to torchrun, which passes it on to the workers and kills those that do not stop within 30 s."""
     process = subprocess.Popen(
-        torchrun_command(config, *args), cwd=config.parent, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        torchrun_command(config, *args, launch=launch),
+        cwd=config.parent,
+        env=torchrun_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         yield process
@@ -153,7 +167,8 @@ def test_two_processes_train_the_weights_of_one_process_with_the_same_effective_
     """Every model file (periodic, latest, last, best, EMA) holds the weights of the single-process run."""
     paths, _ = two_processes
     model_files = sorted(path.name for path in single_process.checkpoint_dir.glob("*_model.th"))
-    assert "classifier_ema=0.9_cp=last_model.th" in model_files and "classifier_cp=best_model.loss.val.total_model.th" in model_files
+    assert "classifier_ema=0.9_cp=last_model.th" in model_files
+    assert "classifier_cp=best_model.loss.val.total_model.th" in model_files
 
     for name in model_files:
         expected, actual = load(single_process.checkpoint_dir / name), load(paths.checkpoint_dir / name)
@@ -181,6 +196,13 @@ def test_evaluation_over_a_dataset_that_does_not_divide_over_the_ranks_matches_o
     assert compared == set(evaluated)
 
 
+def test_the_logged_training_loss_is_the_mean_over_every_rank(single_process, two_processes):
+    paths, _ = two_processes
+    for expected, actual in zip(metric_lines(single_process), metric_lines(paths)):
+        if "loss/online/total" in expected:
+            assert actual["loss/online/total"] == pytest.approx(expected["loss/online/total"], abs=TOLERANCE), expected["update"]
+
+
 def test_rank_zero_alone_writes_the_run_directory(single_process, two_processes):
     """The files of a single-process run and no others, no metrics line or log line written twice, the
     run directory printed once."""
@@ -193,6 +215,26 @@ def test_rank_zero_alone_writes_the_run_directory(single_process, two_processes)
     assert len(log_messages) == len(set(log_messages))
     assert sum("training classifier:" in message for message in log_messages) == 1
     assert "batch 128 = 2 x 32 x 2 process(es)" in log_messages[0]
+
+
+def test_two_nodes_of_one_process_each_train_as_one_node_of_two_processes(tmp_path, two_processes):
+    """Multi-node flags, both "nodes" on this machine: node 1's only process has local rank 0 but rank 1,
+    and must neither write nor print the run directory."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_yaml(distributable_tree(tmp_path), tmp_path / "config.yaml")
+    rendezvous = ("--nnodes", "2", "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port))
+    launches = [(*rendezvous, "--node_rank", str(node)) for node in range(2)]
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(torchrun(config, launch=launch)) for launch in launches]
+        outputs = [node.communicate(timeout=RUN_TIMEOUT_SECONDS) for node in nodes]
+
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    paths = PathProvider(tmp_path, "run")
+    assert outputs[0][0].strip().splitlines()[-1] == str(paths.run_dir)
+    assert str(paths.run_dir) not in outputs[1][0]
+    assert_identical(last_weights(paths), last_weights(two_processes[0]))
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +262,8 @@ def test_sigterm_stops_every_rank_at_the_same_update_and_the_run_resumes_exactly
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
         while not all(path.exists() for path in rank_ready_files) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
+        if not all(path.exists() for path in rank_ready_files):
+            pytest.fail("the run did not reach update 11:\n" + "".join(process.communicate(timeout=RUN_TIMEOUT_SECONDS)))
         if receiver == "torchrun":
             process.send_signal(signal.SIGTERM)
         else:

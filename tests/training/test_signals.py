@@ -128,7 +128,7 @@ def test_an_exception_in_the_training_step_writes_an_error_checkpoint(tmp_path):
     for path in checkpoint_parts(paths, "E0_U5_S640.error"):
         assert path.exists(), path.name
     state = torch.load(paths.checkpoint_file("classifier", "E0_U5_S640.error", "trainer"), weights_only=True)
-    assert state["callbacks"]["CountingCallback"] == {"count": 2}
+    assert state["callbacks"][0]["CountingCallback"] == {"count": 2}
 
 
 def test_two_stateful_callbacks_under_one_key_are_refused_at_start_up(tmp_path):
@@ -140,7 +140,7 @@ def test_two_stateful_callbacks_under_one_key_are_refused_at_start_up(tmp_path):
     tree["trainer"]["callbacks"][2]["id"] = "other_counter"
     paths = train(tree)  # the same run id: the failed start left nothing that needs protecting
     state = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
-    assert state["callbacks"]["counter"] == state["callbacks"]["other_counter"] == {"count": 9}
+    assert state["callbacks"][0]["counter"] == state["callbacks"][0]["other_counter"] == {"count": 9}
 
 
 def test_a_callback_sharing_the_key_of_a_default_callback_is_refused(tmp_path):

@@ -49,6 +49,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all ranks (the tensor itself without torchrun)."""
+    if not is_distributed():
+        return tensor
+    summed = tensor.clone()
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed
+
+
 def broadcast_from_main(value: Any) -> Any:
     """Rank 0's value on every rank (e.g. a generated run id)."""
     if not is_distributed():

@@ -317,11 +317,12 @@ class BaseTrainer:
         """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
         large state of their own (EMA weights), so that every checkpoint resumes exactly.
 
-        Every rank calls it (`all_ranks`) to contribute its RNG state, except after an error that may
-        have hit one rank alone; rank 0 writes.
+        Every rank calls it (`all_ranks`) to contribute its RNG and callback states, except after an
+        error that may have hit one rank alone; rank 0 writes.
         """
         context = self.context
-        rng_states = distributed.gather_to_all(capture_rng_states()) if all_ranks else [capture_rng_states()]
+        local_state = {"rng_states": capture_rng_states(), "callbacks": self.callback_states()}
+        rank_states = distributed.gather_to_all(local_state) if all_ranks else [local_state]
         if not context.is_main_process:
             return
         callback_files: dict[Path, dict[str, Any]] = {}
@@ -338,18 +339,22 @@ class BaseTrainer:
             save_frozen_weights=save_frozen_weights,
         )
         trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
-        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag, rng_states))
+        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag, rank_states))
 
-    def trainer_state(self, counter: UpdateCounter, tag: str, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-        callback_states = {}
+    def callback_states(self) -> dict[str, Any]:
+        states = {}
         for callback in self.all_callbacks():
             state = callback.state_dict()
             if state is not None:
-                callback_states[callback.state_key] = state
+                states[callback.state_key] = state
+        return states
+
+    def trainer_state(self, counter: UpdateCounter, tag: str, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a resume needs besides weights and optimizer state; RNG and callback states per rank."""
         return {
             **stamp(tag, counter.cur_iteration, self.context.paths.run_id),
-            "callbacks": callback_states,
-            "rng_states": rng_states,
+            "callbacks": [state["callbacks"] for state in rank_states],
+            "rng_states": [state["rng_states"] for state in rank_states],
             "grad_scaler": self.grad_scaler.state_dict(),
             "metrics_file_size": _file_size(self.context.log_writer.metrics_file),
         }
@@ -371,7 +376,12 @@ class BaseTrainer:
         iteration = TrainingIteration.from_dict(state["training_iteration"])
         load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
-        saved_states = dict(state["callbacks"])
+        saved_ranks = len(state["rng_states"])
+        if saved_ranks != self.context.world_size:
+            logger.warning(f"checkpoint '{tag}' was written by {saved_ranks} process(es), this run has {self.context.world_size}: "
+                           "random and callback states are taken from rank 0, so the run will not continue exactly")
+        rank = self.context.rank if self.context.rank < saved_ranks else 0
+        saved_states = dict(state["callbacks"][rank])
         for callback in self.all_callbacks():
             if callback.state_dict() is None:
                 continue
@@ -381,11 +391,7 @@ class BaseTrainer:
                 logger.warning(f"checkpoint '{tag}' has no state for callback '{callback.state_key}'; it starts fresh")
         for orphan in saved_states:
             logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have; it is ignored")
-        rng_states = state["rng_states"]
-        if len(rng_states) != self.context.world_size:
-            logger.warning(f"checkpoint '{tag}' was written by {len(rng_states)} process(es), this run has {self.context.world_size}: "
-                           "random states are taken from rank 0, so the run will not continue exactly")
-        restore_rng_states(rng_states[self.context.rank] if self.context.rank < len(rng_states) else rng_states[0])
+        restore_rng_states(state["rng_states"][rank])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self.context.is_main_process:
             _forget_metrics_after(self.context.log_writer.metrics_file, state["metrics_file_size"])
@@ -398,7 +404,8 @@ class BaseTrainer:
             if not isinstance(error, KeyboardInterrupt):
                 tag = f"{counter.cur_iteration}.error"
                 self.save_checkpoint(tag, counter, all_ranks=False)
-                logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
+                if self.context.is_main_process:
+                    logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
             self.checkpoint_sets.finish()
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
             logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
 from noether.core.utils.training.counter import UpdateCounter
@@ -37,7 +38,10 @@ class TrainingLossCallback(PeriodicCallback):
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval" or not self.step_count:
             return
-        for term, total in self.loss_sums.items():
+        # one collective for all terms: the mean over every rank's samples, not rank 0's alone
+        terms = list(self.loss_sums)
+        totals = distributed.sum_over_ranks(torch.stack([self.loss_sums[term] for term in terms])) / self.context.world_size
+        for term, total in zip(terms, totals):
             self.context.log_writer.add_scalar(f"loss/online/{term}", total / self.step_count)
         self.loss_sums, self.step_count = {}, 0
 
