@@ -84,9 +84,10 @@ class CheckpointSetWriter:
         self.writer = writer
 
     def save(self, files: dict[Path, dict[str, Any]], trainer_file: Path, trainer_state: dict[str, Any]) -> None:
+        # the commit's renames and directory sync make the set durable, not each staged file's
         for path, payload in files.items():
-            self.writer.save(staged_path(path), payload)
-        self.writer.save(staged_path(trainer_file), {**trainer_state, "files": [path.name for path in files]})
+            self.writer.save(staged_path(path), payload, sync_directory=False)
+        self.writer.save(staged_path(trainer_file), {**trainer_state, "files": [path.name for path in files]}, sync_directory=False)
         self.writer.call_after_writes(lambda: _commit_complete(trainer_file, list(files)))
 
     def finish(self) -> None:

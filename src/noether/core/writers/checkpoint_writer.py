@@ -145,17 +145,18 @@ class CheckpointWriter:
             self._thread.start()
             atexit.register(self.close)
 
-    def save(self, path: str | os.PathLike, payload: dict) -> None:
+    def save(self, path: str | os.PathLike, payload: dict, *, sync_directory: bool = True) -> None:
         """Writes ``payload`` to ``path``; the payload may be modified as soon as this returns.
 
-        Blocks while too many bytes are in flight.
+        Blocks while too many bytes are in flight. ``sync_directory=False`` skips making the rename
+        durable, for files that a later rename moves into place anyway (staged checkpoint sets).
         """
         self.check()
         if self._closed:
             raise RuntimeError("CheckpointWriter is closed")
         path = Path(path).absolute()  # the write may happen after the working directory changed
         if not self.asynchronous:
-            self._write(path, payload)
+            self._write(path, payload, sync_directory)
             return
         sources = _unique_tensors(payload)
         size = sum(t.numel() * t.element_size() for t in sources.values())
@@ -171,7 +172,7 @@ class CheckpointWriter:
         except BaseException:
             self._finish(buffers, size)
             raise
-        self._queue.put((path, snapshot, buffers, size))
+        self._queue.put((path, snapshot, buffers, size, sync_directory))
 
     def call_after_writes(self, action: Callable[[], None]) -> None:
         """Runs ``action`` once every earlier save is written (at once when synchronous); an error it
@@ -245,9 +246,9 @@ class CheckpointWriter:
                 finally:
                     self._finish(None, 0)
                 continue
-            path, snapshot, buffers, size = job
+            path, snapshot, buffers, size, sync_directory = job
             try:
-                self._write(path, snapshot)
+                self._write(path, snapshot, sync_directory)
             except CheckpointWriteError as e:
                 self._record(e)
             finally:
@@ -277,17 +278,17 @@ class CheckpointWriter:
             self._pending_bytes -= size
             self._cond.notify_all()
 
-    def _write(self, path: Path, payload: dict) -> None:
+    def _write(self, path: Path, payload: dict, sync_directory: bool) -> None:
         try:
             if path.parent not in self._swept_dirs:
                 _remove_stale_tmp_files(path.parent)
                 self._swept_dirs.add(path.parent)
-            _write_atomic(path, payload)
+            _write_atomic(path, payload, sync_directory)
         except Exception as e:
             raise CheckpointWriteError(f"could not write checkpoint {path}: {e}") from e
 
 
-def _write_atomic(path: Path, payload: dict) -> None:
+def _write_atomic(path: Path, payload: dict, sync_directory: bool) -> None:
     """Writes to a temporary file, makes it durable, then renames it over ``path``."""
     tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
     try:
@@ -301,7 +302,7 @@ def _write_atomic(path: Path, payload: dict) -> None:
             tmp.unlink()
         raise
     # makes the rename itself survive a power loss
-    if hasattr(os, "O_DIRECTORY"):
+    if sync_directory and hasattr(os, "O_DIRECTORY"):
         fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)

@@ -58,6 +58,7 @@ logger = logging.getLogger("noether.trainer")
 
 TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
 Precision = Literal["float32", "bfloat16", "float16"]
+PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step")
 
 
 class BaseTrainerConfig(RegistryConfig):
@@ -104,6 +105,7 @@ class BaseTrainer:
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
         self.pending_checkpoints: list[dict[str, Any]] = []
+        self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self.checkpoint_sets = CheckpointSetWriter(context.checkpoint_writer)
 
     # ----------------------------------------------------------------------------- the step
@@ -199,7 +201,8 @@ class BaseTrainer:
                 with self.autocast():
                     losses = self.train_step(trainer_model, batch)
                 weight = _batch_length(batch) / local_batch_size
-                self.grad_scaler.scale(losses["total"] * weight).backward()
+                loss = losses["total"] if weight == 1.0 else losses["total"] * weight
+                self.grad_scaler.scale(loss).backward()
             self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
         model.optimizer_step(self.grad_scaler if self.grad_scaler.is_enabled() else None)
         if self.grad_scaler.is_enabled():
@@ -262,19 +265,29 @@ class BaseTrainer:
     def _dispatch(self, hook: str, periodic_only: bool = False, **kwargs: Any) -> None:
         """Call `hook` on every callback in order; if some raise, the others still run, then the first error is raised."""
         first_error: BaseException | None = None
-        for callback in self.callbacks:
-            if periodic_only and not isinstance(callback, PeriodicCallback):
-                continue
-            try:
-                with torch.no_grad():
+        with torch.no_grad():
+            for callback in self._receivers(hook, periodic_only):
+                try:
                     getattr(callback, hook)(**kwargs)
-            except Exception as error:  # noqa: BLE001 - re-raised below once every callback had its turn
-                if first_error is None:
-                    first_error = error
-                else:
-                    logger.error(f"{callback.state_key}.{hook} also failed: {error!r}")
+                except Exception as error:  # noqa: BLE001 - re-raised below once every callback had its turn
+                    if first_error is None:
+                        first_error = error
+                    else:
+                        logger.error(f"{callback.state_key}.{hook} also failed: {error!r}")
         if first_error is not None:
             raise first_error
+
+    def _receivers(self, hook: str, periodic_only: bool) -> list[CallbackBase]:
+        """The callbacks a hook is dispatched to; per-step tracking hooks skip callbacks that leave them empty."""
+        key = (hook, periodic_only)
+        if key not in self._receivers_by_hook:
+            no_op = getattr(PeriodicCallback, hook) if hook in PER_STEP_HOOKS else None
+            self._receivers_by_hook[key] = [
+                callback
+                for callback in self.callbacks
+                if (not periodic_only or isinstance(callback, PeriodicCallback)) and getattr(type(callback), hook, None) is not no_op
+            ]
+        return self._receivers_by_hook[key]
 
     # ----------------------------------------------------------------------------- checkpoints
     def request_checkpoint(

@@ -17,7 +17,8 @@ class ClassificationTrainer(BaseTrainer):
     config: ClassificationTrainerConfig
 
     def train_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"total": self.cross_entropy_per_sample(model, batch).mean()}
+        logits = model(batch[self.config.input_key])
+        return {"total": F.cross_entropy(logits.float(), batch[self.config.target_key])}
 
     def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"total": self.cross_entropy_per_sample(model, batch)}

@@ -26,11 +26,10 @@ class TrainingLossCallback(PeriodicCallback):
 
     def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, torch.Tensor], weight: float, **kwargs: Any) -> None:
         for term, value in losses.items():
-            weighted = value.detach().float() * weight
             if term in self.loss_sums:
-                self.loss_sums[term] += weighted
+                self.loss_sums[term].add_(value.detach(), alpha=weight)
             else:
-                self.loss_sums[term] = weighted.clone()
+                self.loss_sums[term] = value.detach().float() * weight
 
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         self.step_count += 1
