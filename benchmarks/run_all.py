@@ -48,7 +48,7 @@ def run(quick: bool) -> dict[str, dict]:
         "ema_3_factors": lambda: ema_update.run(params, 3),
         "ema_idle_children": lambda: ema_idle_children.run(100 if quick else 300),
         "checkpoint": lambda: checkpoint_stall.run(params, repeats=3 if quick else 5),
-        "throughput_example": lambda: training_throughput.run("example", rounds=1 if quick else 3, epochs=epochs),
+        "throughput_example": lambda: training_throughput.run("example", rounds=1 if quick else 7, epochs=epochs),
         "throughput_large": lambda: training_throughput.run("large", rounds=1 if quick else 3, epochs=max(epochs // 2, 1)),
     }
     results = {}
