@@ -17,6 +17,7 @@ import itertools
 import os
 import pickle
 import re
+import shutil
 import socket
 import threading
 from collections import OrderedDict
@@ -185,6 +186,18 @@ class CheckpointWriter:
             self._pending += 1
         self._queue.put((action,))
 
+    def link(self, source: str | os.PathLike, path: str | os.PathLike) -> None:
+        """Makes ``path`` a second name of ``source`` once every earlier save is written, atomically
+        and without writing the bytes again (a copy where the filesystem has no hard links)."""
+        source, path = Path(source).absolute(), Path(path).absolute()
+        self.call_after_writes(lambda: self._link(source, path))
+
+    def _link(self, source: Path, path: Path) -> None:
+        try:
+            _link_atomic(source, path)
+        except Exception as e:
+            raise CheckpointWriteError(f"could not write checkpoint {path} as a link to {source.name}: {e}") from e
+
     def check(self) -> None:
         """Raises the first error a background write hit since the last check."""
         with self._cond:
@@ -302,8 +315,31 @@ def _write_atomic(path: Path, payload: dict, sync_directory: bool) -> None:
             tmp.unlink()
         raise
     # makes the rename itself survive a power loss
-    if sync_directory and hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if sync_directory:
+        _sync_directory(path.parent)
+
+
+def _link_atomic(source: Path, path: Path) -> None:
+    """A hard link (or, where links are not supported, a durable copy) of ``source``, renamed over ``path``."""
+    tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

@@ -110,10 +110,7 @@ class BestCheckpointCallback(PeriodicCallback):
         if self._is_better(value):
             self.best_metric_value = value
             self.tolerance_counter = 0
-            self._save(self.best_tag, update_counter)
-            for tolerance in self.tolerances:
-                if not self.tolerances_is_exceeded[tolerance]:
-                    self._save(self.tolerance_tag(tolerance), update_counter)
+            self._save(update_counter)
             self._evaluate_children(update_counter)
             return
         self.tolerance_counter += 1
@@ -171,20 +168,26 @@ class BestCheckpointCallback(PeriodicCallback):
     def _is_better(self, value: float) -> bool:
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
 
-    def _save(self, tag: str, update_counter: UpdateCounter) -> None:
+    def _save(self, update_counter: UpdateCounter) -> None:
+        """Write the new best, and link it under every tolerance not yet exceeded: the same bytes,
+        written once (their stamped `checkpoint_tag` is the best tag they were written under)."""
         if not self.context.is_main_process:
             return
         context = self.context
         payloads = model_checkpoint_payloads(
             context.paths,
             context.model,
-            tag,
+            self.best_tag,
             update_counter.cur_iteration,
             model_names=self.model_names,
             save_frozen_weights=self.save_frozen_weights,
         )
+        open_tolerances = [tolerance for tolerance in self.tolerances if not self.tolerances_is_exceeded[tolerance]]
         for path, payload in payloads.items():
             context.checkpoint_writer.save(path, payload)
+            for tolerance in open_tolerances:
+                tolerance_path = path.with_name(path.name.replace(f"_cp={self.best_tag}_", f"_cp={self.tolerance_tag(tolerance)}_"))
+                context.checkpoint_writer.link(path, tolerance_path)
 
     def _evaluate_children(self, update_counter: UpdateCounter) -> None:
         for child in self.eval_callbacks:
