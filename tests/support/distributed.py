@@ -59,7 +59,7 @@ class WaitForSignalOnAnyRankCallback(PeriodicCallback):
         trainer = self.context.trainer
         Path(f"{self.config.ready_file}.{self.context.rank}").write_text(str(os.getpid()))
         deadline = time.monotonic() + WAIT_LIMIT_SECONDS
-        while not distributed.any_rank(trainer.stop_requested is not None, trainer.device):
+        while not distributed.any_rank(trainer.stop_requested is not None):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no signal arrived within {WAIT_LIMIT_SECONDS} s")
             time.sleep(0.01)

@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+_cpu_group: dist.ProcessGroup | None = None  # None: the default group, when it is gloo itself
+
+
 @dataclass(frozen=True)
 class DistributedSetup:
     rank: int
@@ -31,8 +34,12 @@ def setup(device: str) -> DistributedSetup:
     if on_gpu:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
+    global _cpu_group
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if on_gpu else "gloo")
+    # flags and small Python objects (stop flag after every update, RNG states) go over the CPU,
+    # without GPU copies or synchronization
+    _cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return DistributedSetup(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
@@ -40,12 +47,15 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any: all ranks stop at the same update after a signal."""
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any: all ranks stop at the same update after a signal.
+
+    Runs on a CPU (gloo) group, so calling it after every update costs no GPU synchronization.
+    """
     if not is_distributed():
         return flag
-    tensor = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([1 if flag else 0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_cpu_group)
     return bool(tensor.item())
 
 
@@ -63,7 +73,7 @@ def broadcast_from_main(value: Any) -> Any:
     if not is_distributed():
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, group=_cpu_group)
     return holder[0]
 
 
@@ -72,7 +82,7 @@ def gather_to_all(value: Any) -> list[Any]:
     if not is_distributed():
         return [value]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    dist.all_gather_object(gathered, value, group=_cpu_group)
     return gathered
 
 
@@ -82,5 +92,7 @@ def barrier() -> None:
 
 
 def teardown() -> None:
+    global _cpu_group
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _cpu_group = None

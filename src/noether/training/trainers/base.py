@@ -160,7 +160,7 @@ class BaseTrainer:
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
                     self.context.checkpoint_writer.check()
-                    if distributed.any_rank(self.stop_requested is not None, self.device) and self.stop_requested is None:
+                    if distributed.any_rank(self.stop_requested is not None) and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
                 if self.stop_requested is not None and not counter.is_finished:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
