@@ -21,5 +21,3 @@ class DataContainer:
         except KeyError:
             raise UnknownDatasetKeyError(f"unknown dataset key '{key}'; known keys: {', '.join(sorted(self.datasets))}") from None
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.datasets

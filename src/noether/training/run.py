@@ -17,7 +17,7 @@ from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
-from noether.core.config import ConfigError, by_kind, validate_config
+from noether.core.config import ConfigError, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
@@ -102,7 +102,7 @@ def build_trainer(
 ) -> BaseTrainer:
     setup = setup or distributed.DistributedSetup(rank=0, world_size=1, device=config.device)
     seed_everything(config.seed)
-    data = DataContainer({key: type(c).configured_class()(c) for key, c in config.datasets.items()})
+    data = DataContainer({key: build(dataset_config) for key, dataset_config in config.datasets.items()})
     context = CallbackContext(
         trainer=None,  # set by the trainer itself
         model=build_model(config.model),

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noether.core.config import RegistryConfig
+from noether.core.config import RegistryConfig, build
 from noether.core.models.optimizer import OptimizerConfig
 
 
@@ -129,7 +129,7 @@ def select_models(model: ModelBase, model_names: list[str] | None) -> dict[str, 
 
 
 def build_model(model_config: ModelBaseConfig, **kwargs: Any) -> ModelBase:
-    model = type(model_config).configured_class()(model_config, **kwargs)
+    model = build(model_config, **kwargs)
     if not isinstance(model, ModelBase):
         raise TypeError(f"{model_config.kind} does not build a ModelBase")
     return model

@@ -39,11 +39,6 @@ class LogWriter:
     def with_prefix(self, prefix: str) -> PrefixedLogWriter:
         return PrefixedLogWriter(self, prefix)
 
-    def set_summary(self, key: str, value: float) -> None:
-        """Record a value for summary.json that is not a per-step metric (e.g. a best value)."""
-        self.summary[key] = float(value)
-        self._write_summary()
-
     def flush(self, update_counter: UpdateCounter) -> dict[str, float]:
         """Write the cached values as one metrics.jsonl line and clear the cache."""
         if not self.log_cache:
@@ -80,9 +75,6 @@ class PrefixedLogWriter:
 
     def add_scalar(self, key: str, value: float | torch.Tensor) -> None:
         self.parent.add_scalar(self.prefix + key, value)
-
-    def set_summary(self, key: str, value: float) -> None:
-        self.parent.set_summary(self.prefix + key, value)
 
     def with_prefix(self, prefix: str) -> PrefixedLogWriter:
         return PrefixedLogWriter(self, prefix)

@@ -41,7 +41,7 @@ from noether.core.checkpointing import (
     restore_rng_states,
     stamp,
 )
-from noether.core.config import ConfigError, RegistryConfig, by_kind
+from noether.core.config import ConfigError, RegistryConfig, build, by_kind
 from noether.core.models.base import ModelBase
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
@@ -252,7 +252,7 @@ class BaseTrainer:
             LearningRateCallback(LearningRateCallbackConfig(**schedule), self.context),
             ProgressCallback(ProgressCallbackConfig(**schedule), self.context),
         ]
-        configured = [type(config).configured_class()(config, self.context) for config in self.config.callbacks]
+        configured = [build(config, self.context) for config in self.config.callbacks]
         labelled = [(f"the default {type(callback).__name__}", callback) for callback in defaults]
         labelled += [(f"trainer.callbacks[{index}]", callback) for index, callback in enumerate(configured)]
         _check_state_keys(labelled)

@@ -10,7 +10,7 @@ from pydantic import NonNegativeInt, field_validator
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpointing import model_checkpoint_payloads
-from noether.core.config import ConfigError, by_kind
+from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
 from noether.core.utils.training.counter import UpdateCounter
@@ -74,7 +74,7 @@ class BestCheckpointCallback(PeriodicCallback):
         child_context = context.with_log_prefix(f"best={metric_tag(self.metric_key)}/")
         self.eval_callbacks: list[PeriodicCallback] = []
         for child_config in callback_config.eval_callbacks or []:
-            child = type(child_config).configured_class()(child_config, child_context)
+            child = build(child_config, child_context)
             if not isinstance(child, PeriodicCallback):
                 raise ConfigError(
                     f"{self.state_key}.eval_callbacks: {type(child).__name__} is not a periodic callback, "
