@@ -303,12 +303,36 @@ class CheckpointWriter:
 
 def _write_atomic(path: Path, payload: dict, sync_directory: bool) -> None:
     """Writes to a temporary file, makes it durable, then renames it over ``path``."""
-    tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
-    try:
+
+    def fill(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+
+    _replace_atomic(path, fill, sync_directory)
+
+
+def _link_atomic(source: Path, path: Path) -> None:
+    """A hard link (or, where links are not supported, a durable copy) of ``source``, renamed over ``path``."""
+
+    def fill(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+
+    _replace_atomic(path, fill, sync_directory=True)
+
+
+def _replace_atomic(path: Path, fill: Callable[[Path], None], sync_directory: bool) -> None:
+    """Lets ``fill`` create a hidden temporary file next to ``path``, then renames it over ``path``;
+    the temporary file is removed if anything fails."""
+    tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
+    try:
+        fill(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -317,24 +341,6 @@ def _write_atomic(path: Path, payload: dict, sync_directory: bool) -> None:
     # makes the rename itself survive a power loss
     if sync_directory:
         _sync_directory(path.parent)
-
-
-def _link_atomic(source: Path, path: Path) -> None:
-    """A hard link (or, where links are not supported, a durable copy) of ``source``, renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _sync_directory(path.parent)
 
 
 def _sync_directory(directory: Path) -> None:
