@@ -73,6 +73,8 @@ def _report_user_errors(prog: str, command: Callable[[], None]) -> int:
     try:
         command()
     except USER_ERRORS as error:
-        print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        # one write, so that the lines of processes sharing stderr (torchrun) do not interleave
+        sys.stderr.write(f"{prog}: error: {_one_line(error)}\n")
+        sys.stderr.flush()
         return 2
     return 0
