@@ -139,3 +139,14 @@ def test_a_replaced_file_is_deleted_and_other_names_of_it_keep_the_old_contents(
     assert hidden_files(tmp_path) == []
     assert os.stat(path).st_nlink == 1
     assert load_checkpoint(tmp_path / "kept_by_user.th")["checkpoint_tag"] == "tag0"
+
+
+def test_buffer_bytes_reports_the_host_memory_of_the_snapshot_buffers(tmp_path):
+    data = payload(0, size=256)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in data["state_dict"].values())
+    with CheckpointWriter() as writer:
+        assert writer.buffer_bytes == 0
+        for _ in range(3):  # reused, not grown, by saves of the same structure
+            writer.save(tmp_path / "cp=latest_model.th", data)
+            writer.wait()
+        assert writer.buffer_bytes == tensor_bytes

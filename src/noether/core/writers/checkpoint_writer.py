@@ -152,6 +152,7 @@ class CheckpointWriter:
         self._pool: OrderedDict[tuple, list[_BufferSet]] = OrderedDict()
         self._swept_dirs: set[Path] = set()
         self._replaced: list[Path] = []  # old files to delete once the writes that replaced them finished
+        self._copy_streams: dict[torch.device, Any] = {}  # per GPU, the side stream of device-to-host copies
         if asynchronous:
             self._queue: SimpleQueue = SimpleQueue()
             self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -183,11 +184,16 @@ class CheckpointWriter:
         buffers = None
         try:
             buffers = self._take_buffers(list(sources.values()))
-            snapshot = _snapshot(payload, sources, buffers.tensors)
+            snapshot, copied = _snapshot(payload, sources, buffers.tensors, self._copy_streams)
         except BaseException:
             self._finish(buffers, size)
             raise
-        self._queue.put((path, snapshot, buffers, size, sync_directory, fsync))
+        self._queue.put((path, snapshot, buffers, size, sync_directory, fsync, copied))
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Host memory held by the reusable snapshot buffers (pinned for GPU tensors)."""
+        return sum(t.numel() * t.element_size() for sets in self._pool.values() for buffer_set in sets for t in buffer_set.tensors)
 
     def call_after_writes(self, action: Callable[[], None]) -> None:
         """Runs ``action`` once every earlier save is written (at once when synchronous); an error it
@@ -283,11 +289,15 @@ class CheckpointWriter:
                 finally:
                     self._finish(None, 0)
             else:
-                path, snapshot, buffers, size, sync_directory, fsync = job
+                path, snapshot, buffers, size, sync_directory, fsync, copied = job
                 try:
+                    for event in copied:
+                        event.synchronize()
                     self._write(path, snapshot, sync_directory, fsync)
                 except CheckpointWriteError as e:
                     self._record(e)
+                except Exception as e:  # a failed device-to-host copy
+                    self._record(CheckpointWriteError(f"could not write checkpoint {path}: {e}"))
                 finally:
                     del job, snapshot  # do not keep the payload alive while idle
                     self._finish(buffers, size)
@@ -499,19 +509,41 @@ def _unique_tensors(payload: dict) -> dict[tuple, torch.Tensor]:
     return sources
 
 
-def _snapshot(payload: dict, sources: dict[tuple, torch.Tensor], buffers: list[torch.Tensor]) -> dict:
-    """Copies the tensors into ``buffers`` and deep-copies everything else."""
+def _snapshot(
+    payload: dict, sources: dict[tuple, torch.Tensor], buffers: list[torch.Tensor], copy_streams: dict[torch.device, Any]
+) -> tuple[dict, list[Any]]:
+    """Copies the tensors into ``buffers`` and deep-copies everything else.
+
+    GPU tensors are copied into pinned buffers on a side stream per device, without blocking the
+    host: the side stream starts after the work queued so far (the values being saved), and work
+    queued later (the next optimizer step) starts after the copies. Returns the snapshot and the
+    events the writer waits for before reading the buffers.
+    """
+    copied = []
     with torch.inference_mode(False), torch.no_grad():
-        for buffer, source in zip(buffers, sources.values()):
-            buffer.copy_(source, non_blocking=source.is_cuda)
-    for device in {t.device for t in sources.values() if t.is_cuda}:
-        torch.cuda.synchronize(device)
+        pairs = list(zip(buffers, sources.values()))
+        for buffer, source in pairs:
+            if not source.is_cuda:
+                buffer.copy_(source)
+        for device in {source.device for _, source in pairs if source.is_cuda}:
+            main = torch.cuda.current_stream(device)
+            side = copy_streams.setdefault(device, torch.cuda.Stream(device))
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                for buffer, source in pairs:
+                    if source.device == device:
+                        buffer.copy_(source, non_blocking=True)
+                        source.record_stream(side)  # its memory is not reused before the copy
+            main.wait_stream(side)
+            event = torch.cuda.Event()
+            event.record(side)
+            copied.append(event)
     by_identity = dict(zip(sources, buffers))
 
     def snapshot_leaf(leaf: Any) -> Any:
         return by_identity[_identity(leaf)] if isinstance(leaf, torch.Tensor) else copy.deepcopy(leaf)
 
-    return _map_leaves(payload, snapshot_leaf)
+    return _map_leaves(payload, snapshot_leaf), copied
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
