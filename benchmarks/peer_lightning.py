@@ -49,16 +49,17 @@ FULL_STACK = VALIDATION + [
 ]
 
 
-def quickstart_tree(output: Path, epochs: int, callbacks: list[dict[str, Any]]) -> dict[str, Any]:
+def quickstart_tree(output: Path, epochs: int, callbacks: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output)
+    tree["device"] = device
     tree["trainer"].update({"max_epochs": epochs, "callbacks": callbacks})
     return tree
 
 
-def time_noether(output: Path, epochs: int, full: bool, run_id: str) -> tuple[float, int]:
+def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str) -> tuple[float, int]:
     """Seconds of `BaseTrainer.train` (construction excluded) and its updates."""
-    config = parse_run_config({**quickstart_tree(output, epochs, FULL_STACK if full else VALIDATION), "run_id": run_id})
+    config = parse_run_config({**quickstart_tree(output, epochs, FULL_STACK if full else VALIDATION, device), "run_id": run_id})
     paths = PathProvider(config.output_path, run_id)
     paths.create()
     trainer = build_trainer(config, paths, LogWriter(paths.metrics_file, paths.summary_file))
@@ -68,7 +69,7 @@ def time_noether(output: Path, epochs: int, full: bool, run_id: str) -> tuple[fl
     return time.perf_counter() - start, counter.update
 
 
-def time_lightning(output: Path, epochs: int, full: bool, run_id: str) -> tuple[float, int]:
+def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: str) -> tuple[float, int]:
     """The same model, optimizer, data and validation as a LightningModule; seconds of `Trainer.fit`."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
@@ -105,7 +106,7 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str) -> tuple[
             EMAWeightAveraging(decay=EMA_FACTOR),
         ]
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=full, logger=False,
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=full, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=output / run_id,
     )
     module = DigitsModule()
@@ -115,14 +116,14 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str) -> tuple[
 
 
 VARIANTS = {
-    ("noether", "bare"): lambda out, e, rid: time_noether(out, e, False, rid),
-    ("noether", "full"): lambda out, e, rid: time_noether(out, e, True, rid),
-    ("lightning", "bare"): lambda out, e, rid: time_lightning(out, e, False, rid),
-    ("lightning", "full"): lambda out, e, rid: time_lightning(out, e, True, rid),
+    ("noether", "bare"): lambda out, e, rid, device: time_noether(out, e, False, rid, device),
+    ("noether", "full"): lambda out, e, rid, device: time_noether(out, e, True, rid, device),
+    ("lightning", "bare"): lambda out, e, rid, device: time_lightning(out, e, False, rid, device),
+    ("lightning", "full"): lambda out, e, rid, device: time_lightning(out, e, True, rid, device),
 }
 
 
-def run(rounds: int = 4, epochs: int = 5) -> dict[str, float]:
+def run(rounds: int = 4, epochs: int = 5, device: str = "cpu") -> dict[str, float]:
     try:
         import pytorch_lightning  # noqa: F401
     except ImportError:
@@ -136,12 +137,12 @@ def run(rounds: int = 4, epochs: int = 5) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as directory:
         output = Path(directory)
         for variant, timer in VARIANTS.items():  # warm-up: imports, first allocations
-            timer(output, 1, f"warm-{'-'.join(variant)}")
+            timer(output, 1, f"warm-{'-'.join(variant)}", device)
         for round_index in range(rounds):
             for variant, timer in VARIANTS.items():
                 run_id = f"{'-'.join(variant)}-{round_index}"
-                short_seconds, short_updates = timer(output, epochs, f"{run_id}-short")
-                long_seconds, long_updates = timer(output, 2 * epochs, f"{run_id}-long")
+                short_seconds, short_updates = timer(output, epochs, f"{run_id}-short", device)
+                long_seconds, long_updates = timer(output, 2 * epochs, f"{run_id}-long", device)
                 times[variant].append((long_seconds - short_seconds) / (long_updates - short_updates))
     results = {f"{framework}_{stack}_ms_per_update": statistics.median(values) * 1e3 for (framework, stack), values in times.items()}
     for framework in ("noether", "lightning"):
@@ -171,9 +172,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
-    results = run(arguments.rounds, arguments.epochs)
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; nothing measured")
+    results = run(arguments.rounds, arguments.epochs, arguments.device)
     print(table(results))
     if arguments.json:
         arguments.json.write_text(json.dumps(results, indent=2))

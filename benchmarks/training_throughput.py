@@ -7,7 +7,7 @@ difference between a run of 2E and one of E epochs, divided by the extra updates
 start-up and shutdown costs (building the optimizer, the final wait for pending writes) cancel
 out. The variants are run interleaved, several rounds, and medians are compared.
 
-    python benchmarks/training_throughput.py [--rounds 3] [--json out.json]
+    python benchmarks/training_throughput.py [--rounds 3] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ FULL_STACK = [
 SIZES = {"example": {"hidden_dim": 128, "depth": 2}, "large": {"hidden_dim": 1024, "depth": 4}}
 
 
-def config_tree(output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]]) -> dict[str, Any]:
+def config_tree(output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output_path)
+    tree["device"] = device
     tree["model"].update(SIZES[size], dropout=0.0)
     tree["trainer"].update({"max_epochs": epochs, "callbacks": callbacks})
     return tree
@@ -60,6 +61,7 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     start = time.perf_counter()
     counter = trainer.train()
     trainer.context.checkpoint_writer.close()
+    _synchronize(config.device)
     return time.perf_counter() - start, counter.update
 
 
@@ -68,7 +70,7 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     config = parse_run_config({**tree, "run_id": "bare"})
     torch.manual_seed(config.seed)
     dataset = DigitsDataset(DigitsDatasetConfig(split="train"))
-    model = DigitsClassifier(DigitsClassifierConfig(**config.model.model_dump(exclude={"kind"})))
+    model = DigitsClassifier(DigitsClassifierConfig(**config.model.model_dump(exclude={"kind"}))).to(config.device)
     optimizer = config.model.optimizer.build(model.parameters())
     loader = DataLoader(dataset, batch_size=config.trainer.effective_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
@@ -76,12 +78,19 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     start = time.perf_counter()
     for _ in range(config.trainer.max_epochs):
         for batch in loader:
-            loss = F.cross_entropy(model(batch["x"]), batch["y"])
+            x, y = batch["x"].to(config.device, non_blocking=True), batch["y"].to(config.device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
+    _synchronize(config.device)
     return time.perf_counter() - start, updates
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, Any]], run_id: str) -> float:
@@ -91,15 +100,15 @@ def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, 
     return (long_seconds - short_seconds) / (long_updates - short_updates)
 
 
-def run(size: str = "example", rounds: int = 3, epochs: int = 10) -> dict[str, float]:
+def run(size: str = "example", rounds: int = 3, epochs: int = 10, device: str = "cpu") -> dict[str, float]:
     logging.getLogger("noether").setLevel(logging.WARNING)
     variants = {"bare_loop": (time_bare_loop, []), "trainer_defaults": (time_trainer, []), "trainer_full_stack": (time_trainer, FULL_STACK)}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as output:
-        time_trainer(config_tree(Path(output), size, 1, FULL_STACK), "warm-up")  # imports, first allocations
+        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, device), "warm-up")  # imports, first allocations
         for round_index in range(rounds):
             for name, (timer, callbacks) in variants.items():
-                trees = (config_tree(Path(output), size, epochs, callbacks), config_tree(Path(output), size, 2 * epochs, callbacks))
+                trees = (config_tree(Path(output), size, epochs, callbacks, device), config_tree(Path(output), size, 2 * epochs, callbacks, device))
                 times[name].append(marginal_time_per_update(timer, trees, f"{name}{round_index}"))
     medians = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
     bare = medians["bare_loop_ms_per_update"]
@@ -113,9 +122,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="example")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
-    results = run(arguments.size, arguments.rounds, arguments.epochs)
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; nothing measured")
+    results = run(arguments.size, arguments.rounds, arguments.epochs, arguments.device)
     for key, value in results.items():
         print(f"{key:40s} {value:10.4f}")
     if arguments.json:
