@@ -527,7 +527,9 @@ def _snapshot(
                 buffer.copy_(source)
         for device in {source.device for _, source in pairs if source.is_cuda}:
             main = torch.cuda.current_stream(device)
-            side = copy_streams.setdefault(device, torch.cuda.Stream(device))
+            if device not in copy_streams:
+                copy_streams[device] = torch.cuda.Stream(device)
+            side = copy_streams[device]
             side.wait_stream(main)
             with torch.cuda.stream(side):
                 for buffer, source in pairs:
