@@ -59,7 +59,7 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     trainer = build_trainer(config, paths, LogWriter(paths.metrics_file, paths.summary_file))
     start = time.perf_counter()
     counter = trainer.train()
-    trainer.context.checkpoint_writer.close()
+    trainer.context.checkpoints.writer.close()
     return time.perf_counter() - start, counter.update
 
 

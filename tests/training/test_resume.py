@@ -28,6 +28,7 @@ from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.training.run import train
 from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
 from tests.support.models import composite_model_config
+from tests.support.checkpoints import checkpoint_path
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 
@@ -78,8 +79,8 @@ def assert_same_end(actual_paths, expected_paths, model_names: list[str]) -> Non
     """Same final weights, optimizer states and metrics.jsonl."""
     for name in model_names:
         for part in ("model", "optim"):
-            actual = load(actual_paths.checkpoint_file(name, "last", part))["state_dict"]
-            expected = load(expected_paths.checkpoint_file(name, "last", part))["state_dict"]
+            actual = load(checkpoint_path(actual_paths, name, "last", part))["state_dict"]
+            expected = load(checkpoint_path(expected_paths, name, "last", part))["state_dict"]
             assert_identical(actual, expected, f"{name} {part}")
     assert metrics(actual_paths) == metrics(expected_paths)
 
@@ -124,7 +125,7 @@ def test_resume_of_a_composite_model_with_a_frozen_submodel(tmp_path):
     tree = tiny_config(tmp_path, callbacks=[{"kind": CHECKPOINT, "every_n_updates": 5}])
     tree["model"] = composite_model_config()
     reference_paths = train(tree)
-    assert not reference_paths.checkpoint_file("composite.embed", "E0_U5_S640", "model").exists()
+    assert not checkpoint_path(reference_paths, "composite.embed", "E0_U5_S640", "model").exists()
 
     resumed = resume_copy(reference_paths.run_dir, tmp_path, tree, "E0_U5_S640")
 
@@ -194,10 +195,10 @@ def replace_by_later_checkpoint(path: Path) -> None:
             id="another-model",
         ),
         pytest.param(
-            write_trainer_state_of_another_program, "trainer", "{path} is not a trainer state written by noether", id="foreign-trainer-state"
+            write_trainer_state_of_another_program, "trainer", "{path} is not the trainer state of classifier written by noether", id="foreign-trainer-state"
         ),
         pytest.param(replace_by_later_checkpoint, "optim", "{path} was written at E0_U8_S1024 but the rest of checkpoint", id="mixed-set"),
-        pytest.param(Path.unlink, "optim", "checkpoint file not found: {path}", id="missing"),
+        pytest.param(Path.unlink, "optim", "checkpoint 'E0_U4_S512' holds no optimizer state of classifier ({path.name})", id="missing"),
     ],
 )
 def test_a_bad_checkpoint_file_is_refused_with_its_name(reference, tmp_path, damage, part, message):
@@ -228,7 +229,7 @@ def test_the_command_line_reports_a_bad_checkpoint_in_one_line(reference, tmp_pa
     write_foreign_object(damaged)
     config = write_config({**tree, "output_path": str(tmp_path)})
 
-    result = run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path, check=False)
+    result = run_cli("noether-train", str(config), "--resume", "run", "--checkpoint", "latest", cwd=tmp_path, check=False)
 
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()

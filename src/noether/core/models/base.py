@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from noether.core.config import RegistryConfig, build
+from noether.core.config import RegistryConfig, build, by_kind
+from noether.core.initializers.base import InitializerConfig
 from noether.core.models.optimizer import OptimizerConfig
 
 
@@ -15,6 +16,8 @@ class ModelBaseConfig(RegistryConfig):
     name: str = "model"
     is_frozen: bool = False
     optimizer: OptimizerConfig | None = None
+    initializers: list[by_kind(InitializerConfig)] = []
+    """Applied once when a run starts (not on resume), e.g. weights of an earlier run for fine-tuning."""
 
 
 class ModelBase(nn.Module):

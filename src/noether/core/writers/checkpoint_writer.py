@@ -298,7 +298,18 @@ class CheckpointWriter:
                 self._swept_dirs.add(path.parent)
             _write_atomic(path, payload, sync_directory)
         except Exception as e:
-            raise CheckpointWriteError(f"could not write checkpoint {path}: {e}") from e
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's word for a failed write (e.g. "No space left on device"), which torch
+    wraps in an internal message of its own."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(error)
 
 
 def _write_atomic(path: Path, payload: dict, sync_directory: bool) -> None:

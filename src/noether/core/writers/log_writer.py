@@ -13,6 +13,7 @@ import torch
 from noether.core.utils.training.counter import UpdateCounter
 
 logger = logging.getLogger("noether.metrics")
+ITERATION_KEYS = ("epoch", "update", "sample")
 
 
 class LogWriter:
@@ -28,8 +29,13 @@ class LogWriter:
         self.is_main_process = is_main_process
         self.log_cache: dict[str, Any] = {}
         self.summary: dict[str, float] = {}
+        self.rows_written = 0
+        """Lines in metrics.jsonl; a checkpoint records it, so a resume can cut back to it."""
         if is_main_process and summary_file.exists():
             self.summary = json.loads(summary_file.read_text())
+        if is_main_process and metrics_file.exists():
+            with metrics_file.open("rb") as file:
+                self.rows_written = sum(1 for _ in file)
 
     def add_scalar(self, key: str, value: float | torch.Tensor) -> None:
         if isinstance(value, torch.Tensor):
@@ -49,11 +55,30 @@ class LogWriter:
             record = {**update_counter.cur_iteration.to_dict(), **values}
             with self.metrics_file.open("a") as file:
                 file.write(json.dumps(record) + "\n")
+            self.rows_written += 1
             self.summary.update(values)
             self._write_summary()
             text = " ".join(f"{key}={_format(value)}" for key, value in values.items())
             logger.info(f"{update_counter.cur_iteration} {text}")
         return values
+
+    def keep_first_rows(self, rows: int) -> None:
+        """Cut metrics.jsonl back to its first `rows` lines and summary.json to what they say: what a
+        stopped run logged after its checkpoint (or a line torn by a crash) must not be logged twice."""
+        if not self.is_main_process or not self.metrics_file.exists():
+            return
+        with self.metrics_file.open("rb") as file:
+            kept = [line for _, line in zip(range(rows), file)]
+        if len(kept) == rows and kept and not kept[-1].endswith(b"\n"):
+            kept.pop()  # a torn last line
+        temporary = self.metrics_file.with_suffix(".jsonl.tmp")
+        temporary.write_bytes(b"".join(kept))
+        temporary.replace(self.metrics_file)
+        self.rows_written = len(kept)
+        self.summary = {}
+        for line in kept:
+            self.summary.update({key: value for key, value in json.loads(line).items() if key not in ITERATION_KEYS})
+        self._write_summary()
 
     def _write_summary(self) -> None:
         if self.is_main_process:
