@@ -319,3 +319,38 @@ def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_e
         server.close()
 
     assert_same_end(PathProvider(tmp_path, "run"), PathProvider(tmp_path, "reference"), ["classifier"])
+
+
+def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_path):
+    """The run went on to epoch 4; resumed from epoch 1 with another learning rate it takes another path:
+    nothing of the abandoned epochs 2-4 may pass for this history's best, latest or metrics."""
+    tree = tiny_config(
+        tmp_path,
+        max_epochs=4,
+        callbacks=[
+            {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
+            {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [1]},
+            {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+        ],
+    )
+    paths = train(tree)
+    abandoned_best = load(checkpoint_path(paths, "classifier", "best_model.loss.val.total", "model"))
+    assert abandoned_best["training_iteration"]["epoch"] > 1
+
+    branch = json.loads(json.dumps(tree))
+    branch["model"]["optimizer"]["lr"] = 0.0001
+    branch["trainer"]["max_epochs"] = 2
+    train(branch, resume="run", checkpoint="E1_U9_S1152")
+
+    aside = paths.checkpoint_dir / "abandoned_after_E1_U9_S1152"
+    assert (aside / "classifier_cp=E3_U27_S3456_model.th").exists()
+    assert (aside / "classifier_cp=best_model.loss.val.total_model.th").exists()
+    best = load(checkpoint_path(paths, "classifier", "best_model.loss.val.total", "model"))
+    assert best["training_iteration"]["epoch"] <= 2  # of this history
+    rows = [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "loss/val/total" in row] == [1, 2]
+    summary = json.loads(paths.summary_file.read_text())
+    last_values: dict[str, float] = {}
+    for row in rows:
+        last_values.update({key: value for key, value in row.items() if key not in ("epoch", "update", "sample")})
+    assert summary == last_values

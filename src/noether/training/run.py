@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,15 +230,17 @@ def _on_main(is_main: bool, step: Callable[[], Any]) -> Any:
 
 
 def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, float]:
-    """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`."""
+    """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`
+    (printed only, when the run directory is read-only)."""
     config = parse_run_config(tree)
     paths = PathProvider.for_existing_run(run, config.output_path)
     setup = distributed.setup(config.device)
+    lock = RunLock(paths.run_dir)
     try:
-        eval_dir = paths.run_dir / "eval"
-        eval_dir.mkdir(exist_ok=True)
-        configure_logging(None, setup.rank == 0)
-        log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", setup.rank == 0)
+        is_main = setup.rank == 0
+        configure_logging(None, is_main)
+        eval_dir = Path(_on_main(is_main, lambda: _prepare_evaluation(paths, lock)))
+        log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", is_main)
         trainer = build_trainer(config, paths, log_writer, setup)
         try:
             trainer.evaluate(checkpoint)
@@ -245,4 +248,26 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
             trainer.context.checkpoints.writer.close()
         return log_writer.summary
     finally:
+        lock.release()
         distributed.teardown()
+
+
+def _prepare_evaluation(paths: PathProvider, lock: RunLock) -> str:
+    """Finish what a crashed run left half done, unless a live process owns the run (then its unfinished
+    saves are its own) or the directory is read-only (then they are reported). Returns where eval results go."""
+    store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
+    try:
+        lock.acquire()
+    except RunInUseError:
+        logger.info(f"run {paths.run_id} is being trained; checkpoints it is writing now are left alone")
+    except OSError:
+        for leftover in store.staged_leftovers():
+            logger.warning(f"{leftover.name} is left from an unfinished save (read-only run directory: not cleaned up)")
+        logger.warning(f"{paths.run_dir} is read-only: evaluation results are printed, not saved")
+        return tempfile.mkdtemp(prefix="noether-eval-")
+    else:
+        for action in store.recover():
+            logger.info(action)
+    eval_dir = paths.run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    return str(eval_dir)
