@@ -22,7 +22,7 @@ from noether.core.providers.path import PathProvider
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
-from tests.training.test_resume import ForkServer
+from tests.support.fork_server import ForkServer
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 LATEST = {"kind": CHECKPOINT, "every_n_epochs": 2, "save_weights": False, "save_optim": False, "save_latest_weights": True, "save_latest_optim": True}
@@ -164,7 +164,7 @@ def test_a_second_process_on_a_live_run_is_refused_at_once(tmp_path, write_confi
             result = run_cli("noether-train", str(config), *extra, cwd=tmp_path, check=False)
             assert result.returncode == 2, result.stderr
             [line] = result.stderr.strip().splitlines()
-            assert line.startswith(f"noether-train: error: run 'run' (") and f"is in use by process {first.pid} on " in line, line
+            assert line.startswith("noether-train: error: run 'run' (") and f"is in use by process {first.pid} on " in line, line
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 0
     finally:

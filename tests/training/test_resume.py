@@ -13,8 +13,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +24,10 @@ from noether.core.config import ConfigError
 from noether.core.providers.path import PathProvider
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.training.run import train
-from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
-from tests.support.models import composite_model_config
+from tests.conftest import run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
+from tests.support.fork_server import ForkServer
+from tests.support.models import composite_model_config
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 
@@ -239,38 +238,6 @@ def test_the_command_line_reports_a_bad_checkpoint_in_one_line(reference, tmp_pa
 
 # --------------------------------------------------------------------------------- SIGKILL
 KILLS = 24
-
-
-class ForkServer:
-    """`tests/support/fork_trainer.py`: training processes forked from one that imported torch already."""
-
-    def __init__(self, log: Path) -> None:
-        # one thread per process: two cores shared by several processes would otherwise spin
-        env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fork_trainer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env
-        )
-        self.log = log
-
-    def start(self, tree: dict[str, Any], resume: str | None) -> int:
-        self.process.stdin.write(json.dumps({"tree": tree, "resume": resume, "log": str(self.log)}) + "\n")
-        self.process.stdin.flush()
-        return int(self._answer("started"))
-
-    def ended(self) -> int:
-        return int(self._answer("ended"))
-
-    def _answer(self, word: str) -> str:
-        answer, value = self.process.stdout.readline().split()
-        assert answer == word
-        return value
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-3000:] if self.log.exists() else ""
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
 
 
 def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_exactly(tmp_path):

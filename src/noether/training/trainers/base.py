@@ -40,7 +40,6 @@ from noether.core.initializers import apply_initializers
 from noether.core.models.base import ModelBase
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.data.samplers.interleaved import (
     TRAIN_KEY,
     InterleavedDataset,
