@@ -21,6 +21,7 @@ from noether.core.config import ConfigError, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
+from noether.core.trackers.base import TrackerConfig
 from noether.core.writers.checkpoint_writer import CheckpointWriter
 from noether.core.writers.log_writer import LogWriter
 from noether.data.base import DatasetBaseConfig
@@ -43,6 +44,7 @@ class RunConfig(BaseModel):
     datasets: dict[str, by_kind(DatasetBaseConfig)]
     model: by_kind(ModelBaseConfig)
     trainer: by_kind(BaseTrainerConfig)
+    trackers: list[by_kind(TrackerConfig)] = []
 
 
 def parse_run_config(tree: dict[str, Any]) -> RunConfig:
@@ -140,16 +142,20 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             raise ConfigError(f"run directory {paths.run_dir} already holds a run; use --resume to continue it")
     else:
         paths = PathProvider.for_existing_run(resume, config.output_path)
+    trackers = []
     if is_main:
         paths.create()
         resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-        paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
+        resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
+        paths.config_file.write_text(yaml.safe_dump(resolved_tree, sort_keys=False))
+        trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers]  # only rank 0 tracks
     configure_logging(paths.log_file, is_main)
-    log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main)
+    log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main, trackers=trackers)
     trainer = build_trainer(config, paths, log_writer, setup)
     try:
         trainer.train(resume_tag=checkpoint if resume is not None else None)
     finally:
+        log_writer.close()
         trainer.context.checkpoint_writer.close()
     return paths
 

@@ -408,6 +408,7 @@ class BaseTrainer:
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self.context.is_main_process:
             _forget_metrics_after(self.context.log_writer.metrics_file, state["metrics_file_size"])
+            self.context.log_writer.resumed_at(iteration.update)
         logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
         return counter
 
