@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-from pathlib import Path
-from typing import Any
-
-import numpy as np
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
 
 from noether.training.run import train
-from tests.support.trackers import EARLIER_TAG, INTERRUPT_TAG, metrics_rows, tracked_tree, train_stopped_and_resumed
+from tests.support.trackers import (
+    EARLIER_TAG,
+    INTERRUPT_TAG,
+    expected_scalars,
+    metrics_rows,
+    read_event_files,
+    tensorboard_scalars,
+    tracked_tree,
+    train_stopped_and_resumed,
+)
 
 TENSORBOARD = [{"kind": "noether.core.trackers.TensorBoardTracker"}]
-
-
-def read_event_files(log_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(log_dir), size_guidance={SCALARS: 0, TENSORS: 0})  # 0: keep every event
-    events.Reload()
-    return events
-
-
-def tensorboard_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    events = read_event_files(log_dir)
-    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def expected_scalars(rows: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """What TensorBoard must show for these metrics rows: each value at step = update, as float32."""
-    scalars = defaultdict(list)
-    for row in rows:
-        for key, value in row.items():
-            if key != "update":
-                scalars[key].append((row["update"], float(np.float32(value))))
-    return dict(scalars)
 
 
 def test_every_metrics_row_is_a_scalar_at_its_update_and_the_config_is_recorded_once(tmp_path):
