@@ -25,6 +25,7 @@ from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
 from noether.core.run_lock import RunInUseError, RunLock
+from noether.core.trackers.base import TrackerConfig
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
 from noether.core.writers.log_writer import LogWriter
@@ -52,6 +53,7 @@ class RunConfig(BaseModel):
     datasets: dict[str, by_kind(DatasetBaseConfig)]
     model: by_kind(ModelBaseConfig)
     trainer: by_kind(BaseTrainerConfig)
+    trackers: list[by_kind(TrackerConfig)] = []
 
 
 def parse_run_config(tree: dict[str, Any]) -> RunConfig:
@@ -145,18 +147,23 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
     is_main = setup.rank == 0
     paths = _run_paths(config, resume)
     lock = RunLock(paths.run_dir)
-    writer = None
+    log_writer = None
     try:
         _on_main(is_main, lambda: _claim(paths, lock))
         configure_logging(paths.log_file, is_main)
         store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
         resume_tag = _on_main(is_main, lambda: _choose_checkpoint(store, resume, checkpoint))
+        trackers = []
         if is_main:
             resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-            paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
-        log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main)
+            resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
+            paths.config_file.write_text(yaml.safe_dump(resolved_tree, sort_keys=False))
+            trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers]  # only rank 0 tracks
+        log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main, trackers=trackers)
         if is_main and resume_tag is None and resume == AUTO:
-            log_writer.keep_first_rows(0)  # what a start killed before its first checkpoint logged
+            # what a start killed before its first checkpoint logged
+            log_writer.keep_first_rows(0)
+            log_writer.resumed_at(0)
         trainer = build_trainer(config, paths, log_writer, setup)
         writer = trainer.context.checkpoints.writer
         try:
@@ -168,6 +175,8 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
         finally:
             writer.close()
     finally:
+        if log_writer is not None:
+            log_writer.close()
         lock.release()
     return paths
 

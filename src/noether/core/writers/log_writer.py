@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from noether.core.trackers.active import ActiveTrackers
+from noether.core.trackers.base import Tracker
 from noether.core.utils.training.counter import UpdateCounter
 
 logger = logging.getLogger("noether.metrics")
@@ -23,10 +26,11 @@ class LogWriter:
     force a device sync on every update.
     """
 
-    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True) -> None:
+    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True, trackers: Sequence[Tracker] = ()) -> None:
         self.metrics_file = metrics_file
         self.summary_file = summary_file
         self.is_main_process = is_main_process
+        self.trackers = ActiveTrackers(trackers)
         self.log_cache: dict[str, Any] = {}
         self.summary: dict[str, float] = {}
         self.rows_written = 0
@@ -56,6 +60,7 @@ class LogWriter:
             with self.metrics_file.open("a") as file:
                 file.write(json.dumps(record) + "\n")
             self.rows_written += 1
+            self.trackers.log(record)
             self.summary.update(values)
             self._write_summary()
             text = " ".join(f"{key}={_format(value)}" for key, value in values.items())
@@ -79,6 +84,13 @@ class LogWriter:
         for line in kept:
             self.summary.update({key: value for key, value in json.loads(line).items() if key not in ITERATION_KEYS})
         self._write_summary()
+
+    def resumed_at(self, update: int) -> None:
+        """metrics.jsonl was cut back to the checkpoint at `update`: the trackers are told before their first row."""
+        self.trackers.resume_at(update)
+
+    def close(self) -> None:
+        self.trackers.close()
 
     def _write_summary(self) -> None:
         if self.is_main_process:

@@ -414,6 +414,7 @@ class BaseTrainer:
         if self.context.is_main_process:
             # whatever was logged or saved after this checkpoint belongs to a history this run abandons
             self.context.log_writer.keep_first_rows(state["metrics_rows"])
+            self.context.log_writer.resumed_at(iteration.update)
             for moved in store.set_aside_after(iteration):
                 logger.warning(f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/")
         logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
