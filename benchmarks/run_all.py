@@ -36,6 +36,7 @@ ROWS = [
     ("durable throughput: writer / write+fsync", "checkpoint", "durable_throughput_over_plain_write_fsync", 0.8, ">="),
     ("example: full callback stack / bare loop", "throughput_example", "full_stack_vs_bare", 1.05, "<="),
     ("example: trainer, default callbacks / bare loop", "throughput_example", "defaults_vs_bare", None, ""),
+    ("example: default callbacks + TensorBoard / default callbacks", "throughput_example", "tensorboard_vs_defaults", 1.02, "<="),
     ("larger model: full callback stack / bare loop", "throughput_large", "full_stack_vs_bare", None, ""),
 ]
 

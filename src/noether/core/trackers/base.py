@@ -17,15 +17,15 @@ class Tracker:
     """Shows a run's metrics in an external tool. Only rank 0 has trackers.
 
     `metrics.jsonl` stays the record of the run; a tracker mirrors it. Building one touches nothing:
-    `start` opens the tool's run (after a resume: drops or notes what follows `resumed_update`),
-    `log` gets every row with the update number as its step, `close` ends the tool's run.
+    `start` opens the tool's run (after a resume: drops or notes what follows `resumed_update`) and,
+    when it starts fresh, records `run_config`, the resolved config of the run; `log` gets every
+    row with the update number as its step; `close` ends the tool's run.
     """
 
     def __init__(self, config: TrackerConfig, paths: PathProvider, run_config: dict[str, Any]) -> None:
         self.config = config
         self.paths = paths
         self.run_config = run_config
-        """The resolved config of the run, recorded once when the tracker's run starts fresh."""
 
     @property
     def name(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,11 @@ class TensorBoardTrackerConfig(TrackerConfig):
 class TensorBoardTracker(Tracker):
     """Every value of every metrics row as a scalar at step = update; the config as text at step 0.
 
-    A resume from the checkpoint at update U is exact: the writer purges everything logged at
-    steps >= U, then logs again the rows metrics.jsonl holds for U. So a viewer shows each step
-    once, with the values of metrics.jsonl, whatever the stopped run logged after its checkpoint.
+    One event per row (not per value): the event file's checksums are computed in pure Python, and
+    one per row keeps that cost far below an update's. A resume from the checkpoint at update U is
+    exact: a start marker at step U makes TensorBoard drop every event at steps >= U, and the rows
+    metrics.jsonl holds for U are written again. So a viewer shows each step once, with the values
+    of metrics.jsonl, whatever the stopped run logged after its checkpoint.
     """
 
     config: TensorBoardTrackerConfig
@@ -34,19 +37,27 @@ class TensorBoardTracker(Tracker):
         return self.paths.run_dir / "tensorboard"
 
     def start(self, resumed_update: int | None) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from torch.utils.tensorboard.summary import text
 
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=resumed_update)
-        if not resumed_update:  # a fresh start, or a resume at update 0, whose purge also dropped the config
+        self.writer = EventFileWriter(str(self.log_dir))
+        if resumed_update is not None:
+            self.writer.add_event(Event(wall_time=time.time(), step=resumed_update, session_log=SessionLog(status=SessionLog.START)))
+        if not resumed_update:  # a fresh start, or a resume at update 0, which dropped the config too
             config_text = yaml.safe_dump(self.run_config, sort_keys=False)
-            self.writer.add_text("config", "".join(f"    {line}\n" for line in config_text.splitlines()), global_step=0)
+            markdown = "".join(f"    {line}\n" for line in config_text.splitlines())  # a code block
+            self.writer.add_event(Event(wall_time=time.time(), step=0, summary=text("config", markdown)))
         if resumed_update is not None:
             for row in _rows_at_update(self.paths.metrics_file, resumed_update):
                 self.log(resumed_update, {key: value for key, value in row.items() if key != "update"})
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, global_step=step)
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        scalars = Summary(value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()])
+        self.writer.add_event(Event(wall_time=time.time(), step=step, summary=scalars))
 
     def close(self) -> None:
         if self.writer is not None:
