@@ -109,6 +109,34 @@ def test_bad_config_exits_with_a_one_line_message(tmp_path, write_config, argume
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["trainer.effective_batch_size=100000"], "trainer.effective_batch_size: 100000 is larger than the training set (1259 samples)"),
+        (["seed=-1"], "seed: input should be greater than or equal to 0"),
+        (["model.optimizer.lr=.inf"], "model.optimizer.lr: input should be a finite number"),
+        (["output_path=outputs/file"], "output_path: cannot create the run directory outputs/file/run: Not a directory"),
+    ],
+)
+def test_value_that_would_fail_later_is_reported_before_anything_is_created(tmp_path, write_config, arguments, message):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "file").write_text("")
+    config = write_config(tiny_config(Path("outputs")))
+    result = run_cli("noether-train", str(config), *arguments, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"noether-train: error: {message}\n"
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["config.yaml", "file", "outputs"]
+
+
+def test_config_file_that_is_not_utf8_is_reported_on_one_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_bytes("output_path: outputs\n# r\u00e9sum\u00e9\n".encode("latin-1"))
+    result = run_cli("noether-train", str(config), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"noether-train: error: config file {config} is not UTF-8 text (byte 0xe9 at offset 24)\n"
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_sigterm_stops_training_after_the_current_update(tmp_path, write_config):
     config = write_config(tiny_config(tmp_path / "outputs", max_epochs=10_000, log_every_n_updates=1))
     command = [cli_command("noether-train"), str(config)]

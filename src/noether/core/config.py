@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 CONFIG_SUFFIX = "Config"
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A seed that random, numpy and torch all accept (numpy's global seeding is the narrowest: 0 <= seed < 2**32)."""
 
 
 class ConfigError(Exception):
@@ -26,7 +29,8 @@ class ConfigError(Exception):
 class RegistryConfig(BaseModel):
     """Base of all configs selected by `kind`; subclasses register themselves on definition."""
 
-    model_config = ConfigDict(extra="forbid")
+    # an infinite or NaN setting would only fail (or silently train on NaN) once the run is under way
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: str | None = None
 
@@ -190,7 +194,13 @@ def load_yaml(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {_describe_yaml_error(error)}") from None
     if not isinstance(tree, dict):
