@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -158,3 +160,58 @@ def test_sigterm_stops_training_after_the_current_update(tmp_path, write_config)
     checkpoint_dir = run_dir / "checkpoints"
     assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_trainer.th").exists()
     assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_model.th").exists()
+
+
+# ----------------------------------------------------------------------------- damaged checkpoint files
+EMA_RUN_CALLBACKS = [
+    {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
+    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A finished run with EMA weights and a `latest` checkpoint, and its config file."""
+    root = tmp_path_factory.mktemp("ema_run")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root / "outputs", max_epochs=1, callbacks=EMA_RUN_CALLBACKS)))
+    run_cli("noether-train", str(config), cwd=root)
+    return config, root / "outputs" / "run"
+
+
+def replace_by_file_of_another_kind(path: Path, source_part: str) -> None:
+    path.write_bytes((path.parent / f"classifier_cp=latest_{source_part}.th").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("damaged_file", "damage", "message"),
+    [
+        (
+            "classifier_ema=0.9_cp=latest_model.th",
+            lambda path: replace_by_file_of_another_kind(path, "trainer"),
+            "written by noether (no 'state_dict')",
+        ),
+        (
+            "classifier_ema=0.9_cp=latest_model.th",
+            lambda path: replace_by_file_of_another_kind(path, "optim"),
+            "{path} does not fit EMA 0.9 of this model: EMA state dict for factor 0.9 does not match the module",
+        ),
+        (
+            "classifier_cp=latest_model.th",
+            lambda path: path.write_bytes(random.Random(0).randbytes(4096)),
+            "corrupt or not a torch checkpoint file (no zip archive): {path}",
+        ),
+    ],
+    ids=["ema-holds-trainer-state", "ema-holds-optimizer-state", "random-bytes"],
+)
+def test_a_checkpoint_file_of_the_wrong_content_is_reported_in_one_line(ema_run, tmp_path, damaged_file, damage, message):
+    config, reference_run = ema_run
+    shutil.copytree(reference_run, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / damaged_file
+    damage(path)
+    result = run_cli("noether-train", str(config), "trainer.max_epochs=2", "--resume", str(tmp_path / "run"), "--checkpoint", "latest", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("noether-train: error: ")
+    assert str(path) in line
+    assert message.format(path=path) in line
