@@ -91,6 +91,11 @@ def test_generated_run_id_names_the_printed_directory_and_is_in_config_yaml(tmp_
             ["{config}", "trainer.callbacks.1.eval_callbacks.0.metric=[1]"],
             "trainer.callbacks[1].eval_callbacks[0].metric: input should be a valid string",
         ),
+        (
+            ["{config}", "trainer.callbacks.0.kind=noether.core.callbacks.BestCheckpointCalback"],
+            "trainer.callbacks[0].kind: module 'noether.core.callbacks' has no attribute 'BestCheckpointCalback'; "
+            "did you mean noether.core.callbacks.BestCheckpointCallback?",
+        ),
         (["missing.yaml"], "config file not found: missing.yaml"),
         (["{broken}"], "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
     ],

@@ -88,6 +88,26 @@ def test_kind_that_cannot_be_imported_is_reported(kind, reason):
 
 
 @pytest.mark.parametrize(
+    ("kind", "suggestion"),
+    [
+        ("noether.core.callbacks.BestCheckpointCalback", "noether.core.callbacks.BestCheckpointCallback"),
+        ("noether.core.callbacks.checkpointcallback", "noether.core.callbacks.CheckpointCallback"),
+        ("noether.core.callbacks.checkpoint.ema.EmaCallbakConfig", "noether.core.callbacks.checkpoint.ema.EmaCallbackConfig"),
+        ("noether.core.callback.checkpoint.ema.EmaCallback", "noether.core.callbacks.checkpoint.ema.EmaCallback"),
+    ],
+)
+def test_misspelt_kind_suggests_the_closest_name(kind, suggestion):
+    message = config_error(config_with_callbacks({"kind": kind, "every_n_epochs": 1}))
+    assert message.startswith("trainer.callbacks[0].kind: ")
+    assert message.endswith(f"; did you mean {suggestion}?")
+
+
+def test_kind_with_no_close_name_gets_no_suggestion():
+    message = config_error(config_with_callbacks({"kind": "noether.core.callbacks.SomethingElse", "every_n_epochs": 1}))
+    assert "did you mean" not in message
+
+
+@pytest.mark.parametrize(
     ("kind", "reason"),
     [
         ("torch.nn.Linear", "'torch.nn.Linear' has no config class LinearConfig"),

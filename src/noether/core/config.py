@@ -8,6 +8,7 @@ so `kind: mypkg.Foo` and `kind: mypkg.FooConfig` mean the same thing and re-expo
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -60,12 +61,22 @@ def import_object(dotted_path: str) -> Any:
         raise ValueError(f"'{dotted_path}' is not a dotted import path like 'package.module.Class'")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        known = [name for config_name in RegistryConfig.registry for name in (config_name, config_name.removesuffix(CONFIG_SUFFIX))]
+        raise ValueError(f"cannot import module '{module_name}' ({error}){_did_you_mean(dotted_path, known)}") from None
     except ImportError as error:
         raise ValueError(f"cannot import module '{module_name}' ({error})") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ValueError(f"module '{module_name}' has no attribute '{attribute}'") from None
+        classes = [f"{module_name}.{name}" for name, value in vars(module).items() if isinstance(value, type)]
+        raise ValueError(f"module '{module_name}' has no attribute '{attribute}'{_did_you_mean(dotted_path, classes)}") from None
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    """`; did you mean X?` for the candidate closest to a misspelt `name`, or nothing when none is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def config_class_for_kind(kind: str, base: type[RegistryConfig]) -> type[RegistryConfig]:
