@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -220,3 +222,33 @@ def test_a_checkpoint_file_of_the_wrong_content_is_reported_in_one_line(ema_run,
     assert line.startswith("noether-train: error: ")
     assert str(path) in line
     assert message.format(path=path) in line
+
+
+# ----------------------------------------------------------------------------- a full disk
+FILE_SIZE_LIMIT = 20_000
+
+
+def limit_file_size() -> None:
+    """In the child: files cannot grow past FILE_SIZE_LIMIT, and a write past it fails with EFBIG
+    (SIGXFSZ ignored) as it would on a full disk, instead of killing the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_log_write_that_fails_stops_the_run_with_one_line_naming_the_first_failure(tmp_path, write_config):
+    config = write_config(tiny_config(Path("outputs"), max_epochs=1000, log_every_n_updates=1))
+    command = [cli_command("noether-train"), str(config)]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    failed = re.fullmatch(r"noether-train: error: could not write (\S+): File too large", line)
+    assert failed, line
+    run_dir = tmp_path / "outputs" / "run"
+    written = {path.name: path.stat().st_size for path in (run_dir / "log.txt", run_dir / "metrics.jsonl")}
+    named = (tmp_path / failed.group(1)).resolve()
+    assert named.parent == run_dir.resolve()
+    # the file named is the one that hit the limit first: the run stopped before the other one did
+    assert written.pop(named.name) == FILE_SIZE_LIMIT
+    assert list(written.values())[0] < FILE_SIZE_LIMIT

@@ -28,7 +28,7 @@ from noether.core.run_lock import RunInUseError, RunLock
 from noether.core.trackers.base import TrackerConfig
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
-from noether.core.writers.log_writer import LogWriter
+from noether.core.writers.log_writer import LogFileHandler, LogWriter
 from noether.data.base import DatasetBaseConfig
 from noether.data.container import DataContainer
 from noether.data.samplers.interleaved import TRAIN_KEY
@@ -120,7 +120,7 @@ def configure_logging(log_file: Path | None, is_main_process: bool = True) -> No
     root.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(LogFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
