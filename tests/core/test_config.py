@@ -145,6 +145,13 @@ def test_top_level_value_that_would_fail_later_is_rejected(key, value, message):
     assert config_error(tree) == message
 
 
+@pytest.mark.parametrize("name", ["a/b", "", "a\\b"])
+def test_model_name_that_cannot_name_a_file_is_rejected(name):
+    tree = config_with_callbacks()
+    tree["model"]["name"] = name
+    assert config_error(tree).startswith(f"model.name: '{name}' cannot name checkpoint files")
+
+
 def test_largest_seed_numpy_accepts_is_valid():
     tree = config_with_callbacks()
     tree["seed"] = 2**32 - 1
