@@ -11,9 +11,10 @@ from pathlib import Path
 
 from noether.core.config import ConfigError, load_yaml
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError
+from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
 
-USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, UnknownDatasetKeyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError)
 
 
 def bundled_example() -> Path:

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
 from noether.core.checkpoint_store import CheckpointStore
-from noether.core.config import ConfigError, build, by_kind, validate_config
+from noether.core.config import ConfigError, Seed, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
@@ -28,7 +28,7 @@ from noether.core.run_lock import RunInUseError, RunLock
 from noether.core.trackers.base import TrackerConfig
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
-from noether.core.writers.log_writer import LogWriter
+from noether.core.writers.log_writer import LogFileHandler, LogWriter
 from noether.data.base import DatasetBaseConfig
 from noether.data.container import DataContainer
 from noether.data.samplers.interleaved import TRAIN_KEY
@@ -42,11 +42,11 @@ USER_ERRORS = (ConfigError, CheckpointLoadError, FileNotFoundError)
 class RunConfig(BaseModel):
     """The whole config file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     output_path: Path = Path("outputs")
     run_id: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     device: str = "cpu"
     async_checkpoints: bool = True
     metric_higher_is_better: dict[str, bool] = {}
@@ -54,6 +54,24 @@ class RunConfig(BaseModel):
     model: by_kind(ModelBaseConfig)
     trainer: by_kind(BaseTrainerConfig)
     trackers: list[by_kind(TrackerConfig)] = []
+
+    @field_validator("run_id")
+    @classmethod
+    def _one_directory_name(cls, run_id: str | None) -> str | None:
+        if run_id is not None and (Path(run_id).name != run_id or run_id in (".", "..")):
+            raise ValueError(f"'{run_id}' is not a directory name (it is placed under output_path)")
+        return run_id
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, device: str) -> str:
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"'{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"'{device}': CUDA is not available on this machine")
+        return device
 
 
 def parse_run_config(tree: dict[str, Any]) -> RunConfig:
@@ -102,7 +120,7 @@ def configure_logging(log_file: Path | None, is_main_process: bool = True) -> No
     root.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(LogFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
@@ -136,11 +154,19 @@ def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str | 
     Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
     config = parse_run_config(tree)
+    _check_batch_fits_training_set(config)
     setup = distributed.setup(config.device)
     try:
         return _train(config, setup, resume, checkpoint)
     finally:
         distributed.teardown()
+
+
+def _check_batch_fits_training_set(config: RunConfig) -> None:
+    """Refuse, before the run directory exists, a batch that no epoch could fill (builds the training set once more)."""
+    size = len(build(config.datasets[TRAIN_KEY]))
+    if config.trainer.effective_batch_size > size:
+        raise ConfigError(f"trainer.effective_batch_size: {config.trainer.effective_batch_size} is larger than the training set ({size} samples)")
 
 
 def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str | None, checkpoint: str | None) -> PathProvider:

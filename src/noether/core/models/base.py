@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import field_validator
 from torch import nn
 
 from noether.core.config import RegistryConfig, build, by_kind
@@ -18,6 +19,13 @@ class ModelBaseConfig(RegistryConfig):
     optimizer: OptimizerConfig | None = None
     initializers: list[by_kind(InitializerConfig)] = []
     """Applied once when a run starts (not on resume), e.g. weights of an earlier run for fine-tuning."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable_in_file_names(cls, name: str) -> str:
+        if not name or "/" in name or "\\" in name:
+            raise ValueError(f"'{name}' cannot name checkpoint files: it must be non-empty, without '/' or '\\'")
+        return name
 
 
 class ModelBase(nn.Module):

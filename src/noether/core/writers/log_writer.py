@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,32 @@ from noether.core.utils.training.counter import UpdateCounter
 
 logger = logging.getLogger("noether.metrics")
 ITERATION_KEYS = ("epoch", "update", "sample")
+
+
+class LogWriteError(Exception):
+    """metrics.jsonl, summary.json or log.txt could not be written (a full disk, say): the run stops with this one line."""
+
+
+@contextlib.contextmanager
+def _failure_reported(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise LogWriteError(f"could not write {path}: {error.strerror or error}") from None
+
+
+class LogFileHandler(logging.FileHandler):
+    """log.txt: a failed write raises LogWriteError from the logging call, instead of logging's printed tracebacks.
+
+    A failure while an earlier error is already being handled (the run winding down) is dropped, so
+    that the first failure is the one reported.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if error is None or error.__context__ is not None:
+            return
+        raise LogWriteError(f"could not write {self.baseFilename}: {getattr(error, 'strerror', None) or error}") from None
 
 
 class LogWriter:
@@ -57,7 +85,7 @@ class LogWriter:
         self.log_cache.clear()
         if self.is_main_process:
             record = {**update_counter.cur_iteration.to_dict(), **values}
-            with self.metrics_file.open("a") as file:
+            with _failure_reported(self.metrics_file), self.metrics_file.open("a") as file:
                 file.write(json.dumps(record) + "\n")
             self.rows_written += 1
             self.trackers.log(record)
@@ -94,9 +122,10 @@ class LogWriter:
 
     def _write_summary(self) -> None:
         if self.is_main_process:
-            temporary = self.summary_file.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
-            temporary.replace(self.summary_file)
+            with _failure_reported(self.summary_file):
+                temporary = self.summary_file.with_suffix(".json.tmp")
+                temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+                temporary.replace(self.summary_file)
 
 
 class PrefixedLogWriter:

@@ -16,6 +16,7 @@ from noether.core.models.base import ModelBase
 from noether.core.models.ema import ModuleEma
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
 
 class EmaCallbackConfig(CallBackBaseConfig):
@@ -134,15 +135,19 @@ class EmaCallback(PeriodicCallback):
             for factor in self.target_factors:
                 member = self._member(path, factor)
                 tags = [tag for tag in dict.fromkeys([checkpoint_tag, str(iteration)]) if store.exists(member, tag)]
-                state_dict = self._state_written_at(member, tags, iteration)
-                if state_dict is None:
+                found = self._state_written_at(member, tags, iteration)
+                if found is None:
                     looked_for = ", ".join(store.path(member, tag).name for tag in dict.fromkeys([checkpoint_tag, str(iteration)]))
                     self.logger.warning(
                         f"no EMA weights written at {iteration} (looked for {looked_for}); EMA {factor} restarts from "
                         "the live weights, so it differs from an uninterrupted run's"
                     )
                     continue
-                ema.load_state_dict(factor, state_dict)
+                tag, state_dict = found
+                try:
+                    ema.load_state_dict(factor, state_dict)
+                except (ValueError, TypeError) as error:
+                    raise CheckpointLoadError(f"{store.path(member, tag)} does not fit EMA {factor} of this model: {error}") from None
 
     # ----------------------------------------------------------------------------- internals
     def _build_emas(self) -> None:
@@ -205,12 +210,12 @@ class EmaCallback(PeriodicCallback):
                 )
         return members
 
-    def _state_written_at(self, member: Member, tags: list[str], iteration: TrainingIteration) -> dict[str, Any] | None:
-        """The EMA state under the first of `tags` written at `iteration`."""
+    def _state_written_at(self, member: Member, tags: list[str], iteration: TrainingIteration) -> tuple[str, Any] | None:
+        """The first of `tags` written at `iteration`, with its EMA state."""
         for tag in tags:
             payload = self.context.checkpoints.load(member, tag)
             if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
-                return payload["state_dict"]
+                return tag, payload["state_dict"]
         return None
 
 
