@@ -52,6 +52,7 @@ FULL_STACK = VALIDATION + [
 def quickstart_tree(output: Path, epochs: int, callbacks: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output)
+    tree["trackers"] = []  # like Lightning's logger=False: bookkeeping of checkpoints, not of experiment tracking
     tree["device"] = device
     tree["trainer"].update({"max_epochs": epochs, "callbacks": callbacks})
     return tree
@@ -62,10 +63,12 @@ def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str
     config = parse_run_config({**quickstart_tree(output, epochs, FULL_STACK if full else VALIDATION, device), "run_id": run_id})
     paths = PathProvider(config.output_path, run_id)
     paths.create()
-    trainer = build_trainer(config, paths, LogWriter(paths.metrics_file, paths.summary_file))
+    log_writer = LogWriter(paths.metrics_file, paths.summary_file)
+    trainer = build_trainer(config, paths, log_writer)
     start = time.perf_counter()
     counter = trainer.train()
-    trainer.context.checkpoint_writer.close()
+    log_writer.close()
+    trainer.context.checkpoints.writer.close()
     return time.perf_counter() - start, counter.update
 
 

@@ -42,6 +42,7 @@ ROWS = [
     ("checkpoint set of the example: one barrier / one fsync per file", "checkpoint_set", "one_barrier_vs_per_file", None, ""),
     ("example: full callback stack / bare loop", "throughput_example", "full_stack_vs_bare", 1.3, "<="),
     ("example: trainer, default callbacks / bare loop", "throughput_example", "defaults_vs_bare", 1.03, "<="),
+    ("example: default callbacks + TensorBoard / default callbacks", "throughput_example", "tensorboard_vs_defaults", 1.02, "<="),
     ("larger model: full callback stack / bare loop", "throughput_large", "full_stack_vs_bare", None, ""),
     ("quickstart job, this project: full / bare (validation only)", "peer_lightning", "noether_full_vs_bare", 1.2, "<="),
     ("quickstart job, Lightning: full / bare", "peer_lightning", "lightning_full_vs_bare", None, ""),

@@ -1,4 +1,5 @@
-"""Time per update: a bare PyTorch loop vs this trainer, without and with the full callback stack.
+"""Time per update: a bare PyTorch loop vs this trainer, without and with the full callback stack,
+and with the default callbacks plus the TensorBoard tracker.
 
 The full stack saves every epoch: periodic checkpoint with optimizer state, `latest`, best model
 by the training loss with two tolerances, and an EMA with two factors. No evaluation passes: this
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig, DigitsDataset, DigitsDatasetConfig
 from noether.training.run import build_trainer, parse_run_config
+from noether.core.config import build
 from noether.core.providers.path import PathProvider
 from noether.core.writers.log_writer import LogWriter
 
@@ -39,12 +41,17 @@ FULL_STACK = [
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.99, 0.999]},
 ]
 
+TENSORBOARD = [{"kind": "noether.core.trackers.TensorBoardTracker"}]
+
 SIZES = {"example": {"hidden_dim": 128, "depth": 2}, "large": {"hidden_dim": 1024, "depth": 4}}
 
 
-def config_tree(output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], device: str = "cpu") -> dict[str, Any]:
+def config_tree(
+    output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], trackers: list[dict[str, Any]] = (), device: str = "cpu"
+) -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output_path)
+    tree["trackers"] = list(trackers)
     tree["device"] = device
     tree["model"].update(SIZES[size], dropout=0.0)
     tree["trainer"].update({"max_epochs": epochs, "callbacks": callbacks})
@@ -57,10 +64,13 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     config = parse_run_config(tree)
     paths = PathProvider(config.output_path, run_id)
     paths.create()
-    trainer = build_trainer(config, paths, LogWriter(paths.metrics_file, paths.summary_file))
+    trackers = [build(tracker_config, paths, tree) for tracker_config in config.trackers]
+    log_writer = LogWriter(paths.metrics_file, paths.summary_file, trackers=trackers)
+    trainer = build_trainer(config, paths, log_writer)
     start = time.perf_counter()
     counter = trainer.train()
-    trainer.context.checkpoint_writer.close()
+    log_writer.close()
+    trainer.context.checkpoints.writer.close()
     _synchronize(config.device)
     return time.perf_counter() - start, counter.update
 
@@ -102,18 +112,24 @@ def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, 
 
 def run(size: str = "example", rounds: int = 3, epochs: int = 10, device: str = "cpu") -> dict[str, float]:
     logging.getLogger("noether").setLevel(logging.WARNING)
-    variants = {"bare_loop": (time_bare_loop, []), "trainer_defaults": (time_trainer, []), "trainer_full_stack": (time_trainer, FULL_STACK)}
+    variants = {
+        "bare_loop": (time_bare_loop, [], []),
+        "trainer_defaults": (time_trainer, [], []),
+        "trainer_defaults_tensorboard": (time_trainer, [], TENSORBOARD),
+        "trainer_full_stack": (time_trainer, FULL_STACK, []),
+    }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as output:
-        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, device), "warm-up")  # imports, first allocations
+        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, TENSORBOARD, device), "warm-up")  # imports, first allocations
         for round_index in range(rounds):
-            for name, (timer, callbacks) in variants.items():
-                trees = (config_tree(Path(output), size, epochs, callbacks, device), config_tree(Path(output), size, 2 * epochs, callbacks, device))
+            for name, (timer, callbacks, trackers) in variants.items():
+                trees = tuple(config_tree(Path(output), size, n, callbacks, trackers, device) for n in (epochs, 2 * epochs))
                 times[name].append(marginal_time_per_update(timer, trees, f"{name}{round_index}"))
     medians = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
     bare = medians["bare_loop_ms_per_update"]
     medians["defaults_vs_bare"] = medians["trainer_defaults_ms_per_update"] / bare
     medians["full_stack_vs_bare"] = medians["trainer_full_stack_ms_per_update"] / bare
+    medians["tensorboard_vs_defaults"] = medians["trainer_defaults_tensorboard_ms_per_update"] / medians["trainer_defaults_ms_per_update"]
     return medians
 
 

@@ -17,10 +17,11 @@ QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 
 
 def tiny_config(output_path: Path, **trainer_overrides: Any) -> dict[str, Any]:
-    """The quickstart config shrunk to seconds: small model, few epochs, no callbacks unless given."""
+    """The quickstart config shrunk to seconds: small model, few epochs, no callbacks or trackers unless given."""
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output_path)
     tree["run_id"] = "run"
+    tree["trackers"] = []
     tree["model"]["hidden_dim"] = 16
     tree["trainer"].update({"max_epochs": 2, "effective_batch_size": 128, "callbacks": []})
     tree["trainer"].update(trainer_overrides)

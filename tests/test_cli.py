@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
+import re
+import resource
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -89,6 +93,11 @@ def test_generated_run_id_names_the_printed_directory_and_is_in_config_yaml(tmp_
             ["{config}", "trainer.callbacks.1.eval_callbacks.0.metric=[1]"],
             "trainer.callbacks[1].eval_callbacks[0].metric: input should be a valid string",
         ),
+        (
+            ["{config}", "trainer.callbacks.0.kind=noether.core.callbacks.BestCheckpointCalback"],
+            "trainer.callbacks[0].kind: module 'noether.core.callbacks' has no attribute 'BestCheckpointCalback'; "
+            "did you mean noether.core.callbacks.BestCheckpointCallback?",
+        ),
         (["missing.yaml"], "config file not found: missing.yaml"),
         (["{broken}"], "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1"),
     ],
@@ -106,6 +115,34 @@ def test_bad_config_exits_with_a_one_line_message(tmp_path, write_config, argume
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("noether-train: error: ")
     assert message in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["trainer.effective_batch_size=100000"], "trainer.effective_batch_size: 100000 is larger than the training set (1259 samples)"),
+        (["seed=-1"], "seed: input should be greater than or equal to 0"),
+        (["model.optimizer.lr=.inf"], "model.optimizer.lr: input should be a finite number"),
+        (["output_path=outputs/file"], "output_path: cannot create the run directory outputs/file/run: Not a directory"),
+    ],
+)
+def test_value_that_would_fail_later_is_reported_before_anything_is_created(tmp_path, write_config, arguments, message):
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "file").write_text("")
+    config = write_config(tiny_config(Path("outputs")))
+    result = run_cli("noether-train", str(config), *arguments, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"noether-train: error: {message}\n"
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["config.yaml", "file", "outputs"]
+
+
+def test_config_file_that_is_not_utf8_is_reported_on_one_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_bytes("output_path: outputs\n# r\u00e9sum\u00e9\n".encode("latin-1"))
+    result = run_cli("noether-train", str(config), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert result.stderr == f"noether-train: error: config file {config} is not UTF-8 text (byte 0xe9 at offset 24)\n"
     assert not (tmp_path / "outputs").exists()
 
 
@@ -130,3 +167,88 @@ def test_sigterm_stops_training_after_the_current_update(tmp_path, write_config)
     checkpoint_dir = run_dir / "checkpoints"
     assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_trainer.th").exists()
     assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_model.th").exists()
+
+
+# ----------------------------------------------------------------------------- damaged checkpoint files
+EMA_RUN_CALLBACKS = [
+    {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
+    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    """A finished run with EMA weights and a `latest` checkpoint, and its config file."""
+    root = tmp_path_factory.mktemp("ema_run")
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(root / "outputs", max_epochs=1, callbacks=EMA_RUN_CALLBACKS)))
+    run_cli("noether-train", str(config), cwd=root)
+    return config, root / "outputs" / "run"
+
+
+def replace_by_file_of_another_kind(path: Path, source_part: str) -> None:
+    path.write_bytes((path.parent / f"classifier_cp=latest_{source_part}.th").read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("damaged_file", "damage", "message"),
+    [
+        (
+            "classifier_ema=0.9_cp=latest_model.th",
+            lambda path: replace_by_file_of_another_kind(path, "trainer"),
+            "written by noether (no 'state_dict')",
+        ),
+        (
+            "classifier_ema=0.9_cp=latest_model.th",
+            lambda path: replace_by_file_of_another_kind(path, "optim"),
+            "{path} does not fit EMA 0.9 of this model: EMA state dict for factor 0.9 does not match the module",
+        ),
+        (
+            "classifier_cp=latest_model.th",
+            lambda path: path.write_bytes(random.Random(0).randbytes(4096)),
+            "corrupt or not a torch checkpoint file (no zip archive): {path}",
+        ),
+    ],
+    ids=["ema-holds-trainer-state", "ema-holds-optimizer-state", "random-bytes"],
+)
+def test_a_checkpoint_file_of_the_wrong_content_is_reported_in_one_line(ema_run, tmp_path, damaged_file, damage, message):
+    config, reference_run = ema_run
+    shutil.copytree(reference_run, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoints" / damaged_file
+    damage(path)
+    result = run_cli("noether-train", str(config), "trainer.max_epochs=2", "--resume", str(tmp_path / "run"), "--checkpoint", "latest", cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("noether-train: error: ")
+    assert str(path) in line
+    assert message.format(path=path) in line
+
+
+# ----------------------------------------------------------------------------- a full disk
+FILE_SIZE_LIMIT = 20_000
+
+
+def limit_file_size() -> None:
+    """In the child: files cannot grow past FILE_SIZE_LIMIT, and a write past it fails with EFBIG
+    (SIGXFSZ ignored) as it would on a full disk, instead of killing the process."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_a_log_write_that_fails_stops_the_run_with_one_line_naming_the_first_failure(tmp_path, write_config):
+    config = write_config(tiny_config(Path("outputs"), max_epochs=1000, log_every_n_updates=1))
+    command = [cli_command("noether-train"), str(config)]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    failed = re.fullmatch(r"noether-train: error: could not write (\S+): File too large", line)
+    assert failed, line
+    run_dir = tmp_path / "outputs" / "run"
+    written = {path.name: path.stat().st_size for path in (run_dir / "log.txt", run_dir / "metrics.jsonl")}
+    named = (tmp_path / failed.group(1)).resolve()
+    assert named.parent == run_dir.resolve()
+    # the file named is the one that hit the limit first: the run stopped before the other one did
+    assert written.pop(named.name) == FILE_SIZE_LIMIT
+    assert list(written.values())[0] < FILE_SIZE_LIMIT

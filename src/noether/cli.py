@@ -10,10 +10,11 @@ from importlib import resources
 from pathlib import Path
 
 from noether.core.config import ConfigError, load_yaml
-from noether.core.writers.checkpoint_writer import CheckpointLoadError
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError
+from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
 
-USER_ERRORS = (ConfigError, CheckpointLoadError, UnknownDatasetKeyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError)
 
 
 def bundled_example() -> Path:
@@ -34,9 +35,13 @@ def _one_line(error: Exception) -> str:
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-train", description="Train from a YAML config (default: the bundled example).")
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [dotted.key=value ...]")
-    parser.add_argument("--resume", metavar="RUN", help="continue this run (id or directory)")
-    parser.add_argument("--checkpoint", metavar="TAG", default="latest", help="checkpoint to resume from (default: latest)")
-    arguments = parser.parse_args(argv)
+    parser.add_argument(
+        "--resume", metavar="RUN", help="continue this run (id or directory); 'auto': the config's run_id if it has a checkpoint, else start it"
+    )
+    parser.add_argument("--checkpoint", metavar="TAG", help="checkpoint to resume from (default: the newest complete one)")
+    arguments = parser.parse_intermixed_args(argv)
+    if arguments.checkpoint is not None and arguments.resume is None:
+        parser.error("--checkpoint needs --resume RUN")
     from noether.training.run import train
 
     def train_and_print() -> None:
@@ -52,7 +57,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser.add_argument("args", nargs="*", metavar="CONFIG [dotted.key=value ...]")
     parser.add_argument("--run", required=True, metavar="RUN", help="run id or directory")
     parser.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total")
-    arguments = parser.parse_args(argv)
+    arguments = parser.parse_intermixed_args(argv)
     from noether.training.run import evaluate
 
     def evaluate_and_print() -> None:

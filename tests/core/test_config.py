@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from noether.core.config import ConfigError, load_yaml
 from noether.training.callbacks import OfflineLossCallbackConfig
-from noether.training.run import parse_run_config, train
+from noether.training.run import parse_run_config, seed_everything, train
 from tests.conftest import tiny_config
 from tests.support.callbacks import FiringRecorderConfig, ForwardingCallbackConfig
 
@@ -87,6 +88,26 @@ def test_kind_that_cannot_be_imported_is_reported(kind, reason):
 
 
 @pytest.mark.parametrize(
+    ("kind", "suggestion"),
+    [
+        ("noether.core.callbacks.BestCheckpointCalback", "noether.core.callbacks.BestCheckpointCallback"),
+        ("noether.core.callbacks.checkpointcallback", "noether.core.callbacks.CheckpointCallback"),
+        ("noether.core.callbacks.checkpoint.ema.EmaCallbakConfig", "noether.core.callbacks.checkpoint.ema.EmaCallbackConfig"),
+        ("noether.core.callback.checkpoint.ema.EmaCallback", "noether.core.callbacks.checkpoint.ema.EmaCallback"),
+    ],
+)
+def test_misspelt_kind_suggests_the_closest_name(kind, suggestion):
+    message = config_error(config_with_callbacks({"kind": kind, "every_n_epochs": 1}))
+    assert message.startswith("trainer.callbacks[0].kind: ")
+    assert message.endswith(f"; did you mean {suggestion}?")
+
+
+def test_kind_with_no_close_name_gets_no_suggestion():
+    message = config_error(config_with_callbacks({"kind": "noether.core.callbacks.SomethingElse", "every_n_epochs": 1}))
+    assert "did you mean" not in message
+
+
+@pytest.mark.parametrize(
     ("kind", "reason"),
     [
         ("torch.nn.Linear", "'torch.nn.Linear' has no config class LinearConfig"),
@@ -105,6 +126,76 @@ def test_kind_may_name_the_class_or_its_config_class():
     tree = config_with_callbacks({"kind": CHECKPOINT, "every_n_epochs": 1}, {"kind": f"{RECORDER}Config", "every_n_epochs": 1})
     callbacks = parse_run_config(tree).trainer.callbacks
     assert [type(callback).__name__ for callback in callbacks] == ["CheckpointCallbackConfig", "FiringRecorderConfig"]
+
+
+# ----------------------------------------------------------------------------- values that would fail once training runs
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("seed", 2**32, "seed: input should be less than 4294967296"),
+        ("seed", -1, "seed: input should be greater than or equal to 0"),
+        ("device", "gpu0", "device: 'gpu0' is not a torch device (e.g. cpu, cuda, cuda:1)"),
+        ("run_id", "../elsewhere", "run_id: '../elsewhere' is not a directory name (it is placed under output_path)"),
+        ("run_id", "a/b", "run_id: 'a/b' is not a directory name (it is placed under output_path)"),
+    ],
+)
+def test_top_level_value_that_would_fail_later_is_rejected(key, value, message):
+    tree = config_with_callbacks()
+    tree[key] = value
+    assert config_error(tree) == message
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "a\\b"])
+def test_model_name_that_cannot_name_a_file_is_rejected(name):
+    tree = config_with_callbacks()
+    tree["model"]["name"] = name
+    assert config_error(tree).startswith(f"model.name: '{name}' cannot name checkpoint files")
+
+
+def test_largest_seed_numpy_accepts_is_valid():
+    tree = config_with_callbacks()
+    tree["seed"] = 2**32 - 1
+    seed_everything(parse_run_config(tree).seed)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_rejected():
+    tree = config_with_callbacks()
+    tree["device"] = "cuda"
+    assert config_error(tree) == "device: 'cuda': CUDA is not available on this machine"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("lr", float("nan"), "model.optimizer.lr: input should be a finite number"),
+        ("weight_decay", float("inf"), "model.optimizer.weight_decay: must be a finite number, got inf"),
+        ("betas", [0.9, float("nan")], "model.optimizer.betas: must be a finite number, got [0.9, nan]"),
+        ("betas", [0.9, 2.0], "model.optimizer: torch.optim.AdamW rejects these settings: Invalid beta parameter at index 1: 2.0"),
+        ("weight_decay", -1.0, "model.optimizer: torch.optim.AdamW rejects these settings: Invalid weight_decay value: -1.0"),
+    ],
+)
+def test_optimizer_setting_torch_would_reject_is_a_config_error(setting, value, message):
+    tree = config_with_callbacks()
+    tree["model"]["optimizer"][setting] = value
+    assert config_error(tree) == message
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("model", "optimizer", "schedule", "end_factor"), float("nan")),
+        (("datasets", "train", "val_fraction"), float("nan")),
+        (("trainer", "callbacks"), [{"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [float("inf")]}]),
+    ],
+)
+def test_non_finite_number_anywhere_in_the_config_is_rejected(path, value):
+    tree = config_with_callbacks()
+    node = tree
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert "input should be a finite number" in config_error(tree)
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -260,6 +351,20 @@ def test_invalid_yaml_is_reported_on_one_line_with_its_position(tmp_path):
     assert message.startswith(f"config file {path} is not valid YAML: ")
     assert "line 3" in message
     assert "\n" not in message
+
+
+def test_config_file_that_is_not_utf8_names_the_first_bad_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("seed: 1\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as error:
+        load_yaml(path)
+    assert str(error.value) == f"config file {path} is not UTF-8 text (byte 0xe9 at offset 13)"
+
+
+def test_config_file_with_a_utf8_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("seed: 1\n".encode("utf-8-sig"))
+    assert load_yaml(path) == {"seed": 1}
 
 
 def test_config_file_must_hold_a_mapping(tmp_path):

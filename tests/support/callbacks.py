@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import torch
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
@@ -43,3 +46,34 @@ class ForwardingCallback(PeriodicCallback):
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         for child in self.children:
             child.at_eval(update_counter=update_counter)
+
+
+class SlowUpdatesConfig(CallBackBaseConfig):
+    every_n_updates: int | None = 1
+    seconds: float = 0.05
+
+
+class SlowUpdates(PeriodicCallback):
+    """Sleeps after every update: training as slow as a real model's, so that a test can kill it at any
+    moment of a run; changes nothing in what is trained or logged."""
+
+    config: SlowUpdatesConfig
+
+    def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        time.sleep(self.config.seconds)
+
+
+class StartingWeightsRecorderConfig(CallBackBaseConfig):
+    every_n_epochs: int | None = 1
+
+
+class StartingWeightsRecorder(PeriodicCallback):
+    """Saves the model's weights as training (or a resume) starts, to `{run_dir}/starting_weights.{n}.pt`
+    for the n-th start, so a test can see what initializers or a resume left in the model."""
+
+    config: StartingWeightsRecorderConfig
+
+    def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        run_dir = self.context.paths.run_dir
+        starts = len(list(run_dir.glob("starting_weights.*.pt")))
+        torch.save(self.context.model.state_dict(), run_dir / f"starting_weights.{starts}.pt")

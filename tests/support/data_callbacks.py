@@ -17,6 +17,7 @@ from noether.core.providers.path import PathProvider
 from noether.core.utils.training.counter import UpdateCounter
 from noether.training.run import parse_run_config
 from noether.training.trainers.classification import ClassificationTrainer, ClassificationTrainerConfig
+from tests.support.checkpoints import checkpoint_path
 
 TRAINING_BATCHES_FILE = "training_batches.th"
 
@@ -24,7 +25,7 @@ TRAINING_BATCHES_FILE = "training_batches.th"
 def model_from_checkpoint(tree: dict[str, Any], paths: PathProvider, tag: str) -> ModelBase:
     """The config's model with the weights of checkpoint `tag`, in eval mode: what evaluation callbacks saw."""
     model = build_model(parse_run_config(tree).model)
-    payload = torch.load(paths.checkpoint_file(model.name, tag, "model"), weights_only=True)
+    payload = torch.load(checkpoint_path(paths, model.name, tag, "model"), weights_only=True)
     model.load_state_dict(payload["state_dict"])
     return model.eval()
 
@@ -47,8 +48,8 @@ class RecordingClassificationTrainer(ClassificationTrainer):
     def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return super().train_step(model, batch)  # evaluation batches are not training batches
 
-    def train(self, resume_tag: str | None = None) -> UpdateCounter:
-        counter = super().train(resume_tag)
+    def train(self, resume_tag: str | None = None, **kwargs: Any) -> UpdateCounter:
+        counter = super().train(resume_tag, **kwargs)
         torch.save(self.training_batches, self.context.paths.run_dir / TRAINING_BATCHES_FILE)
         return counter
 

@@ -6,7 +6,7 @@ import os
 import signal
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import ConfigDict, model_validator
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
@@ -14,6 +14,8 @@ from noether.core.utils.training.counter import UpdateCounter
 
 
 class ScriptedMetricConfig(CallBackBaseConfig):
+    model_config = ConfigDict(allow_inf_nan=True)  # scripts NaN metrics, which configs otherwise refuse
+
     metric_key: str = "loss/scripted/total"
     values: list[float]
     """The value logged at the first, second, ... invocation."""

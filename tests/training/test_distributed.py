@@ -27,6 +27,7 @@ from noether.core.providers.path import PathProvider
 from noether.examples.digits import DigitsDataset, DigitsDatasetConfig
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, tiny_config
+from tests.support.checkpoints import checkpoint_path
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 RUN_TIMEOUT_SECONDS = 120
@@ -137,7 +138,7 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def last_weights(paths: PathProvider) -> dict[str, torch.Tensor]:
-    return load(paths.checkpoint_file("classifier", "last", "model"))["state_dict"]
+    return load(checkpoint_path(paths, "classifier", "last", "model"))["state_dict"]
 
 
 def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -277,7 +278,7 @@ def test_sigterm_stops_every_rank_at_the_same_update_and_the_run_resumes_exactly
     stopped_by = "SIGTERM" if receiver == "torchrun" else "a signal to another process"
     assert f"stopping on {stopped_by} after update 11" in paths.log_file.read_text()
     tag = "E1_U11_S1408.signal_interrupt"
-    interrupt_state = load(paths.checkpoint_file("classifier", tag, "trainer"))
+    interrupt_state = load(checkpoint_path(paths, "classifier", tag, "trainer"))
     rank_0_rng, rank_1_rng = interrupt_state["rng_states"]  # both ranks took part in the save
     assert not torch.equal(rank_0_rng["torch"], rank_1_rng["torch"])
 
@@ -299,8 +300,8 @@ def test_a_rank_that_fails_stops_the_whole_run_with_its_error(tmp_path):
     assert result.returncode != 0
     assert "RuntimeError: test failure on rank 1 after update 5" in result.stdout + result.stderr
     paths = PathProvider(tmp_path, "run")
-    assert paths.checkpoint_file("classifier", "E0_U5_S640.error", "trainer").exists()  # rank 0 stopped at update 5
-    assert not paths.checkpoint_file("classifier", "last", "model").exists()
+    assert checkpoint_path(paths, "classifier", "E0_U5_S640.error", "trainer").exists()  # rank 0 stopped at update 5
+    assert not checkpoint_path(paths, "classifier", "last", "model").exists()
 
 
 def test_an_effective_batch_size_that_does_not_divide_over_the_ranks_is_a_one_line_config_error(tmp_path):

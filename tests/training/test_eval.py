@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 
+from noether.core.checkpoint_store import CheckpointStore
 from noether.core.providers.path import PathProvider
 from noether.training.run import train
 from tests.conftest import run_cli, tiny_config
@@ -42,5 +45,31 @@ def test_eval_of_an_unknown_checkpoint_fails_in_one_line(trained, write_config, 
     result = run_cli("noether-eval", str(config), "--run", str(paths.run_dir), "--checkpoint", "E5_U1_S1", cwd=tmp_path, check=False)
 
     assert result.returncode != 0
-    missing = paths.checkpoint_file("classifier", "E5_U1_S1", "trainer")
-    assert result.stderr.strip().splitlines() == [f"noether-eval: error: no checkpoint 'E5_U1_S1' in {paths.checkpoint_dir} (missing {missing.name})"]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"noether-eval: error: no checkpoint 'E5_U1_S1' in {paths.checkpoint_dir}; its checkpoints: E1_U9_S1152, ")
+
+
+def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(trained, write_config, tmp_path):
+    tree, paths = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(paths.run_dir, copy)
+    store = CheckpointStore(copy / "checkpoints", "run")
+    # a crash right after staging a set whose every member was written: E1's files under staged names
+    for path in store.info("E1_U9_S1152").files.values():
+        path.rename(path.with_name(f".{path.name}~abc-1.staged"))
+    config = write_config(tree)
+
+    run_cli("noether-eval", str(config), "--run", str(copy), "--checkpoint", "E1_U9_S1152", cwd=tmp_path)
+    assert store.staged_leftovers() == [] and store.info("E1_U9_S1152").resumable
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(copy), str(read_only)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only view here")
+    try:
+        result = run_cli("noether-eval", str(config), "--run", str(read_only), "--checkpoint", "E2_U18_S2304", cwd=tmp_path)
+    finally:
+        subprocess.run(["umount", str(read_only)], check=False)
+    assert "is read-only: evaluation results are printed, not saved" in result.stdout
+    assert any(line.startswith("loss/val/total: ") for line in result.stdout.splitlines())
+    assert not (copy / "eval" / "E2_U18_S2304.jsonl").exists()

@@ -13,8 +13,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,9 @@ from noether.core.config import ConfigError
 from noether.core.providers.path import PathProvider
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.training.run import train
-from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
+from tests.conftest import run_cli, tiny_config
+from tests.support.checkpoints import checkpoint_path
+from tests.support.fork_server import ForkServer
 from tests.support.models import composite_model_config
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
@@ -78,8 +78,8 @@ def assert_same_end(actual_paths, expected_paths, model_names: list[str]) -> Non
     """Same final weights, optimizer states and metrics.jsonl."""
     for name in model_names:
         for part in ("model", "optim"):
-            actual = load(actual_paths.checkpoint_file(name, "last", part))["state_dict"]
-            expected = load(expected_paths.checkpoint_file(name, "last", part))["state_dict"]
+            actual = load(checkpoint_path(actual_paths, name, "last", part))["state_dict"]
+            expected = load(checkpoint_path(expected_paths, name, "last", part))["state_dict"]
             assert_identical(actual, expected, f"{name} {part}")
     assert metrics(actual_paths) == metrics(expected_paths)
 
@@ -124,7 +124,7 @@ def test_resume_of_a_composite_model_with_a_frozen_submodel(tmp_path):
     tree = tiny_config(tmp_path, callbacks=[{"kind": CHECKPOINT, "every_n_updates": 5}])
     tree["model"] = composite_model_config()
     reference_paths = train(tree)
-    assert not reference_paths.checkpoint_file("composite.embed", "E0_U5_S640", "model").exists()
+    assert not checkpoint_path(reference_paths, "composite.embed", "E0_U5_S640", "model").exists()
 
     resumed = resume_copy(reference_paths.run_dir, tmp_path, tree, "E0_U5_S640")
 
@@ -194,10 +194,10 @@ def replace_by_later_checkpoint(path: Path) -> None:
             id="another-model",
         ),
         pytest.param(
-            write_trainer_state_of_another_program, "trainer", "{path} is not a trainer state written by noether", id="foreign-trainer-state"
+            write_trainer_state_of_another_program, "trainer", "{path} is not the trainer state of classifier written by noether", id="foreign-trainer-state"
         ),
         pytest.param(replace_by_later_checkpoint, "optim", "{path} was written at E0_U8_S1024 but the rest of checkpoint", id="mixed-set"),
-        pytest.param(Path.unlink, "optim", "checkpoint file not found: {path}", id="missing"),
+        pytest.param(Path.unlink, "optim", "checkpoint 'E0_U4_S512' holds no optimizer state of classifier ({path.name})", id="missing"),
     ],
 )
 def test_a_bad_checkpoint_file_is_refused_with_its_name(reference, tmp_path, damage, part, message):
@@ -228,7 +228,7 @@ def test_the_command_line_reports_a_bad_checkpoint_in_one_line(reference, tmp_pa
     write_foreign_object(damaged)
     config = write_config({**tree, "output_path": str(tmp_path)})
 
-    result = run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path, check=False)
+    result = run_cli("noether-train", str(config), "--resume", "run", "--checkpoint", "latest", cwd=tmp_path, check=False)
 
     assert result.returncode != 0
     [line] = result.stderr.strip().splitlines()
@@ -238,38 +238,6 @@ def test_the_command_line_reports_a_bad_checkpoint_in_one_line(reference, tmp_pa
 
 # --------------------------------------------------------------------------------- SIGKILL
 KILLS = 24
-
-
-class ForkServer:
-    """`tests/support/fork_trainer.py`: training processes forked from one that imported torch already."""
-
-    def __init__(self, log: Path) -> None:
-        # one thread per process: two cores shared by several processes would otherwise spin
-        env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fork_trainer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env
-        )
-        self.log = log
-
-    def start(self, tree: dict[str, Any], resume: str | None) -> int:
-        self.process.stdin.write(json.dumps({"tree": tree, "resume": resume, "log": str(self.log)}) + "\n")
-        self.process.stdin.flush()
-        return int(self._answer("started"))
-
-    def ended(self) -> int:
-        return int(self._answer("ended"))
-
-    def _answer(self, word: str) -> str:
-        answer, value = self.process.stdout.readline().split()
-        assert answer == word
-        return value
-
-    def log_tail(self) -> str:
-        return self.log.read_text()[-3000:] if self.log.exists() else ""
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=60)
 
 
 def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_exactly(tmp_path):
@@ -318,3 +286,38 @@ def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_e
         server.close()
 
     assert_same_end(PathProvider(tmp_path, "run"), PathProvider(tmp_path, "reference"), ["classifier"])
+
+
+def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_path):
+    """The run went on to epoch 4; resumed from epoch 1 with another learning rate it takes another path:
+    nothing of the abandoned epochs 2-4 may pass for this history's best, latest or metrics."""
+    tree = tiny_config(
+        tmp_path,
+        max_epochs=4,
+        callbacks=[
+            {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
+            {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [1]},
+            {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+        ],
+    )
+    paths = train(tree)
+    abandoned_best = load(checkpoint_path(paths, "classifier", "best_model.loss.val.total", "model"))
+    assert abandoned_best["training_iteration"]["epoch"] > 1
+
+    branch = json.loads(json.dumps(tree))
+    branch["model"]["optimizer"]["lr"] = 0.0001
+    branch["trainer"]["max_epochs"] = 2
+    train(branch, resume="run", checkpoint="E1_U9_S1152")
+
+    aside = paths.checkpoint_dir / "abandoned_after_E1_U9_S1152"
+    assert (aside / "classifier_cp=E3_U27_S3456_model.th").exists()
+    assert (aside / "classifier_cp=best_model.loss.val.total_model.th").exists()
+    best = load(checkpoint_path(paths, "classifier", "best_model.loss.val.total", "model"))
+    assert best["training_iteration"]["epoch"] <= 2  # of this history
+    rows = [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
+    assert [row["epoch"] for row in rows if "loss/val/total" in row] == [1, 2]
+    summary = json.loads(paths.summary_file.read_text())
+    last_values: dict[str, float] = {}
+    for row in rows:
+        last_values.update({key: value for key, value in row.items() if key not in ("epoch", "update", "sample")})
+    assert summary == last_values

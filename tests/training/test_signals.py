@@ -16,6 +16,7 @@ from noether.core.config import ConfigError
 from noether.core.providers.path import PathProvider
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, run_cli, tiny_config
+from tests.support.checkpoints import checkpoint_path
 
 CHECKPOINT = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}
 COUNTING = {"kind": "tests.support.stateful.CountingCallback", "every_n_updates": 2}
@@ -25,22 +26,22 @@ BEST = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs
 
 
 def stoppable_tree(output_path: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
-    """18 updates. EMA weights are large state that callbacks hand to every checkpoint through the `checkpoint_files`
+    """18 updates. EMA weights are large state that callbacks hand to every checkpoint through the `checkpoint_members`
     hook; the best-checkpoint callback logs its best value in `after_training`, also when stopped."""
     return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, VALIDATION, BEST, CHECKPOINT, *extra_callbacks])
 
 
 def checkpoint_parts(paths: PathProvider, tag: str) -> list[Path]:
     return [
-        paths.checkpoint_file("classifier", tag, "model"),
-        paths.checkpoint_file("classifier", tag, "optim"),
-        paths.checkpoint_file("classifier", tag, "trainer"),
-        paths.checkpoint_file("classifier", tag, "model", ema_factor=0.9),
+        checkpoint_path(paths, "classifier", tag, "model"),
+        checkpoint_path(paths, "classifier", tag, "optim"),
+        checkpoint_path(paths, "classifier", tag, "trainer"),
+        checkpoint_path(paths, "classifier", tag, "model", ema_factor=0.9),
     ]
 
 
 def last_weights(paths: PathProvider) -> dict[str, torch.Tensor]:
-    return torch.load(paths.checkpoint_file("classifier", "last", "model"), weights_only=True)["state_dict"]
+    return torch.load(checkpoint_path(paths, "classifier", "last", "model"), weights_only=True)["state_dict"]
 
 
 def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -77,7 +78,7 @@ def test_sigterm_writes_the_interrupt_checkpoint_exits_cleanly_and_resumes_to_th
     assert "stopping on SIGTERM after update 11" in paths.log_file.read_text()
     for path in checkpoint_parts(paths, "E1_U11_S1408.signal_interrupt"):
         assert path.exists(), path.name
-    assert paths.checkpoint_file("classifier", "last", "model").exists()  # after_training ran
+    assert checkpoint_path(paths, "classifier", "last", "model").exists()  # after_training ran
     assert '"update": 11, "sample": 1408, "best/loss/val/total"' in paths.metrics_file.read_text()
 
     run_cli("noether-train", str(config), "--resume", "run", "--checkpoint", "E1_U11_S1408.signal_interrupt", cwd=tmp_path)
@@ -94,7 +95,7 @@ def test_sigint_stops_after_the_update_and_runs_after_training(tmp_path):
     assert "stopping on SIGINT after update 11" in paths.log_file.read_text()
     for path in checkpoint_parts(paths, "E1_U11_S1408.signal_interrupt"):
         assert path.exists(), path.name
-    last = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
+    last = torch.load(checkpoint_path(paths, "classifier", "last", "trainer"), weights_only=True)
     assert last["training_iteration"] == {"epoch": 1, "update": 11, "sample": 1408}
     assert signal.getsignal(signal.SIGINT) is handler_before  # the trainer's handler is gone
 
@@ -127,7 +128,7 @@ def test_an_exception_in_the_training_step_writes_an_error_checkpoint(tmp_path):
     paths = PathProvider(tmp_path, "run")
     for path in checkpoint_parts(paths, "E0_U5_S640.error"):
         assert path.exists(), path.name
-    state = torch.load(paths.checkpoint_file("classifier", "E0_U5_S640.error", "trainer"), weights_only=True)
+    state = torch.load(checkpoint_path(paths, "classifier", "E0_U5_S640.error", "trainer"), weights_only=True)
     assert state["callbacks"][0]["CountingCallback"] == {"count": 2}
 
 
@@ -139,7 +140,7 @@ def test_two_stateful_callbacks_under_one_key_are_refused_at_start_up(tmp_path):
 
     tree["trainer"]["callbacks"][2]["id"] = "other_counter"
     paths = train(tree)  # the same run id: the failed start left nothing that needs protecting
-    state = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
+    state = torch.load(checkpoint_path(paths, "classifier", "last", "trainer"), weights_only=True)
     assert state["callbacks"][0]["counter"] == state["callbacks"][0]["other_counter"] == {"count": 9}
 
 

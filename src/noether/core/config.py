@@ -8,15 +8,19 @@ so `kind: mypkg.Foo` and `kind: mypkg.FooConfig` mean the same thing and re-expo
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 CONFIG_SUFFIX = "Config"
+
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A seed that random, numpy and torch all accept (numpy's global seeding is the narrowest: 0 <= seed < 2**32)."""
 
 
 class ConfigError(Exception):
@@ -26,7 +30,8 @@ class ConfigError(Exception):
 class RegistryConfig(BaseModel):
     """Base of all configs selected by `kind`; subclasses register themselves on definition."""
 
-    model_config = ConfigDict(extra="forbid")
+    # an infinite or NaN setting would only fail (or silently train on NaN) once the run is under way
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: str | None = None
 
@@ -56,12 +61,22 @@ def import_object(dotted_path: str) -> Any:
         raise ValueError(f"'{dotted_path}' is not a dotted import path like 'package.module.Class'")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        known = [name for config_name in RegistryConfig.registry for name in (config_name, config_name.removesuffix(CONFIG_SUFFIX))]
+        raise ValueError(f"cannot import module '{module_name}' ({error}){_did_you_mean(dotted_path, known)}") from None
     except ImportError as error:
         raise ValueError(f"cannot import module '{module_name}' ({error})") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ValueError(f"module '{module_name}' has no attribute '{attribute}'") from None
+        classes = [f"{module_name}.{name}" for name, value in vars(module).items() if isinstance(value, type)]
+        raise ValueError(f"module '{module_name}' has no attribute '{attribute}'{_did_you_mean(dotted_path, classes)}") from None
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    """`; did you mean X?` for the candidate closest to a misspelt `name`, or nothing when none is close."""
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.8)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def config_class_for_kind(kind: str, base: type[RegistryConfig]) -> type[RegistryConfig]:
@@ -190,7 +205,13 @@ def load_yaml(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {_describe_yaml_error(error)}") from None
     if not isinstance(tree, dict):

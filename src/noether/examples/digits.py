@@ -9,13 +9,14 @@ from pydantic import Field, PositiveInt
 from sklearn.datasets import load_digits
 from torch import nn
 
+from noether.core.config import Seed
 from noether.core.models import Model, ModelBaseConfig
 from noether.data import DatasetBase, DatasetBaseConfig
 
 
 class DigitsDatasetConfig(DatasetBaseConfig):
     split: Literal["train", "val", "test"]
-    split_seed: int = 0
+    split_seed: Seed = 0
     val_fraction: float = Field(0.15, gt=0, lt=0.5)
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
 

@@ -5,44 +5,73 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
-from noether.core.config import ConfigError, build, by_kind, validate_config
+from noether.core.checkpoint_store import CheckpointStore
+from noether.core.config import ConfigError, Seed, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
-from noether.core.writers.checkpoint_writer import CheckpointWriter
-from noether.core.writers.log_writer import LogWriter
+from noether.core.run_lock import RunInUseError, RunLock
+from noether.core.trackers.base import TrackerConfig
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
+from noether.core.writers.log_writer import LogFileHandler, LogWriter
 from noether.data.base import DatasetBaseConfig
 from noether.data.container import DataContainer
 from noether.data.samplers.interleaved import TRAIN_KEY
 from noether.training.trainers.base import BaseTrainer, BaseTrainerConfig
 
+logger = logging.getLogger("noether.run")
+AUTO = "auto"
+USER_ERRORS = (ConfigError, CheckpointLoadError, FileNotFoundError)
+
 
 class RunConfig(BaseModel):
     """The whole config file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     output_path: Path = Path("outputs")
     run_id: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     device: str = "cpu"
     async_checkpoints: bool = True
     metric_higher_is_better: dict[str, bool] = {}
     datasets: dict[str, by_kind(DatasetBaseConfig)]
     model: by_kind(ModelBaseConfig)
     trainer: by_kind(BaseTrainerConfig)
+    trackers: list[by_kind(TrackerConfig)] = []
+
+    @field_validator("run_id")
+    @classmethod
+    def _one_directory_name(cls, run_id: str | None) -> str | None:
+        if run_id is not None and (Path(run_id).name != run_id or run_id in (".", "..")):
+            raise ValueError(f"'{run_id}' is not a directory name (it is placed under output_path)")
+        return run_id
+
+    @field_validator("device")
+    @classmethod
+    def _usable_device(cls, device: str) -> str:
+        try:
+            device_type = torch.device(device).type
+        except RuntimeError:
+            raise ValueError(f"'{device}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"'{device}': CUDA is not available on this machine")
+        return device
 
 
 def parse_run_config(tree: dict[str, Any]) -> RunConfig:
@@ -91,7 +120,7 @@ def configure_logging(log_file: Path | None, is_main_process: bool = True) -> No
     root.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(LogFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
@@ -110,7 +139,7 @@ def build_trainer(
         paths=paths,
         log_writer=log_writer,
         metric_properties=MetricPropertyProvider(config.metric_higher_is_better),
-        checkpoint_writer=CheckpointWriter(asynchronous=config.async_checkpoints),
+        checkpoints=CheckpointStore(paths.checkpoint_dir, paths.run_id, CheckpointWriter(asynchronous=config.async_checkpoints)),
         rank=setup.rank,
         world_size=setup.world_size,
     )
@@ -118,12 +147,14 @@ def build_trainer(
     return trainer_class(config.trainer, context, seed=config.seed, device=setup.device)
 
 
-def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str = "latest") -> PathProvider:
-    """Train a new run, or continue run `resume` (an id or a directory) from `checkpoint`.
+def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str | None = None) -> PathProvider:
+    """Train a new run, or continue run `resume` (an id or a directory, or `auto`: the config's run_id
+    if it has a checkpoint, else a fresh start) from `checkpoint` (default: its newest complete one).
 
     Under torchrun every process calls this; rank 0 alone writes the run directory.
     """
     config = parse_run_config(tree)
+    _check_batch_fits_training_set(config)
     setup = distributed.setup(config.device)
     try:
         return _train(config, setup, resume, checkpoint)
@@ -131,44 +162,147 @@ def train(tree: dict[str, Any], *, resume: str | None = None, checkpoint: str = 
         distributed.teardown()
 
 
-def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str | None, checkpoint: str) -> PathProvider:
+def _check_batch_fits_training_set(config: RunConfig) -> None:
+    """Refuse, before the run directory exists, a batch that no epoch could fill (builds the training set once more)."""
+    size = len(build(config.datasets[TRAIN_KEY]))
+    if config.trainer.effective_batch_size > size:
+        raise ConfigError(f"trainer.effective_batch_size: {config.trainer.effective_batch_size} is larger than the training set ({size} samples)")
+
+
+def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str | None, checkpoint: str | None) -> PathProvider:
     is_main = setup.rank == 0
-    if resume is None:
-        paths = PathProvider(config.output_path, config.run_id or distributed.broadcast_from_main(PathProvider.new_run_id()))
-        if paths.metrics_file.exists() or any(paths.checkpoint_dir.glob("*.th")):
-            # a directory left by a start that failed on a config error holds nothing to protect
-            raise ConfigError(f"run directory {paths.run_dir} already holds a run; use --resume to continue it")
-    else:
-        paths = PathProvider.for_existing_run(resume, config.output_path)
-    if is_main:
-        paths.create()
-        resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-        paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
-    configure_logging(paths.log_file, is_main)
-    log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main)
-    trainer = build_trainer(config, paths, log_writer, setup)
+    paths = _run_paths(config, resume)
+    lock = RunLock(paths.run_dir)
+    log_writer = None
     try:
-        trainer.train(resume_tag=checkpoint if resume is not None else None)
+        _on_main(is_main, lambda: _claim(paths, lock))
+        configure_logging(paths.log_file, is_main)
+        store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
+        resume_tag = _on_main(is_main, lambda: _choose_checkpoint(store, resume, checkpoint))
+        trackers = []
+        if is_main:
+            resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+            resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
+            paths.config_file.write_text(yaml.safe_dump(resolved_tree, sort_keys=False))
+            trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers]  # only rank 0 tracks
+        log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main, trackers=trackers)
+        if is_main and resume_tag is None and resume == AUTO:
+            # what a start killed before its first checkpoint logged
+            log_writer.keep_first_rows(0)
+            log_writer.resumed_at(0)
+        trainer = build_trainer(config, paths, log_writer, setup)
+        writer = trainer.context.checkpoints.writer
+        try:
+            trainer.train(resume_tag=resume_tag, skip_if_finished=resume == AUTO)
+        except CheckpointWriteError as error:
+            newest = store.newest_resumable()
+            where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"
+            raise CheckpointWriteError(f"{error}; the checkpoint the run can resume from: {where}") from None
+        finally:
+            writer.close()
     finally:
-        trainer.context.checkpoint_writer.close()
+        if log_writer is not None:
+            log_writer.close()
+        lock.release()
     return paths
 
 
+def _run_paths(config: RunConfig, resume: str | None) -> PathProvider:
+    if resume == AUTO:
+        if config.run_id is None:
+            raise ConfigError("--resume auto needs the run's id: add run_id=ID, the same in every launch of the job")
+        return PathProvider(config.output_path, config.run_id)
+    if resume is not None:
+        return PathProvider.for_existing_run(resume, config.output_path)
+    return PathProvider(config.output_path, config.run_id or distributed.broadcast_from_main(PathProvider.new_run_id()))
+
+
+def _claim(paths: PathProvider, lock: RunLock) -> None:
+    """Create the run directory and take its lock before anything in it is read or written."""
+    try:
+        paths.create()
+    except OSError as error:
+        raise ConfigError(f"output_path: cannot create the run directory {paths.run_dir}: {error.strerror or error}") from None
+    try:
+        lock.acquire()
+    except RunInUseError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _choose_checkpoint(store: CheckpointStore, resume: str | None, checkpoint: str | None) -> str | None:
+    """Finish what a stopped run left half done, then pick the checkpoint to resume from (None: start fresh)."""
+    for action in store.recover():
+        logger.info(action)
+    newest = store.newest_resumable()
+    if resume is None or (resume == AUTO and newest is None):
+        leftovers = store.tags()
+        if resume is None and (leftovers or store.directory.parent.joinpath("metrics.jsonl").exists()):
+            raise ConfigError(f"run directory {store.directory.parent} already holds a run; use --resume to continue it")
+        if leftovers:
+            store.set_aside_after(TrainingIteration(-1, -1, -1))
+            logger.warning(f"run {store.run_id} has no complete checkpoint; starting it afresh (its files are set aside)")
+        return None
+    if checkpoint is not None:
+        return checkpoint
+    if newest is None:
+        raise ConfigError(f"run {store.directory.parent} has no complete checkpoint to resume from")
+    logger.info(f"resuming from the newest complete checkpoint '{newest.tag}' ({newest.iteration})")
+    return newest.tag
+
+
+def _on_main(is_main: bool, step: Callable[[], Any]) -> Any:
+    """Run `step` on rank 0 and hand its result, or its user error, to every rank."""
+    result, problem = None, None
+    if is_main:
+        try:
+            result = step()
+        except USER_ERRORS as error:
+            problem = error
+    result, problem = distributed.broadcast_from_main((result, problem))
+    if problem is not None:
+        raise problem
+    return result
+
+
 def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, float]:
-    """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`."""
+    """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`
+    (printed only, when the run directory is read-only)."""
     config = parse_run_config(tree)
     paths = PathProvider.for_existing_run(run, config.output_path)
     setup = distributed.setup(config.device)
+    lock = RunLock(paths.run_dir)
     try:
-        eval_dir = paths.run_dir / "eval"
-        eval_dir.mkdir(exist_ok=True)
-        configure_logging(None, setup.rank == 0)
-        log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", setup.rank == 0)
+        is_main = setup.rank == 0
+        configure_logging(None, is_main)
+        eval_dir = Path(_on_main(is_main, lambda: _prepare_evaluation(paths, lock)))
+        log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", is_main)
         trainer = build_trainer(config, paths, log_writer, setup)
         try:
             trainer.evaluate(checkpoint)
         finally:
-            trainer.context.checkpoint_writer.close()
+            trainer.context.checkpoints.writer.close()
         return log_writer.summary
     finally:
+        lock.release()
         distributed.teardown()
+
+
+def _prepare_evaluation(paths: PathProvider, lock: RunLock) -> str:
+    """Finish what a crashed run left half done, unless a live process owns the run (then its unfinished
+    saves are its own) or the directory is read-only (then they are reported). Returns where eval results go."""
+    store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
+    try:
+        lock.acquire()
+    except RunInUseError:
+        logger.info(f"run {paths.run_id} is being trained; checkpoints it is writing now are left alone")
+    except OSError:
+        for leftover in store.staged_leftovers():
+            logger.warning(f"{leftover.name} is left from an unfinished save (read-only run directory: not cleaned up)")
+        logger.warning(f"{paths.run_dir} is read-only: evaluation results are printed, not saved")
+        return tempfile.mkdtemp(prefix="noether-eval-")
+    else:
+        for action in store.recover():
+            logger.info(action)
+    eval_dir = paths.run_dir / "eval"
+    eval_dir.mkdir(exist_ok=True)
+    return str(eval_dir)

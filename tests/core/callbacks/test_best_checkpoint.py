@@ -17,6 +17,7 @@ from noether.core.writers.checkpoint_writer import load_checkpoint
 from noether.core.writers.log_writer import LogWriter
 from noether.training.run import build_trainer, evaluate, parse_run_config, train
 from tests.conftest import run_cli, tiny_config
+from tests.support.checkpoints import checkpoint_path
 
 METRIC = "loss/scripted/total"
 TAG = "best_model.loss.scripted.total"
@@ -118,7 +119,7 @@ def test_best_and_tolerance_files_hold_the_best_model_of_their_time(reference: P
         # a tolerance file is the best file of its time under a second name (a hard link: written once)
         assert payload["checkpoint_tag"] == TAG
         assert payload["training_iteration"] == iteration(epoch)
-        weights_then = load_checkpoint(reference.checkpoint_file("classifier", periodic_tag(epoch), "model"))["state_dict"]
+        weights_then = load_checkpoint(checkpoint_path(reference, "classifier", periodic_tag(epoch), "model"))["state_dict"]
         assert all(torch.equal(payload["state_dict"][key], weights_then[key]) for key in weights_then), tag
 
 
@@ -188,7 +189,7 @@ def test_resume_after_sigterm_between_a_best_and_an_exceeded_tolerance(tmp_path:
     # stopped after epoch 7: epoch 5 is best, tolerance 3 (exceeded at epoch 9) is still open
     interrupted = train(config(tmp_path, [*REFERENCE_CALLBACKS, interrupt("sigterm", every_n_epochs=7)], max_epochs=10))
     signal_tag = f"{periodic_tag(7)}.signal_interrupt"
-    assert interrupted.checkpoint_file("classifier", signal_tag, "trainer").exists()
+    assert checkpoint_path(interrupted, "classifier", signal_tag, "trainer").exists()
     resumed = train(config(tmp_path, REFERENCE_CALLBACKS, max_epochs=10), resume=str(interrupted.run_dir), checkpoint=signal_tag)
     assert_same_best_files(best_files(resumed), best_files(reference))
 
@@ -199,7 +200,7 @@ def test_resume_from_an_earlier_checkpoint_after_a_crash_past_a_later_best(tmp_p
     with pytest.raises(RuntimeError, match="scripted crash"):
         train(config(tmp_path, [*REFERENCE_CALLBACKS, interrupt("crash", every_n_epochs=10)], max_epochs=10))
     crashed = PathProvider(tmp_path, "run")
-    assert load_checkpoint(crashed.checkpoint_file("classifier", TAG, "model"))["training_iteration"] == iteration(10)
+    assert load_checkpoint(checkpoint_path(crashed, "classifier", TAG, "model"))["training_iteration"] == iteration(10)
     resumed = train(config(tmp_path, REFERENCE_CALLBACKS, max_epochs=10), resume=str(crashed.run_dir), checkpoint="latest")
     assert_same_best_files(best_files(resumed), best_files(reference))
 
@@ -247,7 +248,7 @@ def test_missing_metric_is_reported_at_first_invocation_when_it_cannot_be_known_
     assert "loss/other/total" in message and "loss/online/total" in message
     assert "listed before this one that runs at the same or a higher frequency" in message
     failed = PathProvider(tmp_path, "run")
-    assert failed.checkpoint_file("classifier", f"{periodic_tag(1)}.error", "trainer").exists()  # at the first invocation
+    assert checkpoint_path(failed, "classifier", f"{periodic_tag(1)}.error", "trainer").exists()  # at the first invocation
     assert best_files(failed) == {}
 
 
@@ -255,7 +256,7 @@ def test_metric_logged_less_often_is_reported_at_first_invocation(tmp_path: Path
     callbacks = [scripted(SCRIPT, every_n_epochs=2), best_callback(every_n_epochs=1)]
     with pytest.raises(KeyError, match=f"metric '{METRIC}' was not logged at this step"):
         train(config(tmp_path, callbacks, max_epochs=2))
-    assert PathProvider(tmp_path, "run").checkpoint_file("classifier", f"{periodic_tag(1)}.error", "trainer").exists()
+    assert checkpoint_path(PathProvider(tmp_path, "run"), "classifier", f"{periodic_tag(1)}.error", "trainer").exists()
 
 
 @pytest.mark.parametrize(

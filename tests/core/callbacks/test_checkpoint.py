@@ -9,6 +9,7 @@ from noether.core.config import ConfigError
 from noether.training.run import evaluate, train
 from tests.conftest import tiny_config
 from tests.support.models import composite_model_config
+from tests.support.checkpoints import checkpoint_path
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 
@@ -25,18 +26,18 @@ def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_che
 
     tags = ["E0_U4_S512", "E0_U8_S1024", "E1_U12_S1536", "E1_U16_S2048", "last", "latest"]
     assert checkpoint_files(paths) == sorted(f"classifier_cp={tag}_{part}.th" for tag in tags for part in ("model", "optim", "trainer"))
-    weights = torch.load(paths.checkpoint_file("classifier", "E0_U8_S1024", "model"), weights_only=True)
+    weights = torch.load(checkpoint_path(paths, "classifier", "E0_U8_S1024", "model"), weights_only=True)
     assert weights["checkpoint_tag"] == "E0_U8_S1024"
     assert weights["training_iteration"] == {"epoch": 0, "update": 8, "sample": 1024}
     assert weights["run_id"] == "run"
     assert weights["model_config"]["hidden_dim"] == 16
     assert set(weights["state_dict"]) == {"layers.0.weight", "layers.0.bias", "layers.3.weight", "layers.3.bias", "layers.6.weight", "layers.6.bias"}
-    latest = torch.load(paths.checkpoint_file("classifier", "latest", "trainer"), weights_only=True)
+    latest = torch.load(checkpoint_path(paths, "classifier", "latest", "trainer"), weights_only=True)
     assert latest["training_iteration"] == {"epoch": 1, "update": 16, "sample": 2048}
     assert {"callbacks", "rng_states", "grad_scaler"} <= set(latest)
     assert len(latest["rng_states"]) == 1  # one entry per process
     assert set(latest["rng_states"][0]) >= {"python", "numpy", "torch"}
-    last = torch.load(paths.checkpoint_file("classifier", "last", "optim"), weights_only=True)
+    last = torch.load(checkpoint_path(paths, "classifier", "last", "optim"), weights_only=True)
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
     assert last["state_dict"]["state"][0]["step"] == 18
 
@@ -95,10 +96,10 @@ def test_composite_model_writes_each_trained_submodel_and_skips_the_frozen_one(t
     for tag in ("E1_U9_S1152", "last"):
         for submodel in ("encoder", "head"):
             for part in ("model", "optim"):
-                assert paths.checkpoint_file(f"composite.{submodel}", tag, part).exists()
-        assert paths.checkpoint_file("composite", tag, "trainer").exists()
-        assert not paths.checkpoint_file("composite.embed", tag, "model").exists()
-    head = torch.load(paths.checkpoint_file("composite.head", "last", "model"), weights_only=True)
+                assert checkpoint_path(paths, f"composite.{submodel}", tag, part).exists()
+        assert checkpoint_path(paths, "composite", tag, "trainer").exists()
+        assert not checkpoint_path(paths, "composite.embed", tag, "model").exists()
+    head = torch.load(checkpoint_path(paths, "composite.head", "last", "model"), weights_only=True)
     assert set(head["state_dict"]) == {"linear.weight", "linear.bias"}
     assert head["model_config"]["out_dim"] == 10
 

@@ -21,6 +21,7 @@ from noether.training.trainers.base import BaseTrainer
 from tests.conftest import run_cli, tiny_config
 from tests.support.ema_callbacks import CHILD_FAILURE, LIVE_WEIGHTS_FILE, checksum
 from tests.support.ema_models import Decoder, DecoderConfig, Encoder, EncoderConfig
+from tests.support.checkpoints import checkpoint_path
 
 EMA = "noether.core.callbacks.EmaCallback"
 SUPPORT = "tests.support.ema_callbacks"
@@ -37,7 +38,7 @@ def run_paths(run_dir: Path) -> PathProvider:
 
 
 def ema_file(run_dir: Path, factor: float, checkpoint_tag: str, model: str = "classifier") -> Path:
-    return run_paths(run_dir).checkpoint_file(model, checkpoint_tag, "model", ema_factor=factor)
+    return checkpoint_path(run_paths(run_dir), model, checkpoint_tag, "model", ema_factor=factor)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def ema_state(run_dir: Path, factor: float, checkpoint_tag: str, model: str = "c
 
 
 def live_state(run_dir: Path, checkpoint_tag: str) -> dict[str, torch.Tensor]:
-    return load(run_paths(run_dir).checkpoint_file("classifier", checkpoint_tag, "model"))["state_dict"]
+    return load(checkpoint_path(run_paths(run_dir), "classifier", checkpoint_tag, "model"))["state_dict"]
 
 
 def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -80,7 +81,7 @@ def train_in_process(tree: dict[str, Any]) -> BaseTrainer:
     try:
         trainer.train()
     finally:
-        trainer.context.checkpoint_writer.close()
+        trainer.context.checkpoints.writer.close()
     return trainer
 
 
@@ -272,10 +273,11 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_ema(reference_run, in
     assert ema_metrics(run_dir) == ema_metrics(reference_run)
 
 
-def test_resume_from_latest_uses_the_ema_of_the_checkpoints_iteration(reference_run, interrupted_run, tmp_path):
+def test_the_emas_own_latest_saves_never_overwrite_the_ema_of_the_trainers_latest_checkpoint(reference_run, interrupted_run, tmp_path):
     run_dir = copy_run(interrupted_run, tmp_path)
-    # the EMA wrote `latest` after update 12, the checkpoint callback after update 9, which is where `latest` resumes
-    assert load(ema_file(run_dir, 0.9, "latest"))["training_iteration"]["update"] == 12
+    # the EMA saves `latest` every epoch on its own, the checkpoint callback wrote `latest` after update 9
+    # (with the EMA in its set); the EMA's later `latest` saves left that set alone
+    assert load(ema_file(run_dir, 0.9, "latest"))["training_iteration"]["update"] == 9
     train(resume_config(tmp_path), resume=str(run_dir), checkpoint="latest")
 
     for factor in FACTORS:
@@ -283,38 +285,33 @@ def test_resume_from_latest_uses_the_ema_of_the_checkpoints_iteration(reference_
     assert "no EMA weights" not in (run_dir / "log.txt").read_text()
 
 
-@pytest.mark.parametrize("later", ["latest", "last"])
-def test_without_an_ema_at_the_resumed_iteration_the_later_of_latest_and_last_is_used(reference_run, tmp_path, later):
-    # resumed from its final checkpoint, a run trains no more and writes as `last` the EMA it loaded
+def test_an_ema_of_another_iteration_is_never_loaded(reference_run, tmp_path):
+    # resumed from its final checkpoint, a run trains no more and writes as `last` the EMA it started with
     run_dir = copy_run(reference_run, tmp_path)
-    final_tag, earlier = tag(3, 27), {"latest": "last", "last": "latest"}[later]
+    final_tag = tag(3, 27)
     for factor in FACTORS:
         ema_file(run_dir, factor, final_tag).unlink()
-        shutil.copyfile(ema_file(run_dir, factor, tag(2, 18)), ema_file(run_dir, factor, later))
-        shutil.copyfile(ema_file(run_dir, factor, tag(1, 9)), ema_file(run_dir, factor, earlier))
+        shutil.copyfile(ema_file(run_dir, factor, tag(2, 18)), ema_file(run_dir, factor, "latest"))
 
     train(resume_config(tmp_path), resume=str(run_dir), checkpoint=final_tag)
 
     log = (run_dir / "log.txt").read_text()
     for factor in FACTORS:
-        assert_identical(ema_state(run_dir, factor, "last"), ema_state(run_dir, factor, tag(2, 18)))
-        exact, chosen = ema_file(run_dir, factor, final_tag).name, ema_file(run_dir, factor, later).name
-        assert f"(looked for {exact}); EMA {factor} resumed from {chosen}, written at {tag(2, 18)}" in log
+        assert_identical(ema_state(run_dir, factor, "last"), live_state(run_dir, final_tag))
+        looked_for = ema_file(run_dir, factor, final_tag).name
+        assert f"no EMA weights written at {final_tag} (looked for {looked_for}); EMA {factor} restarts from the live weights" in log
 
 
-def test_without_any_ema_file_the_ema_starts_from_the_live_weights_with_a_warning(reference_run, tmp_path):
+def test_without_its_ema_file_one_factor_restarts_from_the_live_weights(reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     final_tag = tag(3, 27)
-    missing = [ema_file(run_dir, 0.9, checkpoint_tag) for checkpoint_tag in (final_tag, "latest", "last")]
-    for path in missing:
-        path.unlink()
+    ema_file(run_dir, 0.9, final_tag).unlink()
 
     train(resume_config(tmp_path), resume=str(run_dir), checkpoint=final_tag)
 
     assert_identical(ema_state(run_dir, 0.9, "last"), live_state(run_dir, final_tag))
     assert_identical(ema_state(run_dir, 0.99, "last"), ema_state(reference_run, 0.99, final_tag))
-    looked_for = ", ".join(path.name for path in missing)
-    warning = f"no EMA weights found (looked for {looked_for}); EMA 0.9 starts from the live weights"
+    warning = f"no EMA weights written at {final_tag} (looked for {ema_file(run_dir, 0.9, final_tag).name}); EMA 0.9 restarts"
     assert warning in (run_dir / "log.txt").read_text()
 
 

@@ -249,6 +249,15 @@ def test_load_checkpoint_errors(tmp_path):
     assert "not a checkpoint dict" in load_error(tensor)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_random_bytes_are_reported_as_corrupt_not_as_unsafe(tmp_path, seed):
+    path = tmp_path / "noise.th"
+    path.write_bytes(random.Random(seed).randbytes(4096))
+    with pytest.raises(CheckpointLoadError) as info:
+        load_checkpoint(path)
+    assert str(info.value) in (f"corrupt or not a torch checkpoint file (no zip archive): {path}", f"checkpoint file is truncated or corrupt: {path}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_payload_is_snapshotted(tmp_path):
     expected = torch.arange(1 << 20, dtype=torch.float32)

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import QUICKSTART, run_cli
+from tests.support.trackers import expected_scalars, tensorboard_scalars
 
 EVALUATION_KEYS = {"loss/val/total", "accuracy/val", "loss/test/total", "accuracy/test"}
 
@@ -20,3 +21,5 @@ def test_the_quickstart_logs_evaluation_every_epoch_and_reaches_90_percent_test_
     max_epochs = yaml.safe_load(QUICKSTART.read_text())["trainer"]["max_epochs"]
     assert sorted(evaluations) == list(range(1, max_epochs + 1))
     assert evaluations[max_epochs]["accuracy/test"] >= 0.9
+    # the example enables TensorBoard
+    assert tensorboard_scalars(tmp_path / "quickstart" / "tensorboard") == expected_scalars(records)

@@ -8,6 +8,7 @@ import torch
 
 from noether.training.run import train
 from tests.conftest import tiny_config
+from tests.support.checkpoints import checkpoint_path
 
 
 def sgd_run(output_path, **trainer_overrides):
@@ -24,7 +25,7 @@ def sgd_run(output_path, **trainer_overrides):
     tree["model"]["dropout"] = 0.0
     tree["model"]["optimizer"] = {"kind": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9}
     paths = train(tree)
-    weights = torch.load(paths.checkpoint_file("classifier", "last", "model"), weights_only=True)["state_dict"]
+    weights = torch.load(checkpoint_path(paths, "classifier", "last", "model"), weights_only=True)["state_dict"]
     losses = [json.loads(line)["loss/online/total"] for line in paths.metrics_file.read_text().splitlines()]
     return weights, losses, paths.log_file.read_text()
 

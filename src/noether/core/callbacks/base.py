@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from pydantic import PositiveInt, model_validator
 
 from noether.core.callbacks.context import CallbackContext
+from noether.core.checkpoint_store import Member
 from noether.core.config import RegistryConfig
 from noether.core.utils.training.counter import UpdateCounter
 
@@ -85,7 +85,7 @@ class CallbackBase:
     def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
         """Restore large state kept in files of its own (e.g. EMA weights) from checkpoint_tag."""
 
-    def checkpoint_files(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
-        """Files of large state of its own (e.g. EMA weights) to write with every trainer checkpoint,
-        as {path: payload}; the trainer writes them as part of the checkpoint's all-or-nothing set."""
+    def checkpoint_members(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Member, dict[str, Any]]:
+        """Large state of its own (e.g. EMA weights) to write with every trainer checkpoint, as
+        {member: payload with a `state_dict`}; it is saved as part of the checkpoint's all-or-nothing set."""
         return {}

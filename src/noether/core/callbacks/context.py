@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from noether.core.checkpoint_store import CheckpointStore
     from noether.core.models import ModelBase
     from noether.core.providers.metric_property import MetricPropertyProvider
     from noether.core.providers.path import PathProvider
-    from noether.core.writers.checkpoint_writer import CheckpointWriter
     from noether.core.writers.log_writer import LogWriter
     from noether.data.container import DataContainer
     from noether.training.trainers.base import BaseTrainer
@@ -23,7 +23,7 @@ class CallbackContext:
     paths: PathProvider
     log_writer: LogWriter
     metric_properties: MetricPropertyProvider
-    checkpoint_writer: CheckpointWriter
+    checkpoints: CheckpointStore
     rank: int = 0
     world_size: int = 1
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import field_validator
 from torch import nn
 
-from noether.core.config import RegistryConfig, build
+from noether.core.config import RegistryConfig, build, by_kind
+from noether.core.initializers.base import InitializerConfig
 from noether.core.models.optimizer import OptimizerConfig
 
 
@@ -15,6 +17,15 @@ class ModelBaseConfig(RegistryConfig):
     name: str = "model"
     is_frozen: bool = False
     optimizer: OptimizerConfig | None = None
+    initializers: list[by_kind(InitializerConfig)] = []
+    """Applied once when a run starts (not on resume), e.g. weights of an earlier run for fine-tuning."""
+
+    @field_validator("name")
+    @classmethod
+    def _usable_in_file_names(cls, name: str) -> str:
+        if not name or "/" in name or "\\" in name:
+            raise ValueError(f"'{name}' cannot name checkpoint files: it must be non-empty, without '/' or '\\'")
+        return name
 
 
 class ModelBase(nn.Module):

@@ -16,7 +16,7 @@ from noether.core.config import import_object
 class ScheduleConfig(BaseModel):
     """Learning rate as a function of the update: linear warm-up, then constant, cosine or linear decay."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     decay: Literal["constant", "cosine", "linear"] = "constant"
@@ -40,7 +40,7 @@ class ScheduleConfig(BaseModel):
 class OptimizerConfig(BaseModel):
     """`kind` is a torch optimizer class; other keys are its keyword arguments (checked by name)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     kind: str = "torch.optim.AdamW"
     lr: PositiveFloat
@@ -69,8 +69,34 @@ class OptimizerConfig(BaseModel):
             raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
+    @model_validator(mode="after")
+    def _values_the_optimizer_accepts(self) -> OptimizerConfig:
+        """Checked now by building the optimizer on a stand-in parameter, not when training starts."""
+        message = "must be a finite number, got {value}"
+        errors = [
+            InitErrorDetails(type=PydanticCustomError("finite", message, {"value": value}), loc=(name,), input=value)
+            for name, value in (self.model_extra or {}).items()
+            if not _is_finite(value)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        try:
+            self.build([torch.nn.Parameter(torch.zeros(1))])
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{self.kind} rejects these settings: {' '.join(str(error).split())}") from None
+        return self
+
     def build(self, parameters: Any) -> torch.optim.Optimizer:
         return optimizer_class(self.kind)(parameters, lr=self.lr, **(self.model_extra or {}))
+
+
+def _is_finite(value: Any) -> bool:
+    """False for an infinite or NaN float, also inside a list or tuple (e.g. `betas`)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_finite(item) for item in value)
+    return True
 
 
 def optimizer_class(kind: str) -> type[torch.optim.Optimizer]:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import secrets
 import time
 from pathlib import Path
-from typing import Literal
-
-CheckpointPart = Literal["model", "optim", "trainer"]
 
 
 def metric_tag(metric_key: str) -> str:
@@ -58,10 +55,6 @@ class PathProvider:
     @property
     def summary_file(self) -> Path:
         return self.run_dir / "summary.json"
-
-    def checkpoint_file(self, model_name: str, tag: str, part: CheckpointPart, ema_factor: float | None = None) -> Path:
-        ema = "" if ema_factor is None else f"_ema={ema_factor}"
-        return self.checkpoint_dir / f"{model_name}{ema}_cp={tag}_{part}.th"
 
     def create(self) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)

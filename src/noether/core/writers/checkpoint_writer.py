@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except (PermissionError, IsADirectoryError) as e:
         raise CheckpointLoadError(f"cannot read checkpoint file {path}: {e.strerror}") from e
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
+        if "Weights only load failed" not in str(e) or _is_unparsable(str(e)):
             raise CheckpointLoadError(_unreadable_reason(path)) from e
         raise CheckpointLoadError(
             f"refusing to load {path}: it is not a plain tensor checkpoint "
@@ -101,7 +101,14 @@ def _unreadable_reason(path: Path) -> str:
         return f"cannot read checkpoint file {path}: {e.strerror}"
     if _ZIP_MAGIC.startswith(header):
         return f"checkpoint file is truncated or corrupt: {path}"
-    return f"not a torch checkpoint file (no zip archive): {path}"
+    return f"corrupt or not a torch checkpoint file (no zip archive): {path}"
+
+
+def _is_unparsable(message: str) -> bool:
+    """Whether weights_only failed on bytes that are no valid pickle at all (damage, or another kind of file),
+    rather than on a well-formed pickle that asks for code it will not run."""
+    reason = _weights_only_reason(message)
+    return reason.startswith(("Unsupported operand", "String is too long"))
 
 
 def _weights_only_reason(message: str) -> str:
@@ -343,7 +350,18 @@ class CheckpointWriter:
                 self._swept_dirs.add(path.parent)
             self._free_later(_write_atomic(path, payload, sync_directory, fsync))
         except Exception as e:
-            raise CheckpointWriteError(f"could not write checkpoint {path}: {e}") from e
+            raise CheckpointWriteError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's word for a failed write (e.g. "No space left on device"), which torch
+    wraps in an internal message of its own."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(error)
 
 
 def make_durable(paths: list[Path]) -> None:

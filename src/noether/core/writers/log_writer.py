@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from noether.core.trackers.active import ActiveTrackers
+from noether.core.trackers.base import Tracker
 from noether.core.utils.training.counter import UpdateCounter
 
 logger = logging.getLogger("noether.metrics")
+ITERATION_KEYS = ("epoch", "update", "sample")
+
+
+class LogWriteError(Exception):
+    """metrics.jsonl, summary.json or log.txt could not be written (a full disk, say): the run stops with this one line."""
+
+
+@contextlib.contextmanager
+def _failure_reported(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        raise LogWriteError(f"could not write {path}: {error.strerror or error}") from None
+
+
+class LogFileHandler(logging.FileHandler):
+    """log.txt: a failed write raises LogWriteError from the logging call, instead of logging's printed tracebacks.
+
+    A failure while an earlier error is already being handled (the run winding down) is dropped, so
+    that the first failure is the one reported.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if error is None or error.__context__ is not None:
+            return
+        raise LogWriteError(f"could not write {self.baseFilename}: {getattr(error, 'strerror', None) or error}") from None
 
 
 class LogWriter:
@@ -22,14 +54,20 @@ class LogWriter:
     force a device sync on every update.
     """
 
-    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True) -> None:
+    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True, trackers: Sequence[Tracker] = ()) -> None:
         self.metrics_file = metrics_file
         self.summary_file = summary_file
         self.is_main_process = is_main_process
+        self.trackers = ActiveTrackers(trackers)
         self.log_cache: dict[str, Any] = {}
         self.summary: dict[str, float] = {}
+        self.rows_written = 0
+        """Lines in metrics.jsonl; a checkpoint records it, so a resume can cut back to it."""
         if is_main_process and summary_file.exists():
             self.summary = json.loads(summary_file.read_text())
+        if is_main_process and metrics_file.exists():
+            with metrics_file.open("rb") as file:
+                self.rows_written = sum(1 for _ in file)
 
     def add_scalar(self, key: str, value: float | torch.Tensor) -> None:
         if isinstance(value, torch.Tensor):
@@ -47,19 +85,47 @@ class LogWriter:
         self.log_cache.clear()
         if self.is_main_process:
             record = {**update_counter.cur_iteration.to_dict(), **values}
-            with self.metrics_file.open("a") as file:
+            with _failure_reported(self.metrics_file), self.metrics_file.open("a") as file:
                 file.write(json.dumps(record) + "\n")
+            self.rows_written += 1
+            self.trackers.log(record)
             self.summary.update(values)
             self._write_summary()
             text = " ".join(f"{key}={_format(value)}" for key, value in values.items())
             logger.info(f"{update_counter.cur_iteration} {text}")
         return values
 
+    def keep_first_rows(self, rows: int) -> None:
+        """Cut metrics.jsonl back to its first `rows` lines and summary.json to what they say: what a
+        stopped run logged after its checkpoint (or a line torn by a crash) must not be logged twice."""
+        if not self.is_main_process or not self.metrics_file.exists():
+            return
+        with self.metrics_file.open("rb") as file:
+            kept = [line for _, line in zip(range(rows), file)]
+        if len(kept) == rows and kept and not kept[-1].endswith(b"\n"):
+            kept.pop()  # a torn last line
+        temporary = self.metrics_file.with_suffix(".jsonl.tmp")
+        temporary.write_bytes(b"".join(kept))
+        temporary.replace(self.metrics_file)
+        self.rows_written = len(kept)
+        self.summary = {}
+        for line in kept:
+            self.summary.update({key: value for key, value in json.loads(line).items() if key not in ITERATION_KEYS})
+        self._write_summary()
+
+    def resumed_at(self, update: int) -> None:
+        """metrics.jsonl was cut back to the checkpoint at `update`: the trackers are told before their first row."""
+        self.trackers.resume_at(update)
+
+    def close(self) -> None:
+        self.trackers.close()
+
     def _write_summary(self) -> None:
         if self.is_main_process:
-            temporary = self.summary_file.with_suffix(".json.tmp")
-            temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
-            temporary.replace(self.summary_file)
+            with _failure_reported(self.summary_file):
+                temporary = self.summary_file.with_suffix(".json.tmp")
+                temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
+                temporary.replace(self.summary_file)
 
 
 class PrefixedLogWriter:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,21 +29,17 @@ from noether.core.callbacks.default import (
 )
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpointing import (
-    CheckpointSetWriter,
     capture_rng_states,
-    checkpoint_iteration,
     load_model_weights,
     load_trainer_state,
-    model_checkpoint_payloads,
-    recover_checkpoint_sets,
+    model_members,
     restore_rng_states,
-    stamp,
 )
 from noether.core.config import ConfigError, RegistryConfig, build, by_kind
+from noether.core.initializers import apply_initializers
 from noether.core.models.base import ModelBase
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.data.samplers.interleaved import (
     TRAIN_KEY,
     InterleavedDataset,
@@ -59,6 +53,10 @@ logger = logging.getLogger("noether.trainer")
 TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
 Precision = Literal["float32", "bfloat16", "float16"]
 PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step")
+
+
+class NothingLeftToTrainError(ConfigError):
+    """The checkpoint to resume from is past the end of training."""
 
 
 class BaseTrainerConfig(RegistryConfig):
@@ -106,7 +104,6 @@ class BaseTrainer:
         self.stop_requested: str | None = None
         self.pending_checkpoints: list[dict[str, Any]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
-        self.checkpoint_sets = CheckpointSetWriter(context.checkpoint_writer)
 
     # ----------------------------------------------------------------------------- the step
     def train_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -135,12 +132,19 @@ class BaseTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------- the loop
-    def train(self, resume_tag: str | None = None) -> UpdateCounter:
+    def train(self, resume_tag: str | None = None, *, skip_if_finished: bool = False) -> UpdateCounter:
+        """Train from scratch or from checkpoint `resume_tag`; with `skip_if_finished`, a checkpoint at the
+        end of training (a relaunch of a finished run) ends at once instead of finishing the run again."""
         model = self.context.model.to(self.device)
         counter = self.create_update_counter(TrainingIteration())
         model.initialize_optimizers(counter.end_update)
-        if resume_tag is not None:
+        if resume_tag is None:
+            apply_initializers(model, self.context.paths.output_path)
+        else:
             counter = self.load_checkpoint(resume_tag)
+            if skip_if_finished and counter.is_finished:
+                logger.info(f"checkpoint '{resume_tag}' is at the end of training: nothing left to do")
+                return counter
         trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
@@ -159,7 +163,7 @@ class BaseTrainer:
                         self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
-                    self.context.checkpoint_writer.check()
+                    self.context.checkpoints.writer.check()
                     if distributed.any_rank(self.stop_requested is not None) and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
                 if self.stop_requested is not None and not counter.is_finished:
@@ -172,7 +176,7 @@ class BaseTrainer:
         self._dispatch("after_training", update_counter=counter)
         self.context.log_writer.flush(counter)
         self._write_pending_checkpoints(counter)
-        self.checkpoint_sets.finish()
+        self.context.checkpoints.finish()
         return counter
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
@@ -298,9 +302,11 @@ class BaseTrainer:
         save_optim: bool,
         model_names: list[str] | None,
         save_frozen_weights: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> None:
         """Save at the end of the current step, once every callback has run and metrics are flushed,
-        so that a resume from `tag` continues exactly after this step."""
+        so that a resume from `tag` continues exactly after this step; `then` runs right after the
+        save is queued, on the main process (e.g. to queue the deletion of older checkpoints)."""
         self.pending_checkpoints.append(
             {
                 "tag": tag,
@@ -308,12 +314,16 @@ class BaseTrainer:
                 "save_optim": save_optim,
                 "model_names": model_names,
                 "save_frozen_weights": save_frozen_weights,
+                "then": then,
             }
         )
 
     def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
         for request in self.pending_checkpoints:
+            then = request.pop("then")
             self.save_checkpoint(request.pop("tag"), counter, **request)
+            if then is not None and self.context.is_main_process:
+                then()
         self.pending_checkpoints.clear()
 
     def save_checkpoint(
@@ -338,21 +348,17 @@ class BaseTrainer:
         rank_states = distributed.gather_to_all(local_state) if all_ranks else [local_state]
         if not context.is_main_process:
             return
-        callback_files: dict[Path, dict[str, Any]] = {}
-        for callback in self.all_callbacks():
-            callback_files.update(callback.checkpoint_files(checkpoint_tag=tag, update_counter=counter))
-        files = model_checkpoint_payloads(
-            context.paths,
+        members = model_members(
             context.model,
-            tag,
-            counter.cur_iteration,
             save_weights=save_weights,
             save_optim=save_optim,
             model_names=model_names,
             save_frozen_weights=save_frozen_weights,
         )
-        trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
-        self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag, rank_states))
+        for callback in self.all_callbacks():
+            members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
+        trainer_state = self.trainer_state(rank_states)
+        context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
 
     def callback_states(self) -> dict[str, Any]:
         states = {}
@@ -362,14 +368,13 @@ class BaseTrainer:
                 states[callback.state_key] = state
         return states
 
-    def trainer_state(self, counter: UpdateCounter, tag: str, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
+    def trainer_state(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
         """What a resume needs besides weights and optimizer state; RNG and callback states per rank."""
         return {
-            **stamp(tag, counter.cur_iteration, self.context.paths.run_id),
             "callbacks": [state["callbacks"] for state in rank_states],
             "rng_states": [state["rng_states"] for state in rank_states],
             "grad_scaler": self.grad_scaler.state_dict(),
-            "metrics_file_size": _file_size(self.context.log_writer.metrics_file),
+            "metrics_rows": self.context.log_writer.rows_written,
         }
 
     def load_checkpoint(self, tag: str) -> UpdateCounter:
@@ -378,17 +383,17 @@ class BaseTrainer:
         The sampler needs no state of its own: its order depends only on seed and epoch, so the
         counter says where it continues.
         """
-        paths = self.context.paths
-        if self.context.is_main_process:
-            recover_checkpoint_sets(paths.checkpoint_dir)
-        distributed.barrier()
-        state_file = paths.checkpoint_file(self.context.model.name, tag, "trainer")
-        if not state_file.exists():
-            raise CheckpointLoadError(f"no checkpoint '{tag}' to resume from: {state_file} does not exist")
-        state = load_trainer_state(state_file)
+        store = self.context.checkpoints
+        state = load_trainer_state(store, self.context.model.name, tag)
         iteration = TrainingIteration.from_dict(state["training_iteration"])
-        load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
+        load_model_weights(self.context.model, store, tag, load_optim=True, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
+        if counter.update > counter.end_update:
+            limits = ", ".join(f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name))
+            raise NothingLeftToTrainError(
+                f"checkpoint '{tag}' was written at {iteration}, past the end of training ({limits}): "
+                "nothing left to train; raise the limit to train on"
+            )
         saved_ranks = len(state["rng_states"])
         if saved_ranks != self.context.world_size:
             logger.warning(f"checkpoint '{tag}' was written by {saved_ranks} process(es), this run has {self.context.world_size}: "
@@ -407,7 +412,11 @@ class BaseTrainer:
         restore_rng_states(state["rng_states"][rank])
         self.grad_scaler.load_state_dict(state["grad_scaler"])
         if self.context.is_main_process:
-            _forget_metrics_after(self.context.log_writer.metrics_file, state["metrics_file_size"])
+            # whatever was logged or saved after this checkpoint belongs to a history this run abandons
+            self.context.log_writer.keep_first_rows(state["metrics_rows"])
+            self.context.log_writer.resumed_at(iteration.update)
+            for moved in store.set_aside_after(iteration):
+                logger.warning(f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/")
         logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
         return counter
 
@@ -419,24 +428,24 @@ class BaseTrainer:
                 self.save_checkpoint(tag, counter, all_ranks=False)
                 if self.context.is_main_process:
                     logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
-            self.checkpoint_sets.finish()
+            self.context.checkpoints.finish()
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
             logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, tag: str) -> UpdateCounter:
         """Load checkpoint `tag` into the model and run every callback's `at_eval`."""
-        paths = self.context.paths
+        store = self.context.checkpoints
         model = self.context.model.to(self.device)
         model.initialize_optimizers(0)
-        iteration = checkpoint_iteration(model, paths, tag)
-        load_model_weights(model, paths, tag, load_optim=False, expected_iteration=iteration)
+        iteration = store.iteration(tag)
+        load_model_weights(model, store, tag, load_optim=False, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
         model.eval()
         self._dispatch("resume_from_checkpoint", checkpoint_tag=tag, update_counter=counter)
         self._dispatch("at_eval", update_counter=counter, periodic_only=True)
         self.context.log_writer.flush(counter)
-        self.context.checkpoint_writer.wait()
+        self.context.checkpoints.writer.wait()
         return counter
 
     # ----------------------------------------------------------------------------- plumbing
@@ -470,17 +479,6 @@ class BaseTrainer:
         finally:
             for signal_number, handler in handlers.items():
                 signal.signal(signal_number, handler)
-
-
-def _file_size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def _forget_metrics_after(metrics_file: Path, size: int) -> None:
-    """Cut metrics.jsonl back to what it held when the checkpoint was written: whatever the stopped
-    run logged later (after_training of an interrupt, a line torn by a crash) would be logged twice."""
-    if _file_size(metrics_file) > size:
-        os.truncate(metrics_file, size)
 
 
 def _with_children(callback: CallbackBase) -> Iterator[CallbackBase]:

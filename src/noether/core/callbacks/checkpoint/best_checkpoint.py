@@ -9,7 +9,7 @@ from pydantic import NonNegativeInt, field_validator
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
-from noether.core.checkpointing import model_checkpoint_payloads
+from noether.core.checkpointing import model_members
 from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
@@ -173,21 +173,12 @@ class BestCheckpointCallback(PeriodicCallback):
         written once (their stamped `checkpoint_tag` is the best tag they were written under)."""
         if not self.context.is_main_process:
             return
-        context = self.context
-        payloads = model_checkpoint_payloads(
-            context.paths,
-            context.model,
-            self.best_tag,
-            update_counter.cur_iteration,
-            model_names=self.model_names,
-            save_frozen_weights=self.save_frozen_weights,
-        )
-        open_tolerances = [tolerance for tolerance in self.tolerances if not self.tolerances_is_exceeded[tolerance]]
-        for path, payload in payloads.items():
-            context.checkpoint_writer.save(path, payload)
-            for tolerance in open_tolerances:
-                tolerance_path = path.with_name(path.name.replace(f"_cp={self.best_tag}_", f"_cp={self.tolerance_tag(tolerance)}_"))
-                context.checkpoint_writer.link(path, tolerance_path)
+        members = model_members(self.context.model, model_names=self.model_names, save_frozen_weights=self.save_frozen_weights)
+        store = self.context.checkpoints
+        store.save(self.best_tag, update_counter.cur_iteration, members)
+        for tolerance in self.tolerances:
+            if not self.tolerances_is_exceeded[tolerance]:
+                store.link(self.best_tag, self.tolerance_tag(tolerance), members)
 
     def _evaluate_children(self, update_counter: UpdateCounter) -> None:
         for child in self.eval_callbacks:

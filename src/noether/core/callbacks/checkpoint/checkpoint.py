@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import PositiveInt, model_validator
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
@@ -27,6 +28,9 @@ class CheckpointCallbackConfig(CallBackBaseConfig):
     """Write optimizer state as `latest`, overwritten at every invocation."""
     model_names: list[str] | None = None
     """Submodels of a CompositeModel to write (default: all)."""
+    keep_last_n: PositiveInt | None = None
+    """Keep only the newest n periodic (`E.._U.._S..`) checkpoints this callback wrote (default: all);
+    `latest`, `last`, best, interrupt and error checkpoints are never deleted."""
 
     @model_validator(mode="after")
     def _saves_something(self) -> CheckpointCallbackConfig:
@@ -36,9 +40,18 @@ class CheckpointCallbackConfig(CallBackBaseConfig):
 
 
 class CheckpointCallback(PeriodicCallback):
-    """Asks the trainer to checkpoint at the end of the step, so a resume continues right after it."""
+    """Asks the trainer to checkpoint at the end of the step, so a resume continues right after it.
+
+    With `keep_last_n`, each new periodic set is followed by the deletion of the sets it outnumbers,
+    done by the checkpoint store only once the new set is committed.
+    """
 
     config: CheckpointCallbackConfig
+
+    def __init__(self, callback_config: CheckpointCallbackConfig, context: Any) -> None:
+        super().__init__(callback_config, context)
+        self.periodic_tags: list[str] = []
+        """The periodic checkpoints written and not yet deleted (the newest keep_last_n + 1 at most)."""
 
     def logged_metric_prefixes(self) -> list[str]:
         return []
@@ -53,29 +66,51 @@ class CheckpointCallback(PeriodicCallback):
         per_periodic = weights * config.save_weights + optim * config.save_optim
         per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
         last = weights + optim * (config.save_optim or config.save_latest_optim)
-        total = per_periodic * self._remaining_invocations(update_counter) + per_latest + last
+        invocations = self._remaining_invocations(update_counter)
+        total = per_periodic * invocations + per_latest + last
+        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + per_latest + last
         self.logger.info(
             f"one checkpoint: weights {_size(weights)}, optimizer state ~{_size(optim)}; "
             f"this run will write ~{_size(total)} of checkpoints"
+            + (f" and keep ~{_size(kept)} of them (keep_last_n={config.keep_last_n})" if config.keep_last_n else "")
         )
+        if config.keep_last_n and self.periodic_tags and self.context.is_main_process:
+            # a deletion the stopped run had not done yet
+            self.context.checkpoints.prune(list(self.periodic_tags), config.keep_last_n)
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval":
             return
         config = self.config
         if config.save_weights or config.save_optim:
-            self._request(str(update_counter.cur_iteration), save_weights=config.save_weights, save_optim=config.save_optim)
+            tag = str(update_counter.cur_iteration)
+            self._request(tag, save_weights=config.save_weights, save_optim=config.save_optim, then=self._prune if config.keep_last_n else None)
+            self.periodic_tags = [*self.periodic_tags, tag][-(config.keep_last_n or 0) - 1 :]
         if config.save_latest_weights or config.save_latest_optim:
             self._request("latest", save_weights=config.save_latest_weights, save_optim=config.save_latest_optim)
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         self._request("last", save_weights=True, save_optim=self.config.save_optim or self.config.save_latest_optim)
 
-    def _request(self, tag: str, *, save_weights: bool, save_optim: bool) -> None:
+    def state_dict(self) -> dict[str, Any] | None:
+        return {"periodic_tags": self.periodic_tags} if self.config.keep_last_n else None
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.periodic_tags = list(state_dict["periodic_tags"])
+
+    def _prune(self) -> None:
+        self.context.checkpoints.prune(list(self.periodic_tags), self.config.keep_last_n)
+
+    def _request(self, tag: str, *, save_weights: bool, save_optim: bool, then: Callable[[], None] | None = None) -> None:
         # a frozen submodel named in `model_names` is one the user asked for
         model_names = self.config.model_names
         self.context.trainer.request_checkpoint(
-            tag, save_weights=save_weights, save_optim=save_optim, model_names=model_names, save_frozen_weights=model_names is not None
+            tag,
+            save_weights=save_weights,
+            save_optim=save_optim,
+            model_names=model_names,
+            save_frozen_weights=model_names is not None,
+            then=then,
         )
 
     def _checkpoint_bytes(self) -> tuple[int, int]:

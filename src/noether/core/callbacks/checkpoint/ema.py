@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import field_validator
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
-from noether.core.checkpointing import stamp
+from noether.core.checkpoint_store import Member
+from noether.core.checkpointing import weights_payload
 from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import ModelBase
 from noether.core.models.ema import ModuleEma
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import load_checkpoint
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
 
 class EmaCallbackConfig(CallBackBaseConfig):
@@ -64,6 +64,7 @@ class EmaCallback(PeriodicCallback):
         self.model_paths = callback_config.model_paths or [None]
         self._check_model_paths()
         self.emas: dict[str | None, ModuleEma] = {}
+        self._skipped_tags: set[str] = set()
         self.eval_callbacks: dict[float, list[CallbackBase]] = {
             factor: [
                 build(_child_config_for_factor(child_config, factor), context.with_log_prefix(f"ema={factor}/"))
@@ -119,38 +120,34 @@ class EmaCallback(PeriodicCallback):
         for child in self.get_children():
             child.after_training(update_counter=update_counter, **kwargs)
 
-    def checkpoint_files(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
-        return self._payloads(checkpoint_tag, update_counter)
+    def checkpoint_members(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> dict[Member, dict[str, Any]]:
+        return self._members()
 
     def resume_from_checkpoint(self, *, checkpoint_tag: str, update_counter: UpdateCounter) -> None:
-        """Load the EMA of the resumed iteration, else the later of `latest` and `last`, else keep the live weights.
-
-        The EMA of the resumed iteration is the file under `checkpoint_tag` or under the iteration's own tag, if it
-        was written at that iteration: `latest` is also overwritten on the EMA's own schedule, so it may hold a
-        later EMA than the `latest` trainer checkpoint.
+        """Load the EMA written at the resumed iteration: the one of the resumed checkpoint's set, else one
+        saved on the EMA's own schedule under the iteration's tag. Never an EMA of another iteration (it
+        would silently differ from an uninterrupted run's): without one, the EMA restarts from the live weights.
         """
         self._build_emas()
         iteration = update_counter.cur_iteration
+        store = self.context.checkpoints
         for path, ema in self.emas.items():
             for factor in self.target_factors:
-                exact = [self._file(path, factor, tag) for tag in dict.fromkeys([checkpoint_tag, str(iteration)])]
-                fallbacks = [self._file(path, factor, tag) for tag in ("latest", "last")]
-                found = self._written_at(exact, iteration) or self._latest_written(fallbacks)
+                member = self._member(path, factor)
+                tags = [tag for tag in dict.fromkeys([checkpoint_tag, str(iteration)]) if store.exists(member, tag)]
+                found = self._state_written_at(member, tags, iteration)
                 if found is None:
-                    looked_for = ", ".join(candidate.name for candidate in exact + fallbacks)
+                    looked_for = ", ".join(store.path(member, tag).name for tag in dict.fromkeys([checkpoint_tag, str(iteration)]))
                     self.logger.warning(
-                        f"no EMA weights found (looked for {looked_for}); EMA {factor} starts from the live weights"
+                        f"no EMA weights written at {iteration} (looked for {looked_for}); EMA {factor} restarts from "
+                        "the live weights, so it differs from an uninterrupted run's"
                     )
                     continue
-                file, payload = found
-                ema.load_state_dict(factor, payload["state_dict"])
-                written_at = TrainingIteration.from_dict(payload["training_iteration"])
-                if written_at != iteration:
-                    looked_for = ", ".join(candidate.name for candidate in exact)
-                    self.logger.warning(
-                        f"no EMA weights written at {iteration} (looked for {looked_for}); EMA {factor} resumed from "
-                        f"{file.name}, written at {written_at}, so it differs from an uninterrupted run's"
-                    )
+                tag, state_dict = found
+                try:
+                    ema.load_state_dict(factor, state_dict)
+                except (ValueError, TypeError) as error:
+                    raise CheckpointLoadError(f"{store.path(member, tag)} does not fit EMA {factor} of this model: {error}") from None
 
     # ----------------------------------------------------------------------------- internals
     def _build_emas(self) -> None:
@@ -186,47 +183,40 @@ class EmaCallback(PeriodicCallback):
                     f"{self.state_key}.model_paths: model '{model.name}' has no submodule '{path}' (its submodules: {submodules})"
                 ) from None
 
-    def _file(self, path: str | None, factor: float, tag: str) -> Path:
-        return self.context.paths.checkpoint_file(self._file_model_name(path), tag, "model", ema_factor=factor)
-
-    def _file_model_name(self, path: str | None) -> str:
-        return self.context.model.name if path is None else f"{self.context.model.name}.{path}"
+    def _member(self, path: str | None, factor: float) -> Member:
+        model_name = self.context.model.name if path is None else f"{self.context.model.name}.{path}"
+        return Member(model_name, "model", factor)
 
     def _save(self, tag: str, update_counter: UpdateCounter) -> None:
-        """Write every EMA under `tag` on its own schedule (checkpoints of the trainer include them anyway)."""
-        if self.context.is_main_process:
-            for file, payload in self._payloads(tag, update_counter).items():
-                self.context.checkpoint_writer.save(file, payload)
+        """Write every EMA under `tag` on its own schedule. A tag that holds the trainer's checkpoint sets
+        (whose EMA files are part of them and must match the rest) is left to the trainer."""
+        if not self.context.is_main_process:
+            return
+        if not self.context.checkpoints.save(tag, update_counter.cur_iteration, self._members()) and tag not in self._skipped_tags:
+            self._skipped_tags.add(tag)
+            self.logger.info(
+                f"EMA weights under '{tag}' are saved with the trainer's checkpoint '{tag}' only "
+                "(another save there would leave that checkpoint with an EMA of another iteration)"
+            )
 
-    def _payloads(self, tag: str, update_counter: UpdateCounter) -> dict[Path, dict[str, Any]]:
-        run_id = self.context.paths.run_id
-        payloads = {}
+    def _members(self) -> dict[Member, dict[str, Any]]:
+        members = {}
         for path, ema in self.emas.items():
-            module = ema.module
             for factor in self.target_factors:
-                payload = {"state_dict": ema.state_dict(factor), **stamp(tag, update_counter.cur_iteration, run_id)}
-                if isinstance(module, ModelBase):
-                    payload["model_config"] = module.config.model_dump(mode="json")
-                payloads[self._file(path, factor, tag)] = payload
-        return payloads
+                state_dict = ema.state_dict(factor)
+                module = ema.module
+                members[self._member(path, factor)] = (
+                    weights_payload(module, state_dict) if isinstance(module, ModelBase) else {"state_dict": state_dict}
+                )
+        return members
 
-    @staticmethod
-    def _written_at(files: list[Path], iteration: TrainingIteration) -> tuple[Path, dict[str, Any]] | None:
-        """The first of `files` that exists and was written at `iteration`, with its payload."""
-        for file in files:
-            if file.exists():
-                payload = load_checkpoint(file)
-                if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
-                    return file, payload
+    def _state_written_at(self, member: Member, tags: list[str], iteration: TrainingIteration) -> tuple[str, Any] | None:
+        """The first of `tags` written at `iteration`, with its EMA state."""
+        for tag in tags:
+            payload = self.context.checkpoints.load(member, tag)
+            if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
+                return tag, payload["state_dict"]
         return None
-
-    @staticmethod
-    def _latest_written(files: list[Path]) -> tuple[Path, dict[str, Any]] | None:
-        """Of `files` that exist, the one written at the latest training iteration (the first on a tie), with its payload."""
-        existing = [(file, load_checkpoint(file)) for file in files if file.exists()]
-        if not existing:
-            return None
-        return max(existing, key=lambda item: TrainingIteration.from_dict(item[1]["training_iteration"]))
 
 
 def _child_config_for_factor(child_config: CallBackBaseConfig, factor: float) -> CallBackBaseConfig:

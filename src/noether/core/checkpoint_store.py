@@ -1,0 +1,444 @@
+"""How checkpoints lie on disk: the one place that names, stages, commits, lists, loads and deletes them.
+
+A checkpoint is a *set* of members under one tag: each (sub)model's weights and optimizer state,
+EMA weights, and (for checkpoints the trainer can resume from) the trainer state. Callers hand
+over payloads and say "save these under that tag"; the store
+
+- stamps every payload with its tag, training iteration and run id, so that a set can be checked;
+- stages the members under hidden names (`.{name}~{set id}.staged`), and once every member is
+  written moves them under their final names, the trainer state last: a tag never holds members
+  of two different saves, and a crash at any moment leaves every committed set whole;
+- aborts a set whose member could not be written (its staged files are removed, the previous set
+  under the tag stays as it was);
+- after a crash (`recover`), completes a set only when every member was staged by the same save,
+  and removes everything else that was left half done;
+- lists tags with their iteration and whether they can be resumed, and deletes a tag as a whole
+  (a crash during a deletion is finished by the next `recover`).
+
+Members are files (`{model}[_ema={factor}]_cp={tag}_{part}.th`) written by a CheckpointWriter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter, load_checkpoint
+
+Part = Literal["model", "optim", "trainer"]
+SUFFIX = ".th"
+STAGED = ".staged"
+DELETING = ".deleting"
+PERIODIC_TAG = re.compile(r"^E(?P<epoch>\d+)_U(?P<update>\d+)_S(?P<sample>\d+)$")
+_MEMBER_NAME = re.compile(
+    r"^(?P<model>.+?)(?:_ema=(?P<ema>[0-9.eE+-]+))?_cp=(?P<tag>.+)_(?P<part>model|optim|trainer)" + re.escape(SUFFIX) + "$"
+)
+_STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)" + re.escape(STAGED) + "$")
+_set_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a checkpoint set."""
+
+    model_name: str
+    part: Part
+    ema_factor: float | None = None
+
+    def file_name(self, tag: str) -> str:
+        ema = "" if self.ema_factor is None else f"_ema={self.ema_factor}"
+        return f"{self.model_name}{ema}_cp={tag}_{self.part}{SUFFIX}"
+
+    @staticmethod
+    def parse(file_name: str) -> tuple[Member, str] | None:
+        """The member and tag a final file name stands for; None for any other file."""
+        match = _MEMBER_NAME.match(file_name)
+        if match is None:
+            return None
+        ema = float(match["ema"]) if match["ema"] is not None else None
+        return Member(match["model"], match["part"], ema), match["tag"]  # type: ignore[arg-type]
+
+    def describe(self) -> str:
+        """`the EMA 0.999 weights of classifier`."""
+        kind = {"model": "weights", "optim": "optimizer state", "trainer": "trainer state"}[self.part]
+        ema = "" if self.ema_factor is None else f"EMA {self.ema_factor} "
+        return f"the {ema}{kind} of {self.model_name}"
+
+
+@dataclass
+class CheckpointInfo:
+    """What a tag holds on disk."""
+
+    tag: str
+    files: dict[Member, Path] = field(default_factory=dict)
+    iteration: TrainingIteration | None = None
+    resumable: bool = False
+    problem: str | None = None
+    """Why the tag cannot be resumed or used (None when it can, or when it holds weights only)."""
+
+    @property
+    def size(self) -> int:
+        return sum(_size(path) for path in self.files.values())
+
+
+def stamp(tag: str, iteration: TrainingIteration, run_id: str) -> dict[str, Any]:
+    """What every checkpoint file records about itself, so that a set of files can be checked."""
+    return {"checkpoint_tag": tag, "training_iteration": iteration.to_dict(), "run_id": run_id}
+
+
+def iteration_of_tag(tag: str) -> TrainingIteration | None:
+    """The iteration a periodic, interrupt or error tag names (`E2_U38_S2432[.signal_interrupt]`)."""
+    match = PERIODIC_TAG.match(tag.split(".", 1)[0])
+    return None if match is None else TrainingIteration(int(match["epoch"]), int(match["update"]), int(match["sample"]))
+
+
+class CheckpointStore:
+    """Checkpoint sets of one run's `checkpoints/` directory (see the module docstring).
+
+    Without a writer the store only reads (run tools, evaluation of a read-only run).
+    """
+
+    def __init__(self, directory: Path, run_id: str, writer: CheckpointWriter | None = None) -> None:
+        self.directory = Path(directory)
+        self.run_id = run_id
+        self.writer = writer
+        self._trainer_tags: set[str] = set()  # tags this process saved (or will save) a trainer set under
+
+    # ----------------------------------------------------------------------------- names
+    def path(self, member: Member, tag: str) -> Path:
+        return self.directory / member.file_name(tag)
+
+    # ----------------------------------------------------------------------------- writing
+    def save(
+        self,
+        tag: str,
+        iteration: TrainingIteration,
+        members: dict[Member, dict[str, Any]],
+        trainer_state: dict[str, Any] | None = None,
+        *,
+        trainer_model_name: str | None = None,
+    ) -> bool:
+        """Stage `members` (payloads with a `state_dict`) and, with `trainer_state`, the trainer state
+        of `trainer_model_name`; commit them under `tag` once all are written.
+
+        A set without trainer state (a best model, EMA weights on their own schedule) never replaces
+        members of a tag that holds a trainer set: those must stay the state the trainer resumes
+        with. Such a save is skipped (returns False).
+        """
+        writer = self._require_writer()
+        if trainer_state is None and self.holds_trainer_set(tag):
+            return False
+        if trainer_state is not None:
+            self._trainer_tags.add(tag)
+        set_id = f"{os.getpid():x}-{next(_set_ids)}"
+        writer.check()  # an earlier write's failure is reported before anything of this set is staged
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for member, payload in members.items():
+                final = self.path(member, tag)
+                staged.append((final, _staged_path(final, set_id)))
+                # the commit's directory sync makes the set durable, not each staged file's
+                writer.save(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False)
+            if trainer_state is not None:
+                final = self.path(Member(trainer_model_name or "model", "trainer"), tag)
+                staged.append((final, _staged_path(final, set_id)))
+                payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": [path.name for path, _ in staged[:-1]]}
+                writer.save(staged[-1][1], payload, sync_directory=False)
+        except BaseException:
+            if not writer.asynchronous:
+                _discard(staged)
+                raise
+            # behind the members already queued; a later write failure reported while queueing is
+            # dropped (this set's own error is the one raised)
+            while True:
+                with contextlib.suppress(CheckpointWriteError):
+                    writer.call_after_writes(lambda: _discard(staged))
+                    break
+            raise
+        writer.call_after_writes(lambda: _commit_or_abort(tag, staged))
+        return True
+
+    def link(self, source_tag: str, tag: str, members: Iterable[Member]) -> None:
+        """Make `tag` a second name of `source_tag`'s members once they are committed: the same bytes,
+        written once (their stamped tag stays `source_tag`)."""
+        writer = self._require_writer()
+        for member in members:
+            writer.link(self.path(member, source_tag), self.path(member, tag))
+
+    def delete(self, tag: str) -> None:
+        """Remove every file of `tag` once every earlier save is committed (so never before a newer set
+        is durable). The first file is renamed to a marker first: a crash midway leaves the marker,
+        and `recover` finishes the deletion, so no partial set is ever left to be resumed."""
+        self._require_writer().call_after_writes(lambda: self._delete_now(tag))
+
+    def prune(self, tags: list[str], keep: int) -> None:
+        """Once every earlier save is committed, delete those of `tags` older than the `keep` newest
+        resumable ones. Decided on the writer thread: a set whose write failed is not on disk, so it
+        never counts towards `keep`, and the sets it would have replaced stay."""
+
+        def prune_now() -> None:
+            infos = [info for info in map(self.info, tags) if info.files and info.iteration is not None]
+            kept = sorted((info for info in infos if info.resumable), key=lambda info: info.iteration)[-keep:]
+            if len(kept) < keep:
+                return
+            for info in infos:
+                if info.iteration < kept[0].iteration:
+                    self._delete_now(info.tag)
+
+        self._require_writer().call_after_writes(prune_now)
+
+    def finish(self) -> None:
+        """Wait until every set is written and committed (raises the first write error)."""
+        self._require_writer().wait()
+
+    def holds_trainer_set(self, tag: str) -> bool:
+        return tag in self._trainer_tags or any(m.part == "trainer" for m in self._members_on_disk(tag))
+
+    def _require_writer(self) -> CheckpointWriter:
+        if self.writer is None:
+            raise RuntimeError("this CheckpointStore was opened for reading only")
+        return self.writer
+
+    def _delete_now(self, tag: str) -> None:
+        files = sorted(self._members_on_disk(tag).items(), key=lambda item: item[0].part != "trainer")
+        if not files:
+            return
+        marker = files[0][1].with_name(f".{files[0][1].name}{DELETING}")
+        os.replace(files[0][1], marker)
+        _sync_directory(self.directory)
+        for _, path in files[1:]:
+            path.unlink(missing_ok=True)
+        marker.unlink()
+        _sync_directory(self.directory)
+
+    # ----------------------------------------------------------------------------- recovery
+    def recover(self) -> list[str]:
+        """After a crash: commit every set whose members were all staged by one save, finish
+        interrupted deletions, remove every other leftover. Returns one line per action, for the log.
+
+        Only for a run directory that no other process writes to (the run lock guarantees that).
+        """
+        actions: list[str] = []
+        if not self.directory.is_dir():
+            return actions
+        for marker in sorted(self.directory.glob(f".*{DELETING}")):
+            parsed = Member.parse(marker.name[1 : -len(DELETING)])
+            if parsed is not None:
+                for path in self._members_on_disk(parsed[1]).values():
+                    path.unlink(missing_ok=True)
+                actions.append(f"finished deleting checkpoint '{parsed[1]}'")
+            marker.unlink(missing_ok=True)
+        for staged_trainer in sorted(self.directory.glob(f".*_trainer{SUFFIX}~*{STAGED}")):
+            actions.append(self._recover_set(staged_trainer))
+        for leftover in self.directory.glob(f".*{STAGED}"):
+            leftover.unlink(missing_ok=True)
+        return actions
+
+    def _recover_set(self, staged_trainer: Path) -> str:
+        match = _STAGED_NAME.match(staged_trainer.name)
+        assert match is not None
+        final_trainer = self.directory / match["name"]
+        try:
+            state = self._read(staged_trainer)
+            tag, iteration = state["checkpoint_tag"], TrainingIteration.from_dict(state["training_iteration"])
+            members = [self.directory / name for name in state["files"]]
+        except (CheckpointLoadError, KeyError, TypeError) as error:
+            staged_trainer.unlink(missing_ok=True)
+            return f"discarded a damaged staged checkpoint set ({staged_trainer.name}: {error})"
+        pairs = [(path, _staged_path(path, match["set_id"])) for path in members]
+        for final, staged in pairs:
+            if staged.exists() or self._stamped_at(final, tag, iteration):
+                continue  # staged by this save, or already moved by its interrupted commit
+            for _, other in pairs:
+                other.unlink(missing_ok=True)
+            staged_trainer.unlink(missing_ok=True)
+            return f"discarded checkpoint set '{tag}' of {iteration}: {final.name} was never completely written"
+        _commit([*pairs, (final_trainer, staged_trainer)])
+        return f"completed checkpoint set '{tag}' of {iteration}, written before the previous run stopped"
+
+    def _stamped_at(self, path: Path, tag: str, iteration: TrainingIteration) -> bool:
+        try:
+            payload = self._read(path)
+        except CheckpointLoadError:
+            return False
+        return payload.get("checkpoint_tag") == tag and payload.get("training_iteration") == iteration.to_dict()
+
+    def set_aside_after(self, iteration: TrainingIteration) -> list[str]:
+        """Move every tag written after `iteration` (another history, abandoned by a resume from an
+        earlier checkpoint) into `abandoned_after_{iteration}/`, so that none is taken for this run's
+        best, latest or newest checkpoint. Returns the tags moved."""
+        moved = []
+        for info in self.tags():
+            if info.iteration is None or info.iteration <= iteration:
+                continue
+            target = self.directory / f"abandoned_after_{iteration}"
+            target.mkdir(exist_ok=True)
+            for path in info.files.values():
+                os.replace(path, target / path.name)
+            moved.append(info.tag)
+        if moved:
+            _sync_directory(self.directory)
+        return moved
+
+    # ----------------------------------------------------------------------------- reading
+    def exists(self, member: Member, tag: str) -> bool:
+        return self.path(member, tag).exists()
+
+    def load(self, member: Member, tag: str, *, expected_iteration: TrainingIteration | None = None) -> dict[str, Any]:
+        """The payload of one member, checked to be a checkpoint of this kind (and of `expected_iteration`)."""
+        path = self.path(member, tag)
+        payload = load_checkpoint(path)
+        required = ("training_iteration",) if member.part == "trainer" else ("state_dict", "training_iteration")
+        missing = [key for key in required if key not in payload]
+        if missing:
+            raise CheckpointLoadError(
+                f"{path} is not {member.describe()} written by noether (no {', '.join(repr(k) for k in missing)})"
+            )
+        written_at = TrainingIteration.from_dict(payload["training_iteration"])
+        if expected_iteration is not None and written_at != expected_iteration:
+            raise CheckpointLoadError(
+                f"{path} was written at {written_at} but the rest of checkpoint '{tag}' at {expected_iteration}; "
+                "resume from another checkpoint"
+            )
+        return payload
+
+    def iteration(self, tag: str) -> TrainingIteration:
+        """The training iteration `tag` was written at (from its trainer state, else from any of its files)."""
+        info = self.info(tag)
+        if not info.files:
+            known = ", ".join(other.tag for other in self.tags()) or "none"
+            raise CheckpointLoadError(f"no checkpoint '{tag}' in {self.directory}; its checkpoints: {known}")
+        if info.iteration is None:
+            raise CheckpointLoadError(f"checkpoint '{tag}' in {self.directory} cannot be read: {info.problem}")
+        return info.iteration
+
+    def tags(self) -> list[CheckpointInfo]:
+        """Every tag on disk, oldest iteration first (tags whose iteration cannot be read last)."""
+        by_tag: dict[str, dict[Member, Path]] = {}
+        for path in self._listing():
+            parsed = Member.parse(path.name)
+            if parsed is not None:
+                by_tag.setdefault(parsed[1], {})[parsed[0]] = path
+        infos = [self._describe(tag, files) for tag, files in by_tag.items()]
+        return sorted(infos, key=lambda info: (info.iteration is None, info.iteration or TrainingIteration(), info.tag))
+
+    def info(self, tag: str) -> CheckpointInfo:
+        return self._describe(tag, self._members_on_disk(tag))
+
+    def newest_resumable(self) -> CheckpointInfo | None:
+        """The resumable tag of the latest training iteration. On a tie, a tag named by its iteration
+        (periodic, interrupt, error) before `last` (saved after `after_training` logged its final values,
+        which a continued run would log again) before `latest`."""
+        resumable = [info for info in self.tags() if info.resumable]
+        if not resumable:
+            return None
+        preference = {"latest": 0, "last": 1}
+        return max(resumable, key=lambda info: (info.iteration, preference.get(info.tag, 2)))
+
+    def staged_leftovers(self) -> list[Path]:
+        """Files of sets that were being written or deleted when a process stopped."""
+        return sorted(path for path in self._listing(hidden=True) if path.name.endswith((STAGED, DELETING)))
+
+    def _describe(self, tag: str, files: dict[Member, Path]) -> CheckpointInfo:
+        info = CheckpointInfo(tag=tag, files=files)
+        if not files:
+            info.problem = "no files"
+            return info
+        trainer = next((path for member, path in files.items() if member.part == "trainer"), None)
+        if trainer is None:
+            info.iteration = iteration_of_tag(tag)
+            if info.iteration is None:
+                with contextlib.suppress(CheckpointLoadError, KeyError, TypeError):
+                    info.iteration = TrainingIteration.from_dict(self._read(next(iter(files.values())))["training_iteration"])
+            return info
+        try:
+            state = self._read(trainer)
+            info.iteration = TrainingIteration.from_dict(state["training_iteration"])
+            listed = state["files"]
+        except (CheckpointLoadError, KeyError, TypeError) as error:
+            info.problem = f"unreadable trainer state: {error}"
+            return info
+        missing = [name for name in listed if not (self.directory / name).exists()]
+        info.problem = f"missing {', '.join(missing)}" if missing else None
+        info.resumable = not missing
+        return info
+
+    def _members_on_disk(self, tag: str) -> dict[Member, Path]:
+        found = {}
+        for path in self._listing():
+            parsed = Member.parse(path.name)
+            if parsed is not None and parsed[1] == tag:
+                found[parsed[0]] = path
+        return found
+
+    def _listing(self, hidden: bool = False) -> list[Path]:
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        return [Path(entry.path) for entry in entries if entry.name.startswith(".") == hidden]
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any]:
+        """A checkpoint's small fields without reading its tensors (memory-mapped)."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - load_checkpoint names what is wrong
+            payload = load_checkpoint(path)
+        if not isinstance(payload, dict):
+            raise CheckpointLoadError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+        return payload
+
+
+# --------------------------------------------------------------------------------- commit
+def _staged_path(path: Path, set_id: str) -> Path:
+    return path.with_name(f".{path.name}~{set_id}{STAGED}")
+
+
+def _commit_or_abort(tag: str, staged: list[tuple[Path, Path]]) -> None:
+    """On the writer thread, after every member's write: move the set into place, or, if a member is
+    missing (its write failed and was reported), remove what was staged and keep the previous set."""
+    missing = [final.name for final, staged_path in staged if not staged_path.exists()]
+    if missing:
+        _discard(staged)
+        raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
+    _commit(staged)
+
+
+def _discard(staged: list[tuple[Path, Path]]) -> None:
+    for _, staged_path in staged:
+        staged_path.unlink(missing_ok=True)
+
+
+def _commit(staged: list[tuple[Path, Path]]) -> None:
+    """Renames the staged members over their final names in order (the trainer state last), then
+    makes the renames durable."""
+    for final, staged_path in staged:
+        if staged_path.exists():  # else an interrupted commit already moved it
+            os.replace(staged_path, final)
+    _sync_directory(staged[-1][0].parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+

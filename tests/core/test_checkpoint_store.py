@@ -1,0 +1,177 @@
+"""CheckpointStore: sets commit whole or not at all, crashes are recovered, tags listed and deleted whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from noether.core.checkpoint_store import CheckpointStore, Member
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
+
+WEIGHTS, OPTIM, EMA = Member("net", "model"), Member("net", "optim"), Member("net", "model", 0.99)
+
+
+def at(update: int) -> TrainingIteration:
+    return TrainingIteration(epoch=update // 10, update=update, sample=update * 8)
+
+
+def members(value: float) -> dict[Member, dict]:
+    return {WEIGHTS: {"state_dict": {"w": torch.full((4,), value)}}, OPTIM: {"state_dict": {"step": value}}, EMA: {"state_dict": {"w": torch.full((4,), -value)}}}
+
+
+@pytest.fixture(params=[True, False], ids=["async", "sync"])
+def store(request, tmp_path: Path):
+    writer = CheckpointWriter(asynchronous=request.param)
+    yield CheckpointStore(tmp_path, "run", writer)
+    writer.close()
+
+
+def save_set(store: CheckpointStore, tag: str, update: int, value: float) -> None:
+    store.save(tag, at(update), members(value), {"note": value}, trainer_model_name="net")
+
+
+def test_a_set_is_stamped_listed_and_resumable(store):
+    save_set(store, "E0_U3_S24", 3, 1.0)
+    save_set(store, "latest", 5, 2.0)
+    store.finish()
+
+    assert sorted(p.name for p in store.directory.iterdir() if p.name != ".lock") == sorted(
+        f"net{ema}_cp={tag}_{part}.th" for tag in ("E0_U3_S24", "latest") for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
+    )
+    weights = store.load(WEIGHTS, "latest")
+    assert torch.equal(weights["state_dict"]["w"], torch.full((4,), 2.0))
+    assert (weights["checkpoint_tag"], weights["training_iteration"], weights["run_id"]) == ("latest", at(5).to_dict(), "run")
+    assert [(info.tag, info.iteration, info.resumable) for info in store.tags()] == [("E0_U3_S24", at(3), True), ("latest", at(5), True)]
+    assert store.newest_resumable().tag == "latest"
+
+
+def test_a_set_whose_member_cannot_be_written_is_aborted_and_the_previous_set_stays(store, monkeypatch):
+    save_set(store, "latest", 3, 1.0)
+    store.finish()
+    unpicklable = members(2.0)
+    unpicklable[OPTIM] = {"state_dict": {"step": lambda: None}}  # torch.save cannot pickle it
+
+    with pytest.raises(CheckpointWriteError, match=r"net_cp=latest_optim\.th"):
+        store.save("latest", at(5), unpicklable, {"note": 2.0}, trainer_model_name="net")
+        store.finish()
+    assert store.staged_leftovers() == []
+    assert store.iteration("latest") == at(3)
+    for member in (WEIGHTS, OPTIM, EMA):
+        assert store.load(member, "latest")["training_iteration"] == at(3).to_dict()
+
+
+def test_a_weights_only_save_never_replaces_members_of_a_trainer_set(store):
+    save_set(store, "latest", 3, 1.0)
+    assert not store.save("latest", at(7), {EMA: {"state_dict": {"w": torch.zeros(4)}}})
+    assert store.save("E0_U7_S56", at(7), {EMA: {"state_dict": {"w": torch.zeros(4)}}})
+    store.finish()
+    assert store.load(EMA, "latest")["training_iteration"] == at(3).to_dict()
+    assert not store.info("E0_U7_S56").resumable  # weights only: nothing to resume from
+
+
+def test_recovery_completes_a_fully_staged_set_and_discards_a_partial_one(tmp_path):
+    with CheckpointWriter(asynchronous=False) as writer:
+        store = CheckpointStore(tmp_path, "run", writer)
+        save_set(store, "latest", 3, 1.0)
+        committed = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    # a crash after staging a complete set of update 5 (before its commit) ...
+    for name, data in committed.items():
+        staged_name = f".{name}~abc-1.staged"
+        (tmp_path / staged_name).write_bytes(data)
+    # ... and one of update 7 whose optimizer state was never written
+    (tmp_path / ".net_cp=last_trainer.th~abc-2.staged").write_bytes(committed["net_cp=latest_trainer.th"].replace(b"latest", b"last__"))
+    for name in committed:
+        (tmp_path / name).unlink()
+
+    actions = CheckpointStore(tmp_path, "run").recover()
+
+    assert any("completed checkpoint set 'latest'" in action for action in actions)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(committed)
+    assert CheckpointStore(tmp_path, "run").newest_resumable().tag == "latest"
+
+
+def test_recovery_refuses_a_member_left_by_an_older_save(tmp_path):
+    """The disk-full case: the optimizer state of the new set was never staged; the final name still holds
+    the old set's. Recovery must not mix them."""
+    with CheckpointWriter(asynchronous=False) as writer:
+        store = CheckpointStore(tmp_path, "run", writer)
+        save_set(store, "latest", 3, 1.0)
+        save_set(store, "E0_U5_S40", 5, 2.0)
+    new = {m: tmp_path / m.file_name("E0_U5_S40") for m in (WEIGHTS, EMA, Member("net", "trainer"))}
+    trainer_state = torch.load(new[Member("net", "trainer")], weights_only=True)
+    trainer_state.update(checkpoint_tag="latest", files=[m.file_name("latest") for m in (WEIGHTS, OPTIM, EMA)])
+    torch.save(trainer_state, tmp_path / f".{Member('net', 'trainer').file_name('latest')}~abc-3.staged")
+    for member in (WEIGHTS, EMA):
+        new[member].rename(tmp_path / f".{member.file_name('latest')}~abc-3.staged")
+
+    actions = CheckpointStore(tmp_path, "run").recover()
+
+    assert any("discarded checkpoint set 'latest'" in action and "net_cp=latest_optim.th was never completely written" in action for action in actions)
+    store = CheckpointStore(tmp_path, "run")
+    assert store.staged_leftovers() == []
+    for member in (WEIGHTS, OPTIM, EMA):
+        assert store.load(member, "latest")["training_iteration"] == at(3).to_dict()
+
+
+def test_prune_keeps_the_newest_sets_and_deletes_older_ones_whole(store):
+    tags = [str(at(update)) for update in (2, 4, 6, 8)]
+    for update, tag in zip((2, 4, 6, 8), tags):
+        save_set(store, tag, update, float(update))
+    save_set(store, "latest", 8, 8.0)
+    store.prune(tags, keep=2)
+    store.finish()
+    assert [info.tag for info in store.tags()] == [tags[2], tags[3], "latest"]
+
+
+def test_prune_does_not_count_a_set_that_failed(store):
+    tags = [str(at(2)), str(at(4))]
+    save_set(store, tags[0], 2, 2.0)
+    broken = members(4.0)
+    broken[OPTIM] = {"state_dict": {"step": lambda: None}}
+    with pytest.raises(CheckpointWriteError):
+        store.save(tags[1], at(4), broken, {"note": 4.0}, trainer_model_name="net")
+        store.prune(tags, keep=1)
+        store.finish()
+    store.prune(tags, keep=1)
+    store.finish()
+    assert [info.tag for info in store.tags()] == [tags[0]]
+
+
+def test_a_deletion_interrupted_by_a_crash_is_finished_by_recovery(tmp_path):
+    with CheckpointWriter(asynchronous=False) as writer:
+        store = CheckpointStore(tmp_path, "run", writer)
+        save_set(store, "E0_U2_S16", 2, 1.0)
+        save_set(store, "E0_U4_S32", 4, 2.0)
+    # the first step of a deletion: its trainer state renamed to the marker; then the crash
+    trainer = tmp_path / Member("net", "trainer").file_name("E0_U2_S16")
+    trainer.rename(tmp_path / f".{trainer.name}.deleting")
+    assert not CheckpointStore(tmp_path, "run").info("E0_U2_S16").resumable
+
+    CheckpointStore(tmp_path, "run").recover()
+
+    assert [info.tag for info in CheckpointStore(tmp_path, "run").tags()] == ["E0_U4_S32"]
+    assert not any(path.name.startswith(".") for path in tmp_path.iterdir())
+
+
+def test_tags_written_after_an_iteration_are_set_aside(store):
+    save_set(store, "E0_U2_S16", 2, 1.0)
+    save_set(store, "E0_U4_S32", 4, 2.0)
+    store.save("best_model.loss", at(4), {WEIGHTS: {"state_dict": {"w": torch.zeros(4)}}})
+    store.finish()
+
+    assert store.set_aside_after(at(2)) == ["E0_U4_S32", "best_model.loss"]
+
+    assert [info.tag for info in store.tags()] == ["E0_U2_S16"]
+    assert (store.directory / f"abandoned_after_{at(2)}" / WEIGHTS.file_name("best_model.loss")).exists()
+
+
+def test_a_member_of_the_wrong_kind_is_named(store, tmp_path):
+    save_set(store, "latest", 3, 1.0)
+    store.finish()
+    (tmp_path / OPTIM.file_name("latest")).replace(tmp_path / EMA.file_name("latest"))
+    torch.save({"training_iteration": at(3).to_dict()}, tmp_path / EMA.file_name("latest"))
+    with pytest.raises(CheckpointLoadError, match=r"net_ema=0\.99_cp=latest_model\.th is not the EMA 0\.99 weights of net written by noether \(no 'state_dict'\)"):
+        store.load(EMA, "latest")
