@@ -1,6 +1,6 @@
 """Benchmark ModuleEma.update() against the memory-bandwidth bound of one flat lerp_ and a per-parameter loop.
 
-    python benchmarks/ema_update.py [--params 100_000_000] [--factors 1 3] [--json out.json]
+    python benchmarks/ema_update.py [--params 100_000_000] [--factors 1 3] [--device cuda] [--json out.json]
 
 Per factor, an EMA update reads two and writes one float per parameter, like a single ``lerp_`` over one flat
 buffer of the same size, which is the floor to compare against. The variants run interleaved over several
@@ -37,13 +37,16 @@ def build_model(params: int) -> nn.ModuleList:
     return nn.ModuleList(nn.Linear(max(8, round(a * scale)), max(8, round(b * scale))) for a, b in shapes)
 
 
-def interleaved_times(variants: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    """Seconds per variant and repetition, running one of each per repetition."""
+def interleaved_times(variants: dict[str, Callable[[], object]], device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds per variant and repetition, running one of each per repetition (GPU work waited for)."""
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repetition in range(WARMUP + REPETITIONS):
         for name, fn in variants.items():
+            synchronize()
             start = time.perf_counter()
             fn()
+            synchronize()
             if repetition >= WARMUP:
                 times[name].append(time.perf_counter() - start)
     return times
@@ -54,9 +57,9 @@ def swap_in_and_out(ema: ModuleEma, factor: float) -> None:
         pass
 
 
-def run(params: int, n_factors: int) -> dict:
+def run(params: int, n_factors: int, device: str = "cpu") -> dict:
     """Times per factor of ModuleEma.update(), one flat lerp_ and a per-parameter loop, plus one swap."""
-    model = build_model(params)
+    model = build_model(params).to(device)
     factors = [1.0 - 10.0 ** -(i + 1) for i in range(n_factors)]
     ema = ModuleEma(model, factors)
     live = list(model.parameters())
@@ -80,7 +83,8 @@ def run(params: int, n_factors: int) -> dict:
                 "flat": lambda: flat_ema.lerp_(flat_live, weight),
                 "loop": loop,
                 "swap": lambda: swap_in_and_out(ema, factors[0]),
-            }
+            },
+            device,
         )
     times["module_ema"] = [t / n_factors for t in times["module_ema"]]
     medians = {name: statistics.median(values) for name, values in times.items()}
@@ -106,10 +110,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=lambda s: int(s.replace("_", "")), default=100_000_000)
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; nothing measured")
 
-    results = [run(args.params, n) for n in args.factors]
+    results = [run(args.params, n, args.device) for n in args.factors]
     first = results[0]
     print(
         f"{first['params']:,} float32 params in {first['tensors']} tensors, {first['threads']} threads, "

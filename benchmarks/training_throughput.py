@@ -8,7 +8,7 @@ difference between a run of 2E and one of E epochs, divided by the extra updates
 start-up and shutdown costs (building the optimizer, the final wait for pending writes) cancel
 out. The variants are run interleaved, several rounds, and medians are compared.
 
-    python benchmarks/training_throughput.py [--rounds 3] [--json out.json]
+    python benchmarks/training_throughput.py [--rounds 3] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,10 +46,13 @@ TENSORBOARD = [{"kind": "noether.core.trackers.TensorBoardTracker"}]
 SIZES = {"example": {"hidden_dim": 128, "depth": 2}, "large": {"hidden_dim": 1024, "depth": 4}}
 
 
-def config_tree(output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], trackers: list[dict[str, Any]] = ()) -> dict[str, Any]:
+def config_tree(
+    output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], trackers: list[dict[str, Any]] = (), device: str = "cpu"
+) -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output_path)
     tree["trackers"] = list(trackers)
+    tree["device"] = device
     tree["model"].update(SIZES[size], dropout=0.0)
     tree["trainer"].update({"max_epochs": epochs, "callbacks": callbacks})
     return tree
@@ -68,6 +71,7 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     counter = trainer.train()
     log_writer.close()
     trainer.context.checkpoints.writer.close()
+    _synchronize(config.device)
     return time.perf_counter() - start, counter.update
 
 
@@ -76,7 +80,7 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     config = parse_run_config({**tree, "run_id": "bare"})
     torch.manual_seed(config.seed)
     dataset = DigitsDataset(DigitsDatasetConfig(split="train"))
-    model = DigitsClassifier(DigitsClassifierConfig(**config.model.model_dump(exclude={"kind"})))
+    model = DigitsClassifier(DigitsClassifierConfig(**config.model.model_dump(exclude={"kind"}))).to(config.device)
     optimizer = config.model.optimizer.build(model.parameters())
     loader = DataLoader(dataset, batch_size=config.trainer.effective_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
@@ -84,12 +88,19 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     start = time.perf_counter()
     for _ in range(config.trainer.max_epochs):
         for batch in loader:
-            loss = F.cross_entropy(model(batch["x"]), batch["y"])
+            x, y = batch["x"].to(config.device, non_blocking=True), batch["y"].to(config.device, non_blocking=True)
+            loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
+    _synchronize(config.device)
     return time.perf_counter() - start, updates
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, Any]], run_id: str) -> float:
@@ -99,7 +110,7 @@ def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, 
     return (long_seconds - short_seconds) / (long_updates - short_updates)
 
 
-def run(size: str = "example", rounds: int = 3, epochs: int = 10) -> dict[str, float]:
+def run(size: str = "example", rounds: int = 3, epochs: int = 10, device: str = "cpu") -> dict[str, float]:
     logging.getLogger("noether").setLevel(logging.WARNING)
     variants = {
         "bare_loop": (time_bare_loop, [], []),
@@ -109,10 +120,10 @@ def run(size: str = "example", rounds: int = 3, epochs: int = 10) -> dict[str, f
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as output:
-        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, TENSORBOARD), "warm-up")  # imports, first allocations
+        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, TENSORBOARD, device), "warm-up")  # imports, first allocations
         for round_index in range(rounds):
             for name, (timer, callbacks, trackers) in variants.items():
-                trees = tuple(config_tree(Path(output), size, n, callbacks, trackers) for n in (epochs, 2 * epochs))
+                trees = tuple(config_tree(Path(output), size, n, callbacks, trackers, device) for n in (epochs, 2 * epochs))
                 times[name].append(marginal_time_per_update(timer, trees, f"{name}{round_index}"))
     medians = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
     bare = medians["bare_loop_ms_per_update"]
@@ -127,9 +138,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="example")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
-    results = run(arguments.size, arguments.rounds, arguments.epochs)
+    if arguments.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; nothing measured")
+    results = run(arguments.size, arguments.rounds, arguments.epochs, arguments.device)
     for key, value in results.items():
         print(f"{key:40s} {value:10.4f}")
     if arguments.json:
