@@ -57,6 +57,7 @@ def test_a_set_whose_member_cannot_be_written_is_aborted_and_the_previous_set_st
     with pytest.raises(CheckpointWriteError, match=r"net_cp=latest_optim\.th"):
         store.save("latest", at(5), unpicklable, {"note": 2.0}, trainer_model_name="net")
         store.finish()
+    store.finish()  # whichever way the error surfaced, the abort is done on the writer thread
     assert store.staged_leftovers() == []
     assert store.iteration("latest") == at(3)
     for member in (WEIGHTS, OPTIM, EMA):
@@ -72,25 +73,27 @@ def test_a_weights_only_save_never_replaces_members_of_a_trainer_set(store):
     assert not store.info("E0_U7_S56").resumable  # weights only: nothing to resume from
 
 
-def test_recovery_completes_a_fully_staged_set_and_discards_a_partial_one(tmp_path):
+def test_recovery_completes_a_set_whose_commit_had_begun_and_discards_one_not_yet_committed(tmp_path):
     with CheckpointWriter(asynchronous=False) as writer:
         store = CheckpointStore(tmp_path, "run", writer)
         save_set(store, "latest", 3, 1.0)
-        committed = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
-    # a crash after staging a complete set of update 5 (before its commit) ...
-    for name, data in committed.items():
-        staged_name = f".{name}~abc-1.staged"
-        (tmp_path / staged_name).write_bytes(data)
-    # ... and one of update 7 whose optimizer state was never written
-    (tmp_path / ".net_cp=last_trainer.th~abc-2.staged").write_bytes(committed["net_cp=latest_trainer.th"].replace(b"latest", b"last__"))
-    for name in committed:
-        (tmp_path / name).unlink()
+        save_set(store, "E0_U5_S40", 5, 2.0)
+    # a stop in the middle of the commit of `latest`: its weights already moved, the rest still staged
+    for member in (OPTIM, EMA, Member("net", "trainer")):
+        path = tmp_path / member.file_name("latest")
+        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+    # and one of E0_U5_S40 written completely but not committed (not yet made durable)
+    for member in (WEIGHTS, OPTIM, EMA, Member("net", "trainer")):
+        path = tmp_path / member.file_name("E0_U5_S40")
+        path.rename(tmp_path / f".{path.name}~abc-2.staged")
 
     actions = CheckpointStore(tmp_path, "run").recover()
 
-    assert any("completed checkpoint set 'latest'" in action for action in actions)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(committed)
-    assert CheckpointStore(tmp_path, "run").newest_resumable().tag == "latest"
+    assert "completed checkpoint set 'latest' of E0_U3_S24, whose commit a stop had interrupted" in actions
+    assert "discarded checkpoint set 'E0_U5_S40' of E0_U5_S40: its commit had not begun" in actions
+    store = CheckpointStore(tmp_path, "run")
+    assert [(info.tag, info.resumable) for info in store.tags()] == [("latest", True)]
+    assert store.staged_leftovers() == []
 
 
 def test_recovery_refuses_a_member_left_by_an_older_save(tmp_path):

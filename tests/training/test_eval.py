@@ -54,9 +54,9 @@ def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(tr
     copy = tmp_path / "copy"
     shutil.copytree(paths.run_dir, copy)
     store = CheckpointStore(copy / "checkpoints", "run")
-    # a crash right after staging a set whose every member was written: E1's files under staged names
-    for path in store.info("E1_U9_S1152").files.values():
-        path.rename(path.with_name(f".{path.name}~abc-1.staged"))
+    # a crash in the middle of committing E1: its weights moved into place, its trainer state still staged
+    trainer = next(path for member, path in store.info("E1_U9_S1152").files.items() if member.part == "trainer")
+    trainer.rename(trainer.with_name(f".{trainer.name}~abc-1.staged"))
     config = write_config(tree)
 
     run_cli("noether-eval", str(config), "--run", str(copy), "--checkpoint", "E1_U9_S1152", cwd=tmp_path)

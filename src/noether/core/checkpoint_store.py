@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,14 @@ from typing import Any, Literal
 import torch
 
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter, load_checkpoint
+from noether.core.writers.checkpoint_writer import (
+    CheckpointLoadError,
+    CheckpointWriteError,
+    CheckpointWriter,
+    load_checkpoint,
+    make_durable,
+    sync_directory,
+)
 
 Part = Literal["model", "optim", "trainer"]
 SUFFIX = ".th"
@@ -146,13 +153,13 @@ class CheckpointStore:
             for member, payload in members.items():
                 final = self.path(member, tag)
                 staged.append((final, _staged_path(final, set_id)))
-                # the commit's directory sync makes the set durable, not each staged file's
-                writer.save(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False)
+                # the commit makes the whole set durable at once (one barrier), not each staged file
+                writer.save(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
             if trainer_state is not None:
                 final = self.path(Member(trainer_model_name or "model", "trainer"), tag)
                 staged.append((final, _staged_path(final, set_id)))
                 payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": [path.name for path, _ in staged[:-1]]}
-                writer.save(staged[-1][1], payload, sync_directory=False)
+                writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
         except BaseException:
             if not writer.asynchronous:
                 _discard(staged)
@@ -164,7 +171,7 @@ class CheckpointStore:
                     writer.call_after_writes(lambda: _discard(staged))
                     break
             raise
-        writer.call_after_writes(lambda: _commit_or_abort(tag, staged))
+        writer.call_after_writes(lambda: _commit_or_abort(writer, tag, staged))
         return True
 
     def link(self, source_tag: str, tag: str, members: Iterable[Member]) -> None:
@@ -214,11 +221,11 @@ class CheckpointStore:
             return
         marker = files[0][1].with_name(f".{files[0][1].name}{DELETING}")
         os.replace(files[0][1], marker)
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
         for _, path in files[1:]:
             path.unlink(missing_ok=True)
         marker.unlink()
-        _sync_directory(self.directory)
+        sync_directory(self.directory)
 
     # ----------------------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
@@ -255,15 +262,18 @@ class CheckpointStore:
             staged_trainer.unlink(missing_ok=True)
             return f"discarded a damaged staged checkpoint set ({staged_trainer.name}: {error})"
         pairs = [(path, _staged_path(path, match["set_id"])) for path in members]
-        for final, staged in pairs:
-            if staged.exists() or self._stamped_at(final, tag, iteration):
-                continue  # staged by this save, or already moved by its interrupted commit
-            for _, other in pairs:
-                other.unlink(missing_ok=True)
+        moved = [final for final, staged in pairs if not staged.exists() and self._stamped_at(final, tag, iteration)]
+        missing = [final for final, staged in pairs if not staged.exists() and final not in moved]
+        if missing or not moved:
+            # never completely written, or written but not yet made durable (its commit had not begun:
+            # after a power loss its files may hold holes); the previous set under the tag stays
+            for _, staged in pairs:
+                staged.unlink(missing_ok=True)
             staged_trainer.unlink(missing_ok=True)
-            return f"discarded checkpoint set '{tag}' of {iteration}: {final.name} was never completely written"
-        _commit([*pairs, (final_trainer, staged_trainer)])
-        return f"completed checkpoint set '{tag}' of {iteration}, written before the previous run stopped"
+            reason = f"{missing[0].name} was never completely written" if missing else "its commit had not begun"
+            return f"discarded checkpoint set '{tag}' of {iteration}: {reason}"
+        _commit([*pairs, (final_trainer, staged_trainer)])  # its files were made durable before the first move
+        return f"completed checkpoint set '{tag}' of {iteration}, whose commit a stop had interrupted"
 
     def _stamped_at(self, path: Path, tag: str, iteration: TrainingIteration) -> bool:
         try:
@@ -286,7 +296,7 @@ class CheckpointStore:
                 os.replace(path, target / path.name)
             moved.append(info.tag)
         if moved:
-            _sync_directory(self.directory)
+            sync_directory(self.directory)
         return moved
 
     # ----------------------------------------------------------------------------- reading
@@ -404,14 +414,16 @@ def _staged_path(path: Path, set_id: str) -> Path:
     return path.with_name(f".{path.name}~{set_id}{STAGED}")
 
 
-def _commit_or_abort(tag: str, staged: list[tuple[Path, Path]]) -> None:
-    """On the writer thread, after every member's write: move the set into place, or, if a member is
-    missing (its write failed and was reported), remove what was staged and keep the previous set."""
+def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path, Path]]) -> None:
+    """On the writer thread, after every member's write: make the set durable (one barrier for all
+    its files) and move it into place, or, if a member is missing (its write failed and was
+    reported), remove what was staged and keep the previous set."""
     missing = [final.name for final, staged_path in staged if not staged_path.exists()]
     if missing:
         _discard(staged)
         raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
-    _commit(staged)
+    make_durable([staged_path for _, staged_path in staged])
+    _commit(staged, replace=writer.replace)
 
 
 def _discard(staged: list[tuple[Path, Path]]) -> None:
@@ -419,21 +431,13 @@ def _discard(staged: list[tuple[Path, Path]]) -> None:
         staged_path.unlink(missing_ok=True)
 
 
-def _commit(staged: list[tuple[Path, Path]]) -> None:
-    """Renames the staged members over their final names in order (the trainer state last), then
-    makes the renames durable."""
+def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path, Path], None] = os.replace) -> None:
+    """Renames the durable staged members over their final names in order (the trainer state last),
+    then makes the renames durable. `replace` may free the replaced files later (the writer's)."""
     for final, staged_path in staged:
         if staged_path.exists():  # else an interrupted commit already moved it
-            os.replace(staged_path, final)
-    _sync_directory(staged[-1][0].parent)
-
-
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            replace(staged_path, final)
+    sync_directory(staged[-1][0].parent)
 
 
 def _size(path: Path) -> int:
