@@ -59,7 +59,7 @@ def test_list_shows_every_tag_oldest_first_with_files_size_and_best_metric(full_
     assert by_tag["last"][-1] == "-"  # no validation at update 11
 
 
-def test_list_by_run_id_under_the_output_path_and_marks_staged_leftovers(full_run, tmp_path):
+def test_list_and_verify_by_run_id_under_the_output_path_report_staged_leftovers(full_run, tmp_path):
     run = copy_of(full_run, tmp_path)
     staged = run.checkpoint_dir / ".classifier_cp=E2_U18_S2304_model.th~abc-0.staged"
     shutil.copy(run.checkpoint_dir / "classifier_cp=last_model.th", staged)
@@ -68,22 +68,30 @@ def test_list_by_run_id_under_the_output_path_and_marks_staged_leftovers(full_ru
 
     assert lines[-1].startswith(f"{staged.name} ") and "not usable: staged, never committed" in lines[-1]
     assert not any(line.startswith("E2_U18") for line in lines)
+    verified = ckpt("verify", run.run_id, "--output-path", str(tmp_path), cwd=tmp_path).stdout.splitlines()
+    assert verified[0] == f"{staged.name}: staged leftover of an unfinished save or deletion, not a checkpoint"
+    assert verified[1].startswith("ok: all 19 files of 7 checkpoints")
 
 
 def test_verify_passes_on_a_sound_run(full_run):
     result = ckpt("verify", str(full_run.run_dir), cwd=full_run.run_dir)
-    assert result.stdout.strip().startswith("ok: all ")
+    assert result.stdout == "ok: all 19 files of 7 checkpoints load and agree\n"
 
 
-def test_verify_names_a_truncated_file(full_run, tmp_path):
+def test_verify_names_a_truncated_file_and_a_file_that_is_not_a_checkpoint(full_run, tmp_path):
     run = copy_of(full_run, tmp_path)
     damaged = run.checkpoint_dir / "classifier_cp=latest_optim.th"
     os.truncate(damaged, damaged.stat().st_size // 2)
+    replaced = run.checkpoint_dir / "classifier_ema=0.9_cp=last_model.th"
+    torch.save(torch.zeros(3), replaced)
 
     result = ckpt("verify", str(run.run_dir), cwd=tmp_path, check=False)
 
     assert result.returncode == 1
-    assert result.stdout.splitlines() == [f"{damaged.name}: checkpoint file is truncated or corrupt: {damaged.name}"]
+    assert result.stdout.splitlines() == [
+        f"{damaged.name}: checkpoint file is truncated or corrupt",
+        f"{replaced.name}: refusing to load it: it holds a Tensor, not a checkpoint dict",
+    ]
 
 
 def test_verify_names_both_files_of_two_swapped_tags(full_run, tmp_path):

@@ -133,7 +133,8 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
             try:
                 payload = store.load(member, info.tag)
             except CheckpointLoadError as error:
-                problems.append(f"{path.name}: {_one_line(str(error)).replace(str(path), path.name)}")
+                reason = _one_line(str(error)).replace(f": {path}", "").replace(str(path), "it")
+                problems.append(f"{path.name}: {reason}")
                 continue
             stamps[member] = {key: payload.get(key) for key in ("checkpoint_tag", "training_iteration", "run_id")}
         problems.extend(_stamp_disagreements(info, stamps))

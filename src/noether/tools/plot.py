@@ -18,9 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from noether.core.config import load_yaml  # noqa: E402
 from noether.core.providers.metric_property import MetricPropertyProvider  # noqa: E402
 from noether.core.providers.path import PathProvider  # noqa: E402
-from noether.core.config import load_yaml  # noqa: E402
 from noether.tools.checkpoints import best_callback_configs, metric_rows  # noqa: E402
 
 COUNTERS = ("epoch", "update", "sample")
