@@ -71,11 +71,11 @@ def eval_main(argv: list[str] | None = None) -> int:
 def ckpt_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-ckpt", description="List, verify or export the checkpoints of a run.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("list", "one line per checkpoint tag"), ("verify", "load every checkpoint file and check its stamps")):
-        _add_run_arguments(commands.add_parser(name, help=help_text))
+    _add_run_arguments(commands.add_parser("list", help="one line per checkpoint tag"))
+    _add_run_arguments(commands.add_parser("verify", help="load every checkpoint file and check its stamps"))
     export = commands.add_parser("export", help="write a checkpoint's weights as .safetensors or a plain state_dict .pt")
     _add_run_arguments(export)
-    export.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. last or best_model.loss.val.total")
+    export.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. best_model.loss.val.total")
     export.add_argument("--ema", metavar="FACTOR", help="the EMA weights of this factor instead of the weights")
     export.add_argument("--model", metavar="NAME", help="one submodel of a composite model (default: the whole model)")
     export.add_argument("--output", required=True, type=Path, metavar="FILE", help="ends in .safetensors or .pt")
@@ -90,7 +90,10 @@ def ckpt_main(argv: list[str] | None = None) -> int:
         if arguments.command == "list":
             print("\n".join(checkpoints.list_checkpoints(paths, store)) or f"no checkpoints in {store.directory}")
         elif arguments.command == "export":
-            print(checkpoints.export_weights(paths, store, arguments.checkpoint, arguments.output, ema=arguments.ema, model=arguments.model))
+            written = checkpoints.export_weights(
+                paths, store, arguments.checkpoint, arguments.output, ema=arguments.ema, model=arguments.model
+            )
+            print(written)
         else:
             problems, leftovers = checkpoints.verify_checkpoints(store)
             for line in [*problems, *leftovers]:

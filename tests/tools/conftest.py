@@ -19,8 +19,18 @@ def full_run_tree(output_path: Path) -> dict:
     """18 updates planned, stopped by SIGINT after update 11; validation and best tracking every 2 updates,
     the best and EMA models evaluated on the test set."""
     callbacks = [
-        {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
-        {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9], "eval_callbacks": [TEST_LOSS]},
+        {
+            "kind": "noether.core.callbacks.CheckpointCallback",
+            "every_n_epochs": 1,
+            "save_latest_weights": True,
+            "save_latest_optim": True,
+        },
+        {
+            "kind": "noether.core.callbacks.EmaCallback",
+            "every_n_epochs": 1,
+            "target_factors": [0.9],
+            "eval_callbacks": [TEST_LOSS],
+        },
         {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_updates": 2, "dataset_key": "val"},
         {
             "kind": "noether.core.callbacks.BestCheckpointCallback",

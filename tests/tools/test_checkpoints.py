@@ -29,7 +29,9 @@ def copy_of(run: PathProvider, tmp_path: Path) -> PathProvider:
     return PathProvider(tmp_path, run.run_id)
 
 
-def stored_weights(run: PathProvider, tag: str, model_name: str = "classifier", ema: float | None = None) -> dict[str, torch.Tensor]:
+def stored_weights(
+    run: PathProvider, tag: str, model_name: str = "classifier", ema: float | None = None
+) -> dict[str, torch.Tensor]:
     return CheckpointStore(run.checkpoint_dir, run.run_id).load(Member(model_name, "model", ema), tag)["state_dict"]
 
 
@@ -46,10 +48,21 @@ def test_list_shows_every_tag_oldest_first_with_files_size_and_best_metric(full_
     assert header.split() == ["tag", "iteration", "files", "size", "state", "loss/val/total"]
     by_tag = {line.split()[0]: line.split() for line in lines}
     assert set(by_tag) == {
-        "E1_U9_S1152", "latest", "last", INTERRUPT_TAG, BEST_TAG, f"{BEST_TAG}.tolerance=0", f"{BEST_TAG}.tolerance=3"
+        "E1_U9_S1152",
+        "latest",
+        "last",
+        INTERRUPT_TAG,
+        BEST_TAG,
+        f"{BEST_TAG}.tolerance=0",
+        f"{BEST_TAG}.tolerance=3",
     }
     assert lines[-1].split()[1] == "E1_U11_S1408"  # newest iteration last
-    assert by_tag[INTERRUPT_TAG][2:6] == ["classifier[weights,optimizer,trainer,ema=0.9]", by_tag[INTERRUPT_TAG][3], "KiB", "resumable"]
+    assert by_tag[INTERRUPT_TAG][2:6] == [
+        "classifier[weights,optimizer,trainer,ema=0.9]",
+        by_tag[INTERRUPT_TAG][3],
+        "KiB",
+        "resumable",
+    ]
     assert by_tag[BEST_TAG][2] == "classifier[weights]" and by_tag[BEST_TAG][5:7] == ["weights", "only"]
     # the best checkpoint's iteration is a validation point, so the metric's value there is listed
     metrics = [json.loads(line) for line in full_run.metrics_file.read_text().splitlines()]
@@ -123,7 +136,12 @@ def test_export_round_trips_the_weights_bit_identically(full_run, tmp_path, suff
     with safe_open(output, "pt") as exported:
         metadata = exported.metadata()
     iteration = CheckpointStore(full_run.checkpoint_dir, full_run.run_id).iteration(BEST_TAG)
-    assert metadata == {"checkpoint_tag": BEST_TAG, "training_iteration": str(iteration), "run_id": "run", "model_name": "classifier"}
+    assert metadata == {
+        "checkpoint_tag": BEST_TAG,
+        "training_iteration": str(iteration),
+        "run_id": "run",
+        "model_name": "classifier",
+    }
 
 
 def test_export_of_ema_weights(full_run, tmp_path):
@@ -139,7 +157,12 @@ def test_export_writes_tied_weights_as_separate_copies_and_names_them(tmp_path):
     from noether.tools.checkpoints import _save_safetensors
 
     shared = torch.randn(4, 3)
-    state_dict = {"embed.weight": shared, "head.weight": shared, "head.bias": torch.randn(8)[2:6], "proj.weight": torch.randn(3, 4).t()}
+    state_dict = {
+        "embed.weight": shared,
+        "head.weight": shared,
+        "head.bias": torch.randn(8)[2:6],
+        "proj.weight": torch.randn(3, 4).t(),
+    }
     _save_safetensors(state_dict, tmp_path / "tied.safetensors", {})
 
     assert_bit_identical(load_file(tmp_path / "tied.safetensors"), state_dict)
@@ -173,10 +196,22 @@ def test_export_of_a_composite_model_whole_and_one_submodel(composite_run, tmp_p
     [
         (["list", "no-such-run"], "noether-ckpt: error: unknown run 'no-such-run'"),
         (["export", "{run}", "--checkpoint", "nope", "--output", "x.pt"], "noether-ckpt: error: no checkpoint 'nope' in "),
-        (["export", "{run}", "--checkpoint", "last", "--ema", "0.5", "--output", "x.pt"], "noether-ckpt: error: checkpoint 'last' has no EMA 0.5 weights (EMA factors: 0.9)"),
-        (["export", "{run}", "--checkpoint", "last", "--ema", "fast", "--output", "x.pt"], "noether-ckpt: error: --ema must be an EMA factor"),
-        (["export", "{run}", "--checkpoint", "last", "--model", "head", "--output", "x.pt"], "noether-ckpt: error: no model 'head' in this checkpoint; its models: classifier"),
-        (["export", "{run}", "--checkpoint", "last", "--output", "x.npz"], "noether-ckpt: error: --output must end in .safetensors or .pt"),
+        (
+            ["export", "{run}", "--checkpoint", "last", "--ema", "0.5", "--output", "x.pt"],
+            "noether-ckpt: error: checkpoint 'last' has no EMA 0.5 weights (EMA factors: 0.9)",
+        ),
+        (
+            ["export", "{run}", "--checkpoint", "last", "--ema", "fast", "--output", "x.pt"],
+            "noether-ckpt: error: --ema must be an EMA factor",
+        ),
+        (
+            ["export", "{run}", "--checkpoint", "last", "--model", "head", "--output", "x.pt"],
+            "noether-ckpt: error: no model 'head' in this checkpoint; its models: classifier",
+        ),
+        (
+            ["export", "{run}", "--checkpoint", "last", "--output", "x.npz"],
+            "noether-ckpt: error: --output must end in .safetensors or .pt",
+        ),
     ],
 )
 def test_bad_arguments_end_in_one_line_and_exit_code_2(full_run, tmp_path, args, message):

@@ -8,8 +8,8 @@ from pathlib import Path
 import matplotlib.image
 
 from noether.core.providers.path import PathProvider
-from noether.training.run import train
 from noether.tools.plot import best_marks
+from noether.training.run import train
 from tests.conftest import run_cli, tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -22,9 +22,11 @@ def assert_readable_pngs(paths: list[Path]) -> None:
         assert height > 100 and width > 100, path
 
 
-def test_plots_every_metric_group_with_the_best_and_tolerance_marks(full_run, tmp_path):
+def test_plots_every_metric_group_of_a_run_still_writing_its_metrics(full_run, tmp_path):
     run = PathProvider(tmp_path, full_run.run_id)
     shutil.copytree(full_run.run_dir, run.run_dir)
+    with run.metrics_file.open("a") as metrics:
+        metrics.write('{"epoch": 1, "update": 12, "sam')  # a line being written right now
 
     printed = run_cli("noether-plot", str(run.run_dir), cwd=tmp_path).stdout.splitlines()
 
@@ -36,7 +38,9 @@ def test_plots_every_metric_group_with_the_best_and_tolerance_marks(full_run, tm
 
 
 def test_best_marks_replay_the_callback_decisions(full_run):
-    (marks,) = best_marks(full_run, [{"update": u, "loss/val/total": v} for u, v in [(2, 3.0), (4, 2.0), (6, 2.5), (8, 2.6), (10, 1.0)]])
+    (marks,) = best_marks(
+        full_run, [{"update": u, "loss/val/total": v} for u, v in [(2, 3.0), (4, 2.0), (6, 2.5), (8, 2.6), (10, 1.0)]]
+    )
 
     assert marks.metric_key == "loss/val/total"
     assert marks.best == (10, 1.0)
@@ -46,7 +50,9 @@ def test_best_marks_replay_the_callback_decisions(full_run):
 def test_plots_a_run_without_best_callbacks_into_the_given_directory(tmp_path):
     run = train(tiny_config(tmp_path, max_epochs=1, log_every_n_updates=2))
 
-    printed = run_cli("noether-plot", run.run_id, "--output-path", str(tmp_path), "--output", str(tmp_path / "figures"), cwd=tmp_path).stdout
+    printed = run_cli(
+        "noether-plot", run.run_id, "--output-path", str(tmp_path), "--output", str(tmp_path / "figures"), cwd=tmp_path
+    ).stdout
 
     written = sorted((tmp_path / "figures").iterdir())
     assert sorted(printed.split()) == [str(path) for path in written]
@@ -58,4 +64,4 @@ def test_an_unknown_run_is_one_line_and_exit_code_2(tmp_path):
     result = run_cli("noether-plot", "missing", cwd=tmp_path, check=False)
 
     assert result.returncode == 2
-    assert result.stderr == f"noether-plot: error: unknown run 'missing': neither a directory nor a run id under outputs\n"
+    assert result.stderr == "noether-plot: error: unknown run 'missing': neither a directory nor a run id under outputs\n"

@@ -138,7 +138,9 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
                 continue
             stamps[member] = {key: payload.get(key) for key in ("checkpoint_tag", "training_iteration", "run_id")}
         problems.extend(_stamp_disagreements(info, stamps))
-    leftovers = [f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint" for path in store.staged_leftovers()]
+    leftovers = [
+        f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint" for path in store.staged_leftovers()
+    ]
     return problems, leftovers
 
 
@@ -168,7 +170,10 @@ def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, An
                 f"{_iteration(reference['training_iteration'])}"
             )
         elif stamp["run_id"] != reference["run_id"]:
-            problems.append(f"{path_name}: stamps disagree: written by run '{stamp['run_id']}', the rest of '{info.tag}' by '{reference['run_id']}'")
+            problems.append(
+                f"{path_name}: stamps disagree: written by run '{stamp['run_id']}', "
+                f"the rest of '{info.tag}' by '{reference['run_id']}'"
+            )
     return problems
 
 
@@ -213,7 +218,12 @@ def export_weights(
     if output.suffix == ".pt":
         torch.save(state_dict, output)
     else:
-        metadata = {"checkpoint_tag": tag, "training_iteration": str(iteration), "run_id": str(stamped_run_id or paths.run_id), "model_name": name}
+        metadata = {
+            "checkpoint_tag": tag,
+            "training_iteration": str(iteration),
+            "run_id": str(stamped_run_id or paths.run_id),
+            "model_name": name,
+        }
         if factor is not None:
             metadata["ema_factor"] = str(factor)
         _save_safetensors(state_dict, output, metadata)
@@ -265,7 +275,9 @@ def _save_safetensors(state_dict: dict[str, torch.Tensor], output: Path, metadat
     tensors = {}
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise RunToolError(f"state_dict entry '{key}' is a {type(value).__name__}, which safetensors cannot hold; export as .pt")
+            raise RunToolError(
+                f"state_dict entry '{key}' is a {type(value).__name__}, which safetensors cannot hold; export as .pt"
+            )
         if value.numel() > 0:
             views.setdefault((value.data_ptr(), value.dtype, tuple(value.shape), value.stride()), []).append(key)
         owns_storage = value.is_contiguous() and value.storage_offset() == 0 and value.nbytes == value.untyped_storage().nbytes()

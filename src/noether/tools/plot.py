@@ -16,12 +16,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from noether.core.config import load_yaml  # noqa: E402
-from noether.core.providers.metric_property import MetricPropertyProvider  # noqa: E402
-from noether.core.providers.path import PathProvider  # noqa: E402
-from noether.tools.checkpoints import best_callback_configs, metric_rows  # noqa: E402
+from noether.core.config import load_yaml
+from noether.core.providers.metric_property import MetricPropertyProvider
+from noether.core.providers.path import PathProvider
+from noether.tools.checkpoints import best_callback_configs, metric_rows
 
 COUNTERS = ("epoch", "update", "sample")
 FAMILY = re.compile(r"^((?:best|ema)=[^/]+)/")
@@ -125,12 +125,27 @@ def _plot_group(
         axes.plot(updates, values, label=key, linewidth=1.2, marker=None if training or len(points) > 50 else "o", markersize=3)
     for mark in marks:
         if mark.best is not None:
-            axes.plot(*mark.best, marker="*", markersize=14, color="gold", markeredgecolor="black", linestyle="none",
-                      label=f"best {mark.metric_key} = {mark.best[1]:.4g} (update {mark.best[0]})")
+            axes.plot(
+                *mark.best,
+                marker="*",
+                markersize=14,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label=f"best {mark.metric_key} = {mark.best[1]:.4g} (update {mark.best[0]})",
+            )
         for tolerance, (update, value) in sorted(mark.stops.items()):
             line = axes.axvline(update, linestyle="--", linewidth=1, color="gray")
-            axes.annotate(f"tolerance={tolerance} stop\nbest {value:.4g}", (update, 1), xycoords=line.get_transform(),
-                          xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="dimgray")
+            axes.annotate(
+                f"tolerance={tolerance} stop\nbest {value:.4g}",
+                (update, 1),
+                xycoords=line.get_transform(),
+                xytext=(3, -3),
+                textcoords="offset points",
+                va="top",
+                fontsize=8,
+                color="dimgray",
+            )
         for tolerance in (t for t in mark.tolerances if t not in mark.stops):
             axes.plot([], [], linestyle="none", label=f"tolerance={tolerance}: not exceeded")
     axes.set_xlabel("update")
