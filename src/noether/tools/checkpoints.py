@@ -38,13 +38,14 @@ def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
     iteration where metrics.jsonl has one, then one line per staged leftover."""
     metrics = best_metric_keys(paths)
     rows = metric_rows(paths.metrics_file)
-    table = [["tag", "iteration", "files", "size", "state", *metrics]]
-    for info in store.tags():
+    infos = store.tags()
+    table = [["tag", "iteration", "files", "size", "state", *metrics]] if infos else []
+    for info in infos:
         iteration = "?" if info.iteration is None else str(info.iteration)
         values = [_format_value(value_at(rows, key, info.iteration)) for key in metrics]
         size = format_size(sum(disk_size(path) for path in info.files.values()))
         table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
-    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))]
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
     for leftover in store.staged_leftovers():
         what = "staged, never committed" if leftover.name.endswith(STAGED) else "left by an interrupted deletion"
