@@ -1,4 +1,4 @@
-"""Command-line entry points `noether-train` and `noether-eval`."""
+"""Command-line entry points `noether-train`, `noether-eval`, `noether-ckpt` and `noether-plot`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from noether.core.config import ConfigError, load_yaml
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError
 from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
+from noether.tools.checkpoints import RunToolError
 
-USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError, RunToolError)
 
 
 def bundled_example() -> Path:
@@ -66,6 +67,65 @@ def eval_main(argv: list[str] | None = None) -> int:
             print(f"{key}: {value}")
 
     return _report_user_errors(parser.prog, evaluate_and_print)
+
+
+def ckpt_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="noether-ckpt", description="List, verify or export the checkpoints of a run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_arguments(commands.add_parser("list", help="one line per checkpoint tag"))
+    _add_run_arguments(commands.add_parser("verify", help="load every checkpoint file and check its stamps"))
+    export = commands.add_parser("export", help="write a checkpoint's weights as .safetensors or a plain state_dict .pt")
+    _add_run_arguments(export)
+    export.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. best_model.loss.val.total")
+    export.add_argument("--ema", metavar="FACTOR", help="the EMA weights of this factor instead of the weights")
+    export.add_argument("--model", metavar="NAME", help="one submodel of a composite model (default: the whole model)")
+    export.add_argument("--output", required=True, type=Path, metavar="FILE", help="ends in .safetensors or .pt")
+    arguments = parser.parse_args(argv)
+    from noether.tools import checkpoints
+
+    verify_failed = False
+
+    def run_command() -> None:
+        nonlocal verify_failed
+        paths, store = checkpoints.open_run(arguments.run, arguments.output_path)
+        if arguments.command == "list":
+            print("\n".join(checkpoints.list_checkpoints(paths, store)) or f"no checkpoints in {store.directory}")
+        elif arguments.command == "export":
+            written = checkpoints.export_weights(
+                paths, store, arguments.checkpoint, arguments.output, ema=arguments.ema, model=arguments.model
+            )
+            print(written)
+        else:
+            problems, leftovers = checkpoints.verify_checkpoints(store)
+            for line in [*problems, *leftovers]:
+                print(line)
+            verify_failed = bool(problems)
+            if not problems:
+                infos = store.tags()
+                print(f"ok: all {sum(len(info.files) for info in infos)} files of {len(infos)} checkpoints load and agree")
+
+    return _report_user_errors(parser.prog, run_command) or int(verify_failed)
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="noether-plot", description="PNG plots of a run's metrics, one per metric group.")
+    _add_run_arguments(parser)
+    parser.add_argument("--output", type=Path, metavar="DIR", help="where to write the PNGs (default: {run_dir}/plots)")
+    arguments = parser.parse_args(argv)
+    from noether.tools.checkpoints import open_run
+    from noether.tools.plot import plot_run
+
+    def plot_and_print() -> None:
+        paths, _ = open_run(arguments.run, arguments.output_path)
+        for path in plot_run(paths, arguments.output or paths.run_dir / "plots"):
+            print(path)
+
+    return _report_user_errors(parser.prog, plot_and_print)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN", help="run id (under --output-path) or run directory")
+    parser.add_argument("--output-path", default="outputs", help="where run ids are looked up (default: outputs)")
 
 
 def _load_config(positionals: list[str]) -> dict:

@@ -1,0 +1,294 @@
+"""`noether-ckpt`: what checkpoints a run has, whether they are sound, and its weights in a standard format.
+
+Everything goes through the run's CheckpointStore (tags, members, loading); this module only
+decides what to show and how to write it out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noether.core.checkpoint_store import STAGED, CheckpointInfo, CheckpointStore, Member, iteration_of_tag
+from noether.core.config import load_yaml
+from noether.core.providers.path import PathProvider
+from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
+
+TOLERANCE_MARK = ".tolerance="
+PART_NAMES = {"model": "weights", "optim": "optimizer", "trainer": "trainer"}
+
+
+class RunToolError(Exception):
+    """A bad argument to a run tool (EMA factor, model name, output file)."""
+
+
+def open_run(run: str, output_path: str | Path) -> tuple[PathProvider, CheckpointStore]:
+    paths = PathProvider.for_existing_run(run, output_path)
+    return paths, CheckpointStore(paths.checkpoint_dir, paths.run_id)
+
+
+# --------------------------------------------------------------------------------- list
+def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
+    """A header, one line per tag (oldest first) with the value of each best-checkpoint metric at its
+    iteration where metrics.jsonl has one, then one line per staged leftover."""
+    metrics = best_metric_keys(paths)
+    rows = metric_rows(paths.metrics_file)
+    infos = store.tags()
+    table = [["tag", "iteration", "files", "size", "state", *metrics]] if infos else []
+    for info in infos:
+        iteration = "?" if info.iteration is None else str(info.iteration)
+        values = [_format_value(value_at(rows, key, info.iteration)) for key in metrics]
+        size = format_size(sum(disk_size(path) for path in info.files.values()))
+        table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    for leftover in store.staged_leftovers():
+        what = "staged, never committed" if leftover.name.endswith(STAGED) else "left by an interrupted deletion"
+        lines.append(f"{leftover.name}  {format_size(disk_size(leftover))}  not usable: {what} (the next run removes it)")
+    return lines
+
+
+def _format_value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def state_of(info: CheckpointInfo) -> str:
+    if info.problem is not None:
+        return f"INCOMPLETE, not usable: {info.problem}"
+    return "resumable" if info.resumable else "weights only"
+
+
+def describe_files(info: CheckpointInfo) -> str:
+    """`classifier[weights,optimizer,trainer state,ema=0.9]`: what each model has under the tag."""
+    by_model: dict[str, list[str]] = {}
+    for member in sorted(info.files, key=lambda m: (m.model_name, m.ema_factor is not None, m.ema_factor or 0, m.part)):
+        name = PART_NAMES[member.part] if member.ema_factor is None else f"ema={member.ema_factor}"
+        by_model.setdefault(member.model_name, []).append(name)
+    return " ".join(f"{model}[{','.join(parts)}]" for model, parts in by_model.items())
+
+
+def disk_size(path: Path) -> int:
+    """Bytes of a member, a file or a folder of files (a sharded checkpoint)."""
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def format_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+def best_callback_configs(paths: PathProvider) -> list[dict[str, Any]]:
+    """The run's BestCheckpointCallback entries from its resolved config.yaml (none when it has no config)."""
+    if not paths.config_file.exists():
+        return []
+    callbacks = (load_yaml(paths.config_file).get("trainer") or {}).get("callbacks") or []
+    return [entry for entry in callbacks if str(entry.get("kind", "")).endswith("BestCheckpointCallback")]
+
+
+def best_metric_keys(paths: PathProvider) -> list[str]:
+    return list(dict.fromkeys(entry["metric_key"] for entry in best_callback_configs(paths)))
+
+
+def metric_rows(metrics_file: Path) -> list[dict[str, float]]:
+    """metrics.jsonl as dicts; a torn last line (a run still writing, or killed) is skipped."""
+    if not metrics_file.exists():
+        return []
+    rows = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def value_at(rows: list[dict[str, float]], key: str, iteration: TrainingIteration | None) -> float | None:
+    if iteration is None:
+        return None
+    matching = [row[key] for row in rows if key in row and row.get("update") == iteration.update]
+    return matching[-1] if matching else None
+
+
+# --------------------------------------------------------------------------------- verify
+def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
+    """(one line per bad file or incomplete tag, one line per staged leftover)."""
+    problems = []
+    for info in store.tags():
+        if info.problem is not None:
+            problems.append(f"{info.tag}: incomplete checkpoint ({info.problem})")
+        stamps: dict[Member, dict[str, Any]] = {}
+        for member, path in sorted(info.files.items(), key=lambda item: item[1].name):
+            try:
+                payload = store.load(member, info.tag)
+            except CheckpointLoadError as error:
+                reason = _one_line(str(error)).replace(f": {path}", "").replace(str(path), "it")
+                problems.append(f"{path.name}: {reason}")
+                continue
+            stamps[member] = {key: payload.get(key) for key in ("checkpoint_tag", "training_iteration", "run_id")}
+        problems.extend(_stamp_disagreements(info, stamps))
+    leftovers = [
+        f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint" for path in store.staged_leftovers()
+    ]
+    return problems, leftovers
+
+
+def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, Any]]) -> list[str]:
+    """Files of one tag must be stamped with that tag (a tolerance tag: its best tag, whose bytes it links),
+    one iteration and one run id; the trainer state (else the majority) is the reference."""
+    accepted_tags = {info.tag}
+    if TOLERANCE_MARK in info.tag:
+        accepted_tags.add(info.tag.rpartition(TOLERANCE_MARK)[0])
+    reference = next((stamp for member, stamp in stamps.items() if member.part == "trainer"), None)
+    if reference is None and stamps:
+        common = Counter(json.dumps(stamp, sort_keys=True) for stamp in stamps.values()).most_common(1)[0][0]
+        reference = json.loads(common)
+    named_iteration = iteration_of_tag(info.tag)
+    problems = []
+    for member, stamp in stamps.items():
+        path_name = info.files[member].name
+        if stamp["checkpoint_tag"] not in accepted_tags:
+            problems.append(f"{path_name}: stamps disagree: written as checkpoint '{stamp['checkpoint_tag']}', not '{info.tag}'")
+            continue
+        iteration = _iteration(stamp["training_iteration"])
+        if named_iteration is not None and iteration != named_iteration:
+            problems.append(f"{path_name}: stamps disagree: written at {iteration}, but its tag names {named_iteration}")
+        elif stamp["training_iteration"] != reference["training_iteration"]:
+            problems.append(
+                f"{path_name}: stamps disagree: written at {iteration}, the rest of '{info.tag}' at "
+                f"{_iteration(reference['training_iteration'])}"
+            )
+        elif stamp["run_id"] != reference["run_id"]:
+            problems.append(
+                f"{path_name}: stamps disagree: written by run '{stamp['run_id']}', "
+                f"the rest of '{info.tag}' by '{reference['run_id']}'"
+            )
+    return problems
+
+
+def _iteration(stamped: Any) -> TrainingIteration | str:
+    try:
+        return TrainingIteration.from_dict(stamped)
+    except (KeyError, TypeError, ValueError):
+        return repr(stamped)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------------- export
+def export_weights(
+    paths: PathProvider, store: CheckpointStore, tag: str, output: Path, *, ema: str | None = None, model: str | None = None
+) -> str:
+    """Write the weights of `tag` (EMA `ema`, submodel `model`) to `output`; returns a one-line summary."""
+    if output.suffix not in (".safetensors", ".pt"):
+        raise RunToolError(f"--output must end in .safetensors or .pt, got '{output.name}'")
+    iteration = store.iteration(tag)  # names the known tags when `tag` is not one
+    info = store.info(tag)
+    factor = _ema_factor(ema)
+    weights = {m: p for m, p in info.files.items() if m.part == "model"}
+    chosen = [m for m in weights if m.ema_factor == factor]
+    if not chosen:
+        factors = sorted({m.ema_factor for m in weights if m.ema_factor is not None})
+        have = f"EMA factors: {', '.join(map(str, factors))}" if factors else "no EMA weights"
+        what = "weights" if factor is None else f"EMA {ema} weights"
+        raise RunToolError(f"checkpoint '{tag}' has no {what} ({have})")
+    root = _root_model_name(store, chosen)
+    selected, name = _select_model(chosen, root, model)
+    state_dict: dict[str, torch.Tensor] = {}
+    stamped_run_id = None
+    for member in selected:
+        payload = store.load(member, tag)
+        stamped_run_id = payload.get("run_id", stamped_run_id)
+        prefix = "" if member.model_name == name else member.model_name[len(name) + 1 :] + "."
+        state_dict.update({prefix + key: value for key, value in payload["state_dict"].items()})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".pt":
+        torch.save(state_dict, output)
+    else:
+        metadata = {
+            "checkpoint_tag": tag,
+            "training_iteration": str(iteration),
+            "run_id": str(stamped_run_id or paths.run_id),
+            "model_name": name,
+        }
+        if factor is not None:
+            metadata["ema_factor"] = str(factor)
+        _save_safetensors(state_dict, output, metadata)
+    return f"wrote {len(state_dict)} tensors of {name}{'' if factor is None else f' (EMA {factor})'} at {iteration} to {output}"
+
+
+def _ema_factor(ema: str | None) -> float | None:
+    if ema is None:
+        return None
+    try:
+        return float(ema)
+    except ValueError:
+        raise RunToolError(f"--ema must be an EMA factor such as 0.999, got '{ema}'") from None
+
+
+def _root_model_name(store: CheckpointStore, members: list[Member]) -> str:
+    """The whole model's name: the one the trainer states are saved under, else the members' common dotted prefix."""
+    names = [m.model_name for m in members]
+    for info in store.tags():
+        trainer = next((m.model_name for m in info.files if m.part == "trainer"), None)
+        if trainer is not None and all(n == trainer or n.startswith(trainer + ".") for n in names):
+            return trainer
+    common = names[0].split(".")
+    for name in names[1:]:
+        parts = name.split(".")
+        length = next((i for i, (a, b) in enumerate(zip(common, parts)) if a != b), min(len(common), len(parts)))
+        common = common[:length]
+    return ".".join(common)
+
+
+def _select_model(members: list[Member], root: str, model: str | None) -> tuple[list[Member], str]:
+    """The members of `model` (a full or short submodel name; default the whole model) and its full name."""
+    if model is None or model == root:
+        return sorted(members, key=lambda m: m.model_name), root
+    for member in members:
+        if member.model_name in (model, f"{root}.{model}"):
+            return [member], member.model_name
+    names = ", ".join(sorted(m.model_name for m in members))
+    raise RunToolError(f"no model '{model}' in this checkpoint; its models: {names}")
+
+
+def _save_safetensors(state_dict: dict[str, torch.Tensor], output: Path, metadata: dict[str, str]) -> None:
+    """safetensors holds each tensor once, contiguous and unshared: tied weights (one storage under
+    several keys) and views are written as copies of their values, and the tied keys are recorded
+    in the metadata (`tied_keys`) so that a loader can tie them again."""
+    from safetensors.torch import save_file
+
+    views: dict[tuple, list[str]] = {}  # keys by the exact tensor they hold
+    tensors = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise RunToolError(
+                f"state_dict entry '{key}' is a {type(value).__name__}, which safetensors cannot hold; export as .pt"
+            )
+        if value.numel() > 0:
+            views.setdefault((value.data_ptr(), value.dtype, tuple(value.shape), value.stride()), []).append(key)
+        owns_storage = value.is_contiguous() and value.storage_offset() == 0 and value.nbytes == value.untyped_storage().nbytes()
+        tensors[key] = value if owns_storage else value.contiguous().clone()
+    written: set[int] = set()
+    for key, value in tensors.items():
+        if value.nbytes > 0 and value.untyped_storage().data_ptr() in written:
+            tensors[key] = value.clone()
+        written.add(value.untyped_storage().data_ptr())
+    tied = [keys for keys in views.values() if len(keys) > 1]
+    if tied:
+        metadata = {**metadata, "tied_keys": json.dumps(tied)}
+    save_file(tensors, str(output), metadata=metadata)
