@@ -104,6 +104,7 @@ class BaseTrainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
+        self.finishing = False  # the loop is left: a signal no longer stops anything
         self.pending_checkpoints: list[dict[str, Any]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self.checkpoint_sets = CheckpointSetWriter(context.checkpoint_writer)
@@ -150,8 +151,12 @@ class BaseTrainer:
             self._dispatch("resume_from_checkpoint", checkpoint_tag=resume_tag, update_counter=counter)
 
         with self._stop_on_signals():
+            # every rank leaves the loop on the value all ranks agreed on, never on a flag a signal set
+            # after the last agreement: one rank would otherwise gather for the interrupt save while
+            # another runs the next update
+            stop_agreed = False
             try:
-                while not counter.is_finished and self.stop_requested is None:
+                while not counter.is_finished and not stop_agreed:
                     self._train_update(model, trainer_model, data_iter, counter)
                     self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
@@ -160,19 +165,23 @@ class BaseTrainer:
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
                     self.context.checkpoint_writer.check()
-                    if distributed.any_rank(self.stop_requested is not None) and self.stop_requested is None:
+                    stop_agreed = distributed.any_rank(self.stop_requested is not None)
+                    if stop_agreed and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
-                if self.stop_requested is not None and not counter.is_finished:
+                if stop_agreed and not counter.is_finished:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
             except BaseException as error:
                 self._save_on_failure(counter, error)
                 raise
 
-        self._dispatch("after_training", update_counter=counter)
-        self.context.log_writer.flush(counter)
-        self._write_pending_checkpoints(counter)
-        self.checkpoint_sets.finish()
+            # signals from here on only ask for what happens anyway: the final checkpoints, complete
+            self.finishing = True
+            self._dispatch("after_training", update_counter=counter)
+            self.context.log_writer.flush(counter)
+            self._write_pending_checkpoints(counter)
+            self.checkpoint_sets.finish()
+            self.context.checkpoint_writer.wait()
         return counter
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
@@ -451,18 +460,24 @@ class BaseTrainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT finish the current update; a second SIGINT stops at once."""
+        """SIGTERM/SIGINT finish the current update; a second SIGINT stops at once, except once the loop is
+        left: then every signal waits for the final checkpoints. A signal the process inherited as ignored
+        (nohup, a background job) stays ignored."""
 
         def request_stop(signal_number: int, frame: Any) -> None:
             name = signal.Signals(signal_number).name
-            if self.stop_requested is not None and signal_number == signal.SIGINT:
+            if self.finishing:
+                logger.info(f"{name} received: finishing the final checkpoints first")
+            elif self.stop_requested is not None and signal_number == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_requested = name
+            if self.stop_requested is None:
+                self.stop_requested = name
 
         handlers: dict[int, Callable | int | None] = {}
         try:
             for signal_number in (signal.SIGTERM, signal.SIGINT):
-                handlers[signal_number] = signal.signal(signal_number, request_stop)
+                if signal.getsignal(signal_number) is not signal.SIG_IGN:
+                    handlers[signal_number] = signal.signal(signal_number, request_stop)
         except ValueError:  # not the main thread: signals cannot be caught here
             pass
         try:
