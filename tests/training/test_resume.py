@@ -318,3 +318,38 @@ def test_runs_killed_while_writing_checkpoints_leave_loadable_files_and_resume_e
         server.close()
 
     assert_same_end(PathProvider(tmp_path, "run"), PathProvider(tmp_path, "reference"), ["classifier"])
+
+
+@pytest.mark.parametrize("refusal", ["unknown tag", "batch size"])
+def test_a_refused_resume_names_the_reason_and_leaves_config_yaml_as_it_was(reference, tmp_path, refusal):
+    """A resume with another effective batch size would miscount epochs and restart the data order: refused
+    with the old and new value. No refusal rewrites the run's config.yaml."""
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    config_file = tmp_path / "run" / "config.yaml"
+    before = config_file.read_text()
+    changed = {**tree, "output_path": str(tmp_path), "trainer": {**tree["trainer"], "effective_batch_size": 64}}
+    if refusal == "unknown tag":
+        with pytest.raises(CheckpointLoadError, match="no checkpoint 'E7_U1_S1'"):
+            train(changed, resume="run", checkpoint="E7_U1_S1")
+    else:
+        with pytest.raises(CheckpointLoadError, match=r"^cannot resume checkpoint 'latest' with trainer.effective_batch_size 64: it was trained with 128$"):
+            train(changed, resume="run", checkpoint="latest")
+    assert config_file.read_text() == before
+
+
+def test_a_restored_training_loss_sum_lives_on_the_trainer_device(reference):
+    """Checkpoints load onto the CPU; the restored sums must be moved where the next losses are added
+    (checked on a CPU-only machine with the meta device standing for the GPU)."""
+    tree, _ = reference
+    from noether.core.callbacks.default import TrainingLossCallback, TrainingLossCallbackConfig
+    from noether.training.run import build_trainer, parse_run_config
+    from noether.core.writers.log_writer import LogWriter
+
+    config = parse_run_config(tree)
+    paths = PathProvider(Path(tree["output_path"]), "device-check")
+    trainer = build_trainer(config, paths, LogWriter(paths.run_dir / "m.jsonl", paths.run_dir / "s.json", is_main_process=False))
+    callback = next(c for c in trainer.callbacks if isinstance(c, TrainingLossCallback))
+    trainer.device = torch.device("meta")  # a device other than the CPU the checkpoint loaded onto
+    callback.load_state_dict({"loss_sums": {"total": torch.tensor(2.0)}, "step_count": 1})
+    assert callback.loss_sums["total"].device == torch.device("meta")

@@ -142,13 +142,18 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
         paths = PathProvider.for_existing_run(resume, config.output_path)
     if is_main:
         paths.create()
-        resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-        paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
     configure_logging(paths.log_file, is_main)
     log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main)
     trainer = build_trainer(config, paths, log_writer, setup)
+
+    def write_config() -> None:
+        """Once a resume's checkpoint loaded: a refused resume leaves the run's config.yaml as it was."""
+        if is_main:
+            resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+            paths.config_file.write_text(yaml.safe_dump(resolved.model_dump(mode="json", serialize_as_any=True), sort_keys=False))
+
     try:
-        trainer.train(resume_tag=checkpoint if resume is not None else None)
+        trainer.train(resume_tag=checkpoint if resume is not None else None, on_start=write_config)
     finally:
         trainer.context.checkpoint_writer.close()
     return paths

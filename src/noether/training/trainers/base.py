@@ -136,12 +136,15 @@ class BaseTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------- the loop
-    def train(self, resume_tag: str | None = None) -> UpdateCounter:
+    def train(self, resume_tag: str | None = None, on_start: Callable[[], None] | None = None) -> UpdateCounter:
+        """`on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
         counter = self.create_update_counter(TrainingIteration())
         model.initialize_optimizers(counter.end_update)
         if resume_tag is not None:
             counter = self.load_checkpoint(resume_tag)
+        if on_start is not None:
+            on_start()
         trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
@@ -379,6 +382,7 @@ class BaseTrainer:
             "rng_states": [state["rng_states"] for state in rank_states],
             "grad_scaler": self.grad_scaler.state_dict(),
             "metrics_file_size": _file_size(self.context.log_writer.metrics_file),
+            "effective_batch_size": self.config.effective_batch_size,
         }
 
     def load_checkpoint(self, tag: str) -> UpdateCounter:
@@ -395,6 +399,13 @@ class BaseTrainer:
         if not state_file.exists():
             raise CheckpointLoadError(f"no checkpoint '{tag}' to resume from: {state_file} does not exist")
         state = load_trainer_state(state_file)
+        saved_batch_size = state.get("effective_batch_size", self.config.effective_batch_size)
+        if saved_batch_size != self.config.effective_batch_size:
+            # epochs, the data order and the learning-rate schedule all count in updates of this size
+            raise CheckpointLoadError(
+                f"cannot resume checkpoint '{tag}' with trainer.effective_batch_size {self.config.effective_batch_size}: "
+                f"it was trained with {saved_batch_size}"
+            )
         iteration = TrainingIteration.from_dict(state["training_iteration"])
         load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
         counter = self.create_update_counter(iteration)
