@@ -353,3 +353,23 @@ def test_a_restored_training_loss_sum_lives_on_the_trainer_device(reference):
     trainer.device = torch.device("meta")  # a device other than the CPU the checkpoint loaded onto
     callback.load_state_dict({"loss_sums": {"total": torch.tensor(2.0)}, "step_count": 1})
     assert callback.loss_sums["total"].device == torch.device("meta")
+
+
+def test_optimizer_hyperparameters_changed_in_the_config_apply_on_resume(reference, tmp_path):
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    changed = {**tree, "output_path": str(tmp_path), "model": {**tree["model"], "optimizer": {**tree["model"]["optimizer"], "weight_decay": 0.5}}}
+
+    paths = train(changed, resume="run", checkpoint="E1_U9_S1152")
+
+    assert [group["weight_decay"] for group in load(paths.checkpoint_file("classifier", "last", "optim"))["state_dict"]["param_groups"]] == [0.5]
+    assert "optimizer of classifier: the config's weight_decay 0.01 -> 0.5 replaces the checkpoint's" in paths.log_file.read_text()
+
+
+def test_a_run_saving_no_optimizer_state_warns_at_start_and_its_checkpoints_say_why_they_cannot_resume(tmp_path):
+    tree = tiny_config(tmp_path, max_epochs=1, callbacks=[{"kind": CHECKPOINT, "every_n_epochs": 1, "save_optim": False}])
+    paths = train(tree)
+    assert "no callback saves optimizer state" in paths.log_file.read_text()
+
+    with pytest.raises(CheckpointLoadError, match="checkpoint 'E1_U9_S1152' holds no optimizer state .* saved with weights only"):
+        train(tree, resume="run", checkpoint="E1_U9_S1152")

@@ -148,6 +148,8 @@ class BaseTrainer:
         trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
+        if not any(getattr(c.config, "save_optim", False) or getattr(c.config, "save_latest_optim", False) for c in self.all_callbacks()):
+            logger.warning("no callback saves optimizer state: only interrupt and error checkpoints of this run can be resumed")
         data_iter = iter(self._data_loader(counter))
         self._dispatch("before_training", update_counter=counter)
         if resume_tag is not None:
@@ -407,7 +409,17 @@ class BaseTrainer:
                 f"it was trained with {saved_batch_size}"
             )
         iteration = TrainingIteration.from_dict(state["training_iteration"])
+        optimizers = {name: leaf.optimizer for name, leaf in self.context.model.named_models().items() if leaf.optimizer is not None}
+        for name in optimizers:
+            optim_file = paths.checkpoint_file(name, tag, "optim")
+            if not optim_file.exists() and paths.checkpoint_file(name, tag, "model").exists():
+                raise CheckpointLoadError(
+                    f"checkpoint '{tag}' holds no optimizer state ({optim_file.name}): it was saved with weights only, "
+                    "so training cannot continue from it; resume from a checkpoint saved with save_optim or save_latest_optim"
+                )
+        configured = {name: [_hyperparameters(group) for group in optimizer.param_groups] for name, optimizer in optimizers.items()}
         load_model_weights(self.context.model, paths, tag, load_optim=True, expected_iteration=iteration)
+        _apply_configured_hyperparameters(optimizers, configured)
         counter = self.create_update_counter(iteration)
         saved_ranks = len(state["rng_states"])
         if saved_ranks != self.context.world_size:
@@ -496,6 +508,21 @@ class BaseTrainer:
         finally:
             for signal_number, handler in handlers.items():
                 signal.signal(signal_number, handler)
+
+
+def _hyperparameters(param_group: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in param_group.items() if key != "params"}
+
+
+def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimizer], configured: dict[str, list[dict[str, Any]]]) -> None:
+    """The config's optimizer hyperparameters over the checkpoint's, so that config.yaml says what runs.
+    The learning rate follows the configured schedule at every update anyway."""
+    for name, optimizer in optimizers.items():
+        for group, wanted in zip(optimizer.param_groups, configured[name]):
+            changed = [f"{key} {group[key]} -> {value}" for key, value in wanted.items() if key != "lr" and group.get(key) != value]
+            group.update(wanted)
+            if changed:
+                logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
 
 
 def _file_size(path: Path) -> int:
