@@ -202,3 +202,23 @@ def test_sigint_inherited_as_ignored_stays_ignored(tmp_path, write_config):
     assert not list(paths.checkpoint_dir.glob("*signal_interrupt*"))
     last = torch.load(paths.checkpoint_file("classifier", "last", "trainer"), weights_only=True)
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
+
+
+def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed_update(tmp_path):
+    """4 micro-batches per update; the 23rd train step (micro-batch 3 of update 6) fails after dropout drew
+    random numbers and the training-loss sums took partial losses: the error checkpoint holds the state as of
+    update 5, and the resumed run ends where an uninterrupted one does."""
+    def tree(directory: Path, fail_on_step: int) -> dict[str, Any]:
+        config = tiny_config(directory, max_batch_size=32, log_every_n_updates=3, callbacks=[CHECKPOINT])
+        config["trainer"].update(kind="tests.support.failing.FailingClassificationTrainer", fail_on_step=fail_on_step)
+        return config
+
+    uninterrupted = train(tree(tmp_path / "uninterrupted", fail_on_step=10_000))
+    failing = tree(tmp_path / "failing", fail_on_step=23)
+    with pytest.raises(RuntimeError, match="test failure in train step 23"):
+        train(failing)
+
+    paths = train(tree(tmp_path / "failing", fail_on_step=10_000), resume="run", checkpoint="E0_U5_S640.error")
+
+    assert_identical(last_weights(paths), last_weights(uninterrupted))
+    assert paths.metrics_file.read_text() == uninterrupted.metrics_file.read_text()

@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import NonNegativeInt, PositiveInt, model_validator
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from noether.core import distributed
@@ -104,6 +107,7 @@ class BaseTrainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
+        self._update_boundary: tuple[tuple, dict[str, Any]] | None = None  # set while an update is half done
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self.pending_checkpoints: list[dict[str, Any]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -199,6 +203,8 @@ class BaseTrainer:
     def _train_update(self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
         """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
         model.set_learning_rates(counter.update)
+        # what an error checkpoint restores if a later micro-batch fails: the state of the last completed update
+        self._update_boundary = (_raw_rng_states(), self._accumulating_callback_states())
         local_batch_size = self.batching.local_batch_size
         steps = self.batching.accumulation_steps
         for step in range(steps):
@@ -223,6 +229,7 @@ class BaseTrainer:
             self.grad_scaler.update()
         model.optimizer_zero_grad()
         counter.add_update()
+        self._update_boundary = None
 
     def create_update_counter(self, start: TrainingIteration) -> UpdateCounter:
         config = self.config
@@ -368,6 +375,16 @@ class BaseTrainer:
         trainer_file = context.paths.checkpoint_file(context.model.name, tag, "trainer")
         self.checkpoint_sets.save({**files, **callback_files}, trainer_file, self.trainer_state(counter, tag, rank_states))
 
+    def _accumulating_callback_states(self) -> dict[str, Any]:
+        """Copies of the states that micro-batches change (callbacks with `track_after_accumulation_step`)."""
+        states = {}
+        for receiver in self._receivers("track_after_accumulation_step", True):
+            for callback in _with_children(receiver):
+                state = callback.state_dict()
+                if state is not None:
+                    states[callback.state_key] = tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, state)
+        return states
+
     def callback_states(self) -> dict[str, Any]:
         states = {}
         for callback in self.all_callbacks():
@@ -447,6 +464,12 @@ class BaseTrainer:
         """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then let the error propagate."""
         try:
             if not isinstance(error, KeyboardInterrupt):
+                if self._update_boundary is not None:  # failed mid-update: forget its partial draws and losses
+                    rng_states, callback_states = self._update_boundary
+                    _restore_raw_rng_states(rng_states)
+                    for callback in self.all_callbacks():
+                        if callback.state_key in callback_states:
+                            callback.load_state_dict(callback_states[callback.state_key])
                 tag = f"{counter.cur_iteration}.error"
                 self.save_checkpoint(tag, counter, all_ranks=False)
                 if self.context.is_main_process:
@@ -523,6 +546,21 @@ def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimize
             group.update(wanted)
             if changed:
                 logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
+
+
+def _raw_rng_states() -> tuple:
+    """The global RNG states as their libraries return them: cheap enough to take before every update."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_raw_rng_states(states: tuple) -> None:
+    python, numpy_state, torch_state, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _file_size(path: Path) -> int:
