@@ -47,8 +47,8 @@ class RecordingClassificationTrainer(ClassificationTrainer):
     def evaluation_step(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return super().train_step(model, batch)  # evaluation batches are not training batches
 
-    def train(self, resume_tag: str | None = None) -> UpdateCounter:
-        counter = super().train(resume_tag)
+    def train(self, resume_tag: str | None = None, **kwargs: Any) -> UpdateCounter:
+        counter = super().train(resume_tag, **kwargs)
         torch.save(self.training_batches, self.context.paths.run_dir / TRAINING_BATCHES_FILE)
         return counter
 
