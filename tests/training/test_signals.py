@@ -222,3 +222,21 @@ def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed
 
     assert_identical(last_weights(paths), last_weights(uninterrupted))
     assert paths.metrics_file.read_text() == uninterrupted.metrics_file.read_text()
+
+
+def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
+    """Random draws in `__getitem__` of worker processes continue where they stopped: the resumed run
+    ends with the weights of the uninterrupted one."""
+    def tree(directory: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
+        config = tiny_config(directory, num_workers=2, callbacks=[CHECKPOINT, *extra_callbacks])
+        config["datasets"]["train"]["kind"] = "tests.support.augmenting.NoisyDigitsDataset"
+        return config
+
+    uninterrupted = train(tree(tmp_path / "uninterrupted"))
+    signalling = {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 11, "signal_name": "SIGTERM"}
+    stopped = train(tree(tmp_path / "stopped", signalling))
+    assert stopped.checkpoint_file("classifier", "E1_U11_S1408.signal_interrupt", "trainer").exists()
+
+    resumed = train(tree(tmp_path / "stopped"), resume="run", checkpoint="E1_U11_S1408.signal_interrupt")
+
+    assert_identical(last_weights(resumed), last_weights(uninterrupted))
