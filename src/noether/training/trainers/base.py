@@ -542,7 +542,8 @@ def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimize
     The learning rate follows the configured schedule at every update anyway."""
     for name, optimizer in optimizers.items():
         for group, wanted in zip(optimizer.param_groups, configured[name]):
-            changed = [f"{key} {group[key]} -> {value}" for key, value in wanted.items() if key != "lr" and group.get(key) != value]
+            wanted = {key: value for key, value in wanted.items() if key != "lr"}
+            changed = [f"{key} {group[key]} -> {value}" for key, value in wanted.items() if group.get(key) != value]
             group.update(wanted)
             if changed:
                 logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
