@@ -76,3 +76,27 @@ class RankNoiseCallback(PeriodicCallback):
 
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         torch.rand(self.context.rank + 1)
+
+
+class SlowRankCallbackConfig(CallBackBaseConfig):
+    every_n_updates: PositiveInt | None = 1
+    at_update: PositiveInt
+    rank: NonNegativeInt
+    seconds: float
+    ready_file: str
+    """Each rank writes its process id to `{ready_file}.{rank}` once update `at_update` is done."""
+
+
+class SlowRankCallback(PeriodicCallback):
+    """After update `at_update`, every rank announces its process id and rank `rank` then takes `seconds`
+    more, while the others already wait for it in the stop agreement: a signal to a waiting rank lands
+    after its agreement, the moment a local stop flag must not end the loop on one rank alone."""
+
+    config: SlowRankCallbackConfig
+
+    def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if update_counter.update != self.config.at_update:
+            return
+        Path(f"{self.config.ready_file}.{self.context.rank}").write_text(str(os.getpid()))
+        if self.context.rank == self.config.rank:
+            time.sleep(self.config.seconds)

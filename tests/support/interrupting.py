@@ -58,3 +58,20 @@ class WaitForStopCallback(PeriodicCallback):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no signal arrived within {WAIT_LIMIT_SECONDS} s")
             time.sleep(0.01)
+
+
+class SlowAfterTrainingCallbackConfig(CallBackBaseConfig):
+    every_n_epochs: PositiveInt | None = 1
+    ready_file: str
+    """Created when `after_training` starts: the moment for a test to send its signals."""
+    seconds: float
+
+
+class SlowAfterTrainingCallback(PeriodicCallback):
+    """Takes `seconds` in `after_training`, as a final evaluation would, with the final checkpoints still to write."""
+
+    config: SlowAfterTrainingCallbackConfig
+
+    def after_training(self, **kwargs: Any) -> None:
+        Path(self.config.ready_file).touch()
+        time.sleep(self.config.seconds)

@@ -316,3 +316,34 @@ def test_an_effective_batch_size_that_does_not_divide_over_the_ranks_is_a_one_li
     message = "noether-train: error: trainer.effective_batch_size: 127 does not divide over 2 processes"
     assert worker_errors in ([message], [message] * 2)
     assert not any(PathProvider(tmp_path, "run").checkpoint_dir.glob("*"))
+
+
+@pytest.mark.parametrize(("receiver", "delay"), [(0, 0.0), (0, 0.5), (1, 0.3)])
+def test_a_sigterm_to_one_rank_while_the_other_is_inside_its_update_stops_both_at_the_same_update(tmp_path, receiver, delay):
+    """Rank 1 is slow after update 3; the signal goes to rank 0 (waiting in the stop agreement of update 3,
+    so only the agreement of update 4 can carry it) or to rank 1 (still inside update 3). The slow rank
+    makes the race certain rather than occasional: a rank that left the loop on its own flag would
+    gather for the interrupt save while the other runs the next update, and the job would hang."""
+    ready_file = tmp_path / "update-3-done"
+    slow = {"kind": "tests.support.distributed.SlowRankCallback", "at_update": 3, "rank": 1, "seconds": 1.0, "ready_file": str(ready_file)}
+    tree = tiny_config(tmp_path, max_batch_size=32, callbacks=[CHECKPOINT, slow])
+    tree["trainer"].update(max_epochs=None, max_updates=6)
+    config = write_yaml(tree, tmp_path / "config.yaml")
+    with torchrun(config) as process:
+        rank_ready_files = [Path(f"{ready_file}.{rank}") for rank in range(2)]
+        deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+        while not all(path.exists() for path in rank_ready_files) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(delay)
+        os.kill(int(rank_ready_files[receiver].read_text()), signal.SIGTERM)
+        try:
+            stdout, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the ranks hung after a SIGTERM to rank {receiver}")
+
+    assert process.returncode == 0, stdout + stderr
+    paths = PathProvider(tmp_path, "run")
+    stop_update = 4 if receiver == 0 else 3
+    assert f"after update {stop_update}" in paths.log_file.read_text()
+    assert checkpoint_path(paths, "classifier", f"E0_U{stop_update}_S{stop_update * 128}.signal_interrupt", "trainer").exists()
+    assert checkpoint_path(paths, "classifier", "last", "model").exists()

@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 import torch
 
+from noether.core.callbacks.default import TrainingLossCallback
 from noether.core.config import ConfigError
 from noether.core.providers.path import PathProvider
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
-from noether.training.run import train
+from noether.core.writers.log_writer import LogWriter
+from noether.training.run import build_trainer, parse_run_config, train
 from tests.conftest import run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
 from tests.support.fork_server import ForkServer
@@ -321,3 +323,54 @@ def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_pa
     for row in rows:
         last_values.update({key: value for key, value in row.items() if key not in ("epoch", "update", "sample")})
     assert summary == last_values
+
+
+@pytest.mark.parametrize("refusal", ["unknown tag", "batch size"])
+def test_a_refused_resume_names_the_reason_and_leaves_config_yaml_as_it_was(reference, tmp_path, refusal):
+    """A resume with another effective batch size would miscount epochs and restart the data order: refused
+    with the old and new value. No refusal rewrites the run's config.yaml."""
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    config_file = tmp_path / "run" / "config.yaml"
+    before = config_file.read_text()
+    changed = {**tree, "output_path": str(tmp_path), "trainer": {**tree["trainer"], "effective_batch_size": 64}}
+    if refusal == "unknown tag":
+        with pytest.raises(CheckpointLoadError, match="no checkpoint 'E7_U1_S1'"):
+            train(changed, resume="run", checkpoint="E7_U1_S1")
+    else:
+        with pytest.raises(CheckpointLoadError, match=r"^cannot resume checkpoint 'latest' with trainer.effective_batch_size 64: it was trained with 128$"):
+            train(changed, resume="run", checkpoint="latest")
+    assert config_file.read_text() == before
+
+
+def test_a_restored_training_loss_sum_lives_on_the_trainer_device(reference):
+    """Checkpoints load onto the CPU; the restored sums must be moved where the next losses are added
+    (checked on a CPU-only machine with the meta device standing for the GPU)."""
+    tree, _ = reference
+    config = parse_run_config(tree)
+    paths = PathProvider(Path(tree["output_path"]), "device-check")
+    trainer = build_trainer(config, paths, LogWriter(paths.run_dir / "m.jsonl", paths.run_dir / "s.json", is_main_process=False))
+    callback = next(c for c in trainer.callbacks if isinstance(c, TrainingLossCallback))
+    trainer.device = torch.device("meta")  # a device other than the CPU the checkpoint loaded onto
+    callback.load_state_dict({"loss_sums": {"total": torch.tensor(2.0)}, "step_count": 1})
+    assert callback.loss_sums["total"].device == torch.device("meta")
+
+
+def test_optimizer_hyperparameters_changed_in_the_config_apply_on_resume(reference, tmp_path):
+    tree, reference_paths = reference
+    shutil.copytree(reference_paths.run_dir, tmp_path / "run")
+    changed = {**tree, "output_path": str(tmp_path), "model": {**tree["model"], "optimizer": {**tree["model"]["optimizer"], "weight_decay": 0.5}}}
+
+    paths = train(changed, resume="run", checkpoint="E1_U9_S1152")
+
+    assert [group["weight_decay"] for group in load(checkpoint_path(paths, "classifier", "last", "optim"))["state_dict"]["param_groups"]] == [0.5]
+    assert "optimizer of classifier: the config's weight_decay 0.01 -> 0.5 replaces the checkpoint's" in paths.log_file.read_text()
+
+
+def test_a_run_saving_no_optimizer_state_warns_at_start_and_its_checkpoints_say_why_they_cannot_resume(tmp_path):
+    tree = tiny_config(tmp_path, max_epochs=1, callbacks=[{"kind": CHECKPOINT, "every_n_epochs": 1, "save_optim": False}])
+    paths = train(tree)
+    assert "no callback saves optimizer state" in paths.log_file.read_text()
+
+    with pytest.raises(CheckpointLoadError, match="checkpoint 'E1_U9_S1152' holds no optimizer state of classifier .*so training cannot continue from it"):
+        train(tree, resume="run", checkpoint="E1_U9_S1152")

@@ -149,3 +149,95 @@ def test_a_callback_sharing_the_key_of_a_default_callback_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="the default TrainingLossCallback and trainer.callbacks.0. both keep"):
         train(tree)
+
+
+def start_training(config: Path, **popen_options: Any) -> subprocess.Popen:
+    return subprocess.Popen(
+        [cli_command("noether-train"), str(config)],
+        cwd=config.parent,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_options,
+    )
+
+
+def test_signals_during_after_training_and_the_final_writes_let_every_final_checkpoint_finish(tmp_path, write_config):
+    """A SIGTERM while `after_training` runs, then a second SIGTERM and a Ctrl-C: the final periodic,
+    `latest` and `last` sets are written completely and the process exits normally."""
+    ready = tmp_path / "after-training-started"
+    slow = {"kind": "tests.support.interrupting.SlowAfterTrainingCallback", "ready_file": str(ready), "seconds": 1.5}
+    config = write_config(tiny_config(tmp_path, callbacks=[CHECKPOINT, slow]))
+    process = start_training(config)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for signal_number in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
+            process.send_signal(signal_number)
+            time.sleep(0.3)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+
+    assert process.returncode == 0, stderr
+    paths = PathProvider(tmp_path, "run")
+    for tag in ("E2_U18_S2304", "latest", "last"):
+        for kind in ("model", "optim", "trainer"):
+            assert torch.load(checkpoint_path(paths, "classifier", tag, kind), weights_only=True), (tag, kind)
+    assert not list(paths.checkpoint_dir.glob(".*.tmp")) and not list(paths.checkpoint_dir.glob("*.staged*"))
+    assert "SIGTERM received: finishing the final checkpoints first" in paths.log_file.read_text()
+
+
+def test_sigint_inherited_as_ignored_stays_ignored(tmp_path, write_config):
+    """Started with SIGINT ignored (nohup, a background job): a Ctrl-C does not stop the run."""
+    signalling = {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 3, "signal_name": "SIGINT"}
+    config = write_config(tiny_config(tmp_path, callbacks=[CHECKPOINT, signalling]))
+    process = start_training(config, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    stdout, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 0, stderr
+    paths = PathProvider(tmp_path, "run")
+    assert "stopping on" not in paths.log_file.read_text()
+    assert not list(paths.checkpoint_dir.glob("*signal_interrupt*"))
+    last = torch.load(checkpoint_path(paths, "classifier", "last", "trainer"), weights_only=True)
+    assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
+
+
+def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed_update(tmp_path):
+    """4 micro-batches per update; the 23rd train step (micro-batch 3 of update 6) fails after dropout drew
+    random numbers and the training-loss sums took partial losses: the error checkpoint holds the state as of
+    update 5, and the resumed run ends where an uninterrupted one does."""
+    def tree(directory: Path, fail_on_step: int) -> dict[str, Any]:
+        config = tiny_config(directory, max_batch_size=32, log_every_n_updates=3, callbacks=[CHECKPOINT])
+        config["trainer"].update(kind="tests.support.failing.FailingClassificationTrainer", fail_on_step=fail_on_step)
+        return config
+
+    uninterrupted = train(tree(tmp_path / "uninterrupted", fail_on_step=10_000))
+    failing = tree(tmp_path / "failing", fail_on_step=23)
+    with pytest.raises(RuntimeError, match="test failure in train step 23"):
+        train(failing)
+
+    paths = train(tree(tmp_path / "failing", fail_on_step=10_000), resume="run", checkpoint="E0_U5_S640.error")
+
+    assert_identical(last_weights(paths), last_weights(uninterrupted))
+    assert paths.metrics_file.read_text() == uninterrupted.metrics_file.read_text()
+
+
+def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
+    """Random draws in `__getitem__` of worker processes continue where they stopped: the resumed run
+    ends with the weights of the uninterrupted one."""
+    def tree(directory: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
+        config = tiny_config(directory, num_workers=2, callbacks=[CHECKPOINT, *extra_callbacks])
+        config["datasets"]["train"]["kind"] = "tests.support.augmenting.NoisyDigitsDataset"
+        return config
+
+    uninterrupted = train(tree(tmp_path / "uninterrupted"))
+    signalling = {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 11, "signal_name": "SIGTERM"}
+    stopped = train(tree(tmp_path / "stopped", signalling))
+    assert checkpoint_path(stopped, "classifier", "E1_U11_S1408.signal_interrupt", "trainer").exists()
+
+    resumed = train(tree(tmp_path / "stopped"), resume="run", checkpoint="E1_U11_S1408.signal_interrupt")
+
+    assert_identical(last_weights(resumed), last_weights(uninterrupted))

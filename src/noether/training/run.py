@@ -179,12 +179,15 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
         configure_logging(paths.log_file, is_main)
         store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
         resume_tag = _on_main(is_main, lambda: _choose_checkpoint(store, resume, checkpoint))
-        trackers = []
-        if is_main:
-            resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
-            resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
-            paths.config_file.write_text(yaml.safe_dump(resolved_tree, sort_keys=False))
-            trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers]  # only rank 0 tracks
+        resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+        resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
+        trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers] if is_main else []
+
+        def write_config() -> None:
+            """Once a resume's checkpoint loaded: a refused resume leaves the run's config.yaml as it was."""
+            if is_main:
+                paths.config_file.write_text(yaml.safe_dump(resolved_tree, sort_keys=False))
+
         log_writer = LogWriter(paths.metrics_file, paths.summary_file, is_main_process=is_main, trackers=trackers)
         if is_main and resume_tag is None and resume == AUTO:
             # what a start killed before its first checkpoint logged
@@ -193,7 +196,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
         trainer = build_trainer(config, paths, log_writer, setup)
         writer = trainer.context.checkpoints.writer
         try:
-            trainer.train(resume_tag=resume_tag, skip_if_finished=resume == AUTO)
+            trainer.train(resume_tag=resume_tag, skip_if_finished=resume == AUTO, on_start=write_config)
         except CheckpointWriteError as error:
             newest = store.newest_resumable()
             where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"

@@ -1,3 +1,4 @@
+import inspect
 import os
 import pickle
 import random
@@ -346,3 +347,53 @@ def test_a_failed_link_is_reported_with_the_file_name(tmp_path):
         writer.link(tmp_path / "missing.th", tmp_path / "copy.th")
         with pytest.raises(CheckpointWriteError, match="copy.th"):
             writer.wait()
+
+
+def interrupt_at_line(function, line: int):
+    """A trace function raising KeyboardInterrupt when `function` reaches `line`, where a Ctrl-C may land."""
+
+    def trace_calls(frame, event, arg):
+        return trace_lines if frame.f_code is function.__code__ else None
+
+    def trace_lines(frame, event, arg):
+        if event == "line" and frame.f_lineno == line:
+            raise KeyboardInterrupt
+        return trace_lines
+
+    return trace_calls
+
+
+@pytest.mark.parametrize("method", ["save", "call_after_writes"])
+def test_a_keyboard_interrupt_at_any_line_of_a_save_leaves_nothing_pending(tmp_path, method):
+    """Ctrl-C at every line of `save` / `call_after_writes` in turn: `wait` and `close` still return and the
+    writer goes on writing (a write counted as pending but never queued would make them hang).
+
+    Not inside the `finally:` that queues: a signal handler runs only at a call or a backward jump, and that
+    block makes none before its `put`, while a line tracer would stop it at its first line."""
+    function = getattr(CheckpointWriter, method)
+    source_lines, first_line = inspect.getsourcelines(function)
+    finally_line = first_line + next((i for i, text in enumerate(source_lines) if text.strip() == "finally:"), len(source_lines))
+    lines = sorted({line for _, _, line in function.__code__.co_lines() if line is not None and first_line < line < finally_line})
+    interrupted = 0
+    for line in lines:
+        writer = CheckpointWriter(asynchronous=True)
+        target = tmp_path / f"line{line}.th"
+        sys.settrace(interrupt_at_line(function, line))
+        try:
+            if method == "save":
+                writer.save(target, {"weights": torch.ones(3)})
+            else:
+                writer.call_after_writes(lambda: None)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        waiter = threading.Thread(target=writer.close, daemon=True)
+        waiter.start()
+        waiter.join(timeout=10)
+        assert not waiter.is_alive(), f"close() hangs after a KeyboardInterrupt at line {line} of {method}"
+        after = CheckpointWriter(asynchronous=True)
+        after.save(target, {"weights": torch.zeros(3)})
+        after.close()
+        assert torch.equal(torch.load(target, weights_only=True)["weights"], torch.zeros(3))
+    assert interrupted >= 3  # the lines run on the asynchronous path were reached and interrupted

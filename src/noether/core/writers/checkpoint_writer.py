@@ -183,19 +183,29 @@ class CheckpointWriter:
             return
         sources = _unique_tensors(payload)
         size = sum(t.numel() * t.element_size() for t in sources.values())
-        with self._cond:
-            while self._pending_bytes and self._pending_bytes + size > self.max_pending_bytes:
-                self._cond.wait()
-            self._pending += 1
-            self._pending_bytes += size
-        buffers = None
+        # a KeyboardInterrupt may land at any line: once counted, exactly one job is queued (the write,
+        # or the release of what it took), so the count always comes back down
+        counted = False
+        buffers = job = None
         try:
+            with self._cond:
+                while self._pending_bytes and self._pending_bytes + size > self.max_pending_bytes:
+                    self._cond.wait()
+                # one statement without calls: no signal handler runs between counting and noting it
+                self._pending, self._pending_bytes, counted = self._pending + 1, self._pending_bytes + size, True
             buffers = self._take_buffers(list(sources.values()))
             snapshot, copied = _snapshot(payload, sources, buffers.tensors, self._copy_streams)
-        except BaseException:
-            self._finish(buffers, size)
-            raise
-        self._queue.put((path, snapshot, buffers, size, sync_directory, fsync, copied))
+            job = (path, snapshot, buffers, size, sync_directory, fsync, copied)
+        finally:
+            if counted:
+                self._queue.put(job or (lambda: self._release(buffers, size),))
+
+    def _release(self, buffers: _BufferSet | None, size: int) -> None:
+        """Frees what a save that never queued its write had taken (the job itself is counted down by `_run`)."""
+        with self._cond:
+            if buffers is not None:
+                buffers.busy = False
+            self._pending_bytes -= size
 
     @property
     def buffer_bytes(self) -> int:
@@ -209,9 +219,13 @@ class CheckpointWriter:
         if not self.asynchronous:
             self._run_action(action)
             return
-        with self._cond:
-            self._pending += 1
-        self._queue.put((action,))
+        counted = False
+        try:
+            with self._cond:
+                self._pending, counted = self._pending + 1, True  # counted and noted in one statement
+        finally:
+            if counted:
+                self._queue.put((action,))
 
     def link(self, source: str | os.PathLike, path: str | os.PathLike) -> None:
         """Makes ``path`` a second name of ``source`` once every earlier save is written, atomically

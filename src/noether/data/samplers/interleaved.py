@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from noether.core.config import ConfigError
 from noether.core.utils.training.counter import UpdateCounter
@@ -70,6 +73,21 @@ class TrainingBatching:
         return math.ceil(self.local_batch_size / self.micro_batch_size)
 
 
+class SeededBatch(list):
+    """A batch of `(source, index)` pairs and the seed of the random draws made while loading it, derived
+    from the run's seed and the batch's place in training: a worker process draws the same numbers for it
+    whether the run started at the beginning or resumed just before it."""
+
+    def __init__(self, items: list[tuple[int, int]], seed: int) -> None:
+        super().__init__(items)
+        self.seed = seed
+
+
+def draw_seed(*position: int) -> int:
+    digest = hashlib.blake2b("/".join(map(str, position)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class InterleavedSampler:
     """Batch sampler yielding `(source, index)` lists: training micro-batches and, right after each
     update at which a consumer is due, that consumer's whole evaluation pass.
@@ -116,7 +134,8 @@ class InterleavedSampler:
             start = update_in_epoch * batching.effective_batch_size + batching.rank * batching.local_batch_size
             local_indices = permutation[start : start + batching.local_batch_size].tolist()
             for micro_start in range(0, len(local_indices), batching.micro_batch_size):
-                yield [(0, index) for index in local_indices[micro_start : micro_start + batching.micro_batch_size]]
+                items = [(0, index) for index in local_indices[micro_start : micro_start + batching.micro_batch_size]]
+                yield SeededBatch(items, draw_seed(self.seed, batching.rank, counter.update, 0, micro_start))
             counter.add_update()
             yield from self._evaluation_passes(counter, "is_due_after_update")
             if counter.is_full_epoch:
@@ -125,8 +144,10 @@ class InterleavedSampler:
     def _evaluation_passes(self, counter: UpdateCounter, due_check: str) -> Iterator[list[tuple[int, int]]]:
         for source, (consumer, size) in enumerate(zip(self.consumers, self.consumer_dataset_sizes), start=1):
             if getattr(consumer, due_check)(counter):
-                for batch in evaluation_batches(size, consumer.eval_batch_size, self.batching.rank, self.batching.world_size):
-                    yield [(source, index) for index in batch]
+                batches = evaluation_batches(size, consumer.eval_batch_size, self.batching.rank, self.batching.world_size)
+                for number, batch in enumerate(batches):
+                    seed = draw_seed(self.seed, self.batching.rank, counter.update, source, number)
+                    yield SeededBatch([(source, index) for index in batch], seed)
 
 
 class InterleavedDataset(Dataset):
@@ -139,6 +160,16 @@ class InterleavedDataset(Dataset):
         source, index = item
         key, dataset = self.sources[source]
         return key, dataset[index]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[str, Any]]:
+        """A batch; in a worker process the random draws of its samples start from the batch's own seed
+        (in the main process they continue the global random state, which checkpoints restore)."""
+        seed = getattr(items, "seed", None)
+        if seed is not None and get_worker_info() is not None:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        return [self[item] for item in items]
 
     def __len__(self) -> int:
         return sum(len(dataset) for _, dataset in self.sources)

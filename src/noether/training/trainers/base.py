@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import NonNegativeInt, PositiveInt, model_validator
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from noether.core import distributed
@@ -40,6 +43,7 @@ from noether.core.initializers import apply_initializers
 from noether.core.models.base import ModelBase
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.data.samplers.interleaved import (
     TRAIN_KEY,
     InterleavedDataset,
@@ -102,6 +106,8 @@ class BaseTrainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
+        self._update_boundary: tuple[tuple, dict[str, Any]] | None = None  # set while an update is half done
+        self.finishing = False  # the loop is left: a signal no longer stops anything
         self.pending_checkpoints: list[dict[str, Any]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
 
@@ -132,9 +138,12 @@ class BaseTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------- the loop
-    def train(self, resume_tag: str | None = None, *, skip_if_finished: bool = False) -> UpdateCounter:
-        """Train from scratch or from checkpoint `resume_tag`; with `skip_if_finished`, a checkpoint at the
-        end of training (a relaunch of a finished run) ends at once instead of finishing the run again."""
+    def train(
+        self, resume_tag: str | None = None, *, skip_if_finished: bool = False, on_start: Callable[[], None] | None = None
+    ) -> UpdateCounter:
+        """Train from scratch or from checkpoint `resume_tag`. With `skip_if_finished`, a checkpoint at the
+        end of training (a relaunch of a finished run) ends at once instead of finishing the run again.
+        `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
         counter = self.create_update_counter(TrainingIteration())
         model.initialize_optimizers(counter.end_update)
@@ -145,17 +154,25 @@ class BaseTrainer:
             if skip_if_finished and counter.is_finished:
                 logger.info(f"checkpoint '{resume_tag}' is at the end of training: nothing left to do")
                 return counter
+        if on_start is not None:
+            on_start()
         trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
+        if not any(getattr(c.config, "save_optim", False) or getattr(c.config, "save_latest_optim", False) for c in self.all_callbacks()):
+            logger.warning("no callback saves optimizer state: only interrupt and error checkpoints of this run can be resumed")
         data_iter = iter(self._data_loader(counter))
         self._dispatch("before_training", update_counter=counter)
         if resume_tag is not None:
             self._dispatch("resume_from_checkpoint", checkpoint_tag=resume_tag, update_counter=counter)
 
         with self._stop_on_signals():
+            # every rank leaves the loop on the value all ranks agreed on, never on a flag a signal set
+            # after the last agreement: one rank would otherwise gather for the interrupt save while
+            # another runs the next update
+            stop_agreed = False
             try:
-                while not counter.is_finished and self.stop_requested is None:
+                while not counter.is_finished and not stop_agreed:
                     self._train_update(model, trainer_model, data_iter, counter)
                     self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
@@ -164,19 +181,22 @@ class BaseTrainer:
                     self.context.log_writer.flush(counter)
                     self._write_pending_checkpoints(counter)
                     self.context.checkpoints.writer.check()
-                    if distributed.any_rank(self.stop_requested is not None) and self.stop_requested is None:
+                    stop_agreed = distributed.any_rank(self.stop_requested is not None)
+                    if stop_agreed and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
-                if self.stop_requested is not None and not counter.is_finished:
+                if stop_agreed and not counter.is_finished:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
             except BaseException as error:
                 self._save_on_failure(counter, error)
                 raise
 
-        self._dispatch("after_training", update_counter=counter)
-        self.context.log_writer.flush(counter)
-        self._write_pending_checkpoints(counter)
-        self.context.checkpoints.finish()
+            # signals from here on only ask for what happens anyway: the final checkpoints, complete
+            self.finishing = True
+            self._dispatch("after_training", update_counter=counter)
+            self.context.log_writer.flush(counter)
+            self._write_pending_checkpoints(counter)
+            self.context.checkpoints.finish()
         return counter
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
@@ -189,6 +209,8 @@ class BaseTrainer:
     def _train_update(self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
         """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
         model.set_learning_rates(counter.update)
+        # what an error checkpoint restores if a later micro-batch fails: the state of the last completed update
+        self._update_boundary = (_raw_rng_states(), self._accumulating_callback_states())
         local_batch_size = self.batching.local_batch_size
         steps = self.batching.accumulation_steps
         for step in range(steps):
@@ -213,6 +235,7 @@ class BaseTrainer:
             self.grad_scaler.update()
         model.optimizer_zero_grad()
         counter.add_update()
+        self._update_boundary = None
 
     def create_update_counter(self, start: TrainingIteration) -> UpdateCounter:
         config = self.config
@@ -360,6 +383,16 @@ class BaseTrainer:
         trainer_state = self.trainer_state(rank_states)
         context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
 
+    def _accumulating_callback_states(self) -> dict[str, Any]:
+        """Copies of the states that micro-batches change (callbacks with `track_after_accumulation_step`)."""
+        states = {}
+        for receiver in self._receivers("track_after_accumulation_step", True):
+            for callback in _with_children(receiver):
+                state = callback.state_dict()
+                if state is not None:
+                    states[callback.state_key] = tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, state)
+        return states
+
     def callback_states(self) -> dict[str, Any]:
         states = {}
         for callback in self.all_callbacks():
@@ -375,6 +408,7 @@ class BaseTrainer:
             "rng_states": [state["rng_states"] for state in rank_states],
             "grad_scaler": self.grad_scaler.state_dict(),
             "metrics_rows": self.context.log_writer.rows_written,
+            "effective_batch_size": self.config.effective_batch_size,
         }
 
     def load_checkpoint(self, tag: str) -> UpdateCounter:
@@ -385,8 +419,18 @@ class BaseTrainer:
         """
         store = self.context.checkpoints
         state = load_trainer_state(store, self.context.model.name, tag)
+        saved_batch_size = state.get("effective_batch_size", self.config.effective_batch_size)
+        if saved_batch_size != self.config.effective_batch_size:
+            # epochs, the data order and the learning-rate schedule all count in updates of this size
+            raise CheckpointLoadError(
+                f"cannot resume checkpoint '{tag}' with trainer.effective_batch_size {self.config.effective_batch_size}: "
+                f"it was trained with {saved_batch_size}"
+            )
         iteration = TrainingIteration.from_dict(state["training_iteration"])
+        optimizers = {name: leaf.optimizer for name, leaf in self.context.model.named_models().items() if leaf.optimizer is not None}
+        configured = {name: [_hyperparameters(group) for group in optimizer.param_groups] for name, optimizer in optimizers.items()}
         load_model_weights(self.context.model, store, tag, load_optim=True, expected_iteration=iteration)
+        _apply_configured_hyperparameters(optimizers, configured)
         counter = self.create_update_counter(iteration)
         if counter.update > counter.end_update:
             limits = ", ".join(f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name))
@@ -424,6 +468,12 @@ class BaseTrainer:
         """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then let the error propagate."""
         try:
             if not isinstance(error, KeyboardInterrupt):
+                if self._update_boundary is not None:  # failed mid-update: forget its partial draws and losses
+                    rng_states, callback_states = self._update_boundary
+                    _restore_raw_rng_states(rng_states)
+                    for callback in self.all_callbacks():
+                        if callback.state_key in callback_states:
+                            callback.load_state_dict(callback_states[callback.state_key])
                 tag = f"{counter.cur_iteration}.error"
                 self.save_checkpoint(tag, counter, all_ranks=False)
                 if self.context.is_main_process:
@@ -460,18 +510,24 @@ class BaseTrainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT finish the current update; a second SIGINT stops at once."""
+        """SIGTERM/SIGINT finish the current update; a second SIGINT stops at once, except once the loop is
+        left: then every signal waits for the final checkpoints. A signal the process inherited as ignored
+        (nohup, a background job) stays ignored."""
 
         def request_stop(signal_number: int, frame: Any) -> None:
             name = signal.Signals(signal_number).name
-            if self.stop_requested is not None and signal_number == signal.SIGINT:
+            if self.finishing:
+                logger.info(f"{name} received: finishing the final checkpoints first")
+            elif self.stop_requested is not None and signal_number == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_requested = name
+            if self.stop_requested is None:
+                self.stop_requested = name
 
         handlers: dict[int, Callable | int | None] = {}
         try:
             for signal_number in (signal.SIGTERM, signal.SIGINT):
-                handlers[signal_number] = signal.signal(signal_number, request_stop)
+                if signal.getsignal(signal_number) is not signal.SIG_IGN:
+                    handlers[signal_number] = signal.signal(signal_number, request_stop)
         except ValueError:  # not the main thread: signals cannot be caught here
             pass
         try:
@@ -479,6 +535,37 @@ class BaseTrainer:
         finally:
             for signal_number, handler in handlers.items():
                 signal.signal(signal_number, handler)
+
+
+def _hyperparameters(param_group: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in param_group.items() if key != "params"}
+
+
+def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimizer], configured: dict[str, list[dict[str, Any]]]) -> None:
+    """The config's optimizer hyperparameters over the checkpoint's, so that config.yaml says what runs.
+    The learning rate follows the configured schedule at every update anyway."""
+    for name, optimizer in optimizers.items():
+        for group, wanted in zip(optimizer.param_groups, configured[name]):
+            wanted = {key: value for key, value in wanted.items() if key != "lr"}
+            changed = [f"{key} {group[key]} -> {value}" for key, value in wanted.items() if group.get(key) != value]
+            group.update(wanted)
+            if changed:
+                logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
+
+
+def _raw_rng_states() -> tuple:
+    """The global RNG states as their libraries return them: cheap enough to take before every update."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_raw_rng_states(states: tuple) -> None:
+    python, numpy_state, torch_state, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _with_children(callback: CallbackBase) -> Iterator[CallbackBase]:

@@ -51,4 +51,7 @@ class TrainingLossCallback(PeriodicCallback):
         return {"loss_sums": dict(self.loss_sums), "step_count": self.step_count}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.loss_sums, self.step_count = dict(state_dict["loss_sums"]), state_dict["step_count"]
+        # checkpoints load onto the CPU; the sums keep growing on the trainer's device
+        device = self.context.trainer.device
+        self.loss_sums = {term: value.to(device) for term, value in state_dict["loss_sums"].items()}
+        self.step_count = state_dict["step_count"]
