@@ -134,7 +134,7 @@ class EmaCallback(PeriodicCallback):
             for factor in self.target_factors:
                 member = self._member(path, factor)
                 tags = [tag for tag in dict.fromkeys([checkpoint_tag, str(iteration)]) if store.exists(member, tag)]
-                state_dict = self._state_written_at(member, tags, iteration)
+                state_dict = self._state_written_at(member, tags, iteration, ema.state_dict(factor))
                 if state_dict is None:
                     looked_for = ", ".join(store.path(member, tag).name for tag in dict.fromkeys([checkpoint_tag, str(iteration)]))
                     self.logger.warning(
@@ -185,7 +185,7 @@ class EmaCallback(PeriodicCallback):
     def _save(self, tag: str, update_counter: UpdateCounter) -> None:
         """Write every EMA under `tag` on its own schedule. A tag that holds the trainer's checkpoint sets
         (whose EMA files are part of them and must match the rest) is left to the trainer."""
-        if not self.context.is_main_process:
+        if not (self.context.is_main_process or self.context.checkpoints.sharded):
             return
         if not self.context.checkpoints.save(tag, update_counter.cur_iteration, self._members()) and tag not in self._skipped_tags:
             self._skipped_tags.add(tag)
@@ -205,10 +205,18 @@ class EmaCallback(PeriodicCallback):
                 )
         return members
 
-    def _state_written_at(self, member: Member, tags: list[str], iteration: TrainingIteration) -> dict[str, Any] | None:
-        """The EMA state under the first of `tags` written at `iteration`."""
+    def _state_written_at(
+        self, member: Member, tags: list[str], iteration: TrainingIteration, template: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The EMA state under the first of `tags` written at `iteration` (a sharded one read into `template`)."""
+        store = self.context.checkpoints
         for tag in tags:
-            payload = self.context.checkpoints.load(member, tag)
+            if store.is_sharded(member, tag):
+                if store.written_at(member, tag) != iteration:
+                    continue  # read into the EMA's own tensors only when it is the one to resume
+                payload = store.load_into(member, tag, template)
+            else:
+                payload = store.load(member, tag)
             if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
                 return payload["state_dict"]
         return None
