@@ -365,7 +365,7 @@ class CheckpointStore:
         path = self.path(member, tag)
         payload = self._read(path)
         try:
-            dcp.load({"state_dict": state_dict}, checkpoint_id=path)
+            dcp.load({"state_dict": state_dict}, checkpoint_id=path, no_dist=not distributed.is_distributed())
         except Exception as error:  # noqa: BLE001 - named as the checkpoint it concerns
             reason = " ".join(str(error).split())[:500]
             raise CheckpointLoadError(f"{path} does not fit this model: {reason}") from None
@@ -530,7 +530,7 @@ def _replace(source: Path, final: Path) -> None:
 def _write_sharded(folder: Path, payload: dict[str, Any], is_main: bool) -> None:
     """Every rank writes its shards of the state dict into `folder` (DCP returns once all shards and
     the metadata are written); then rank 0 adds the payload's other fields, which mark it complete."""
-    dcp.save({"state_dict": payload["state_dict"]}, checkpoint_id=folder)
+    dcp.save({"state_dict": payload["state_dict"]}, checkpoint_id=folder, no_dist=not distributed.is_distributed())
     if is_main:
         fields = {key: value for key, value in payload.items() if key != "state_dict"}
         with open(folder / SHARDED_FIELDS, "wb") as file:
