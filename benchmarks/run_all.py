@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint_stall  # noqa: E402
 import ema_idle_children  # noqa: E402
 import ema_update  # noqa: E402
+import fsdp_memory  # noqa: E402
 import training_throughput  # noqa: E402
 
 # (label, benchmark key, ratio key, target, "<=" or ">=")
@@ -37,6 +38,7 @@ ROWS = [
     ("example: full callback stack / bare loop", "throughput_example", "full_stack_vs_bare", 1.05, "<="),
     ("example: trainer, default callbacks / bare loop", "throughput_example", "defaults_vs_bare", None, ""),
     ("larger model: full callback stack / bare loop", "throughput_large", "full_stack_vs_bare", None, ""),
+    ("FSDP params+optim+EMA per rank: 2 processes / 1", "fsdp_memory", "state_two_over_one", 0.55, "<="),
 ]
 
 
@@ -49,6 +51,7 @@ def run(quick: bool) -> dict[str, dict]:
         "ema_idle_children": lambda: ema_idle_children.run(100 if quick else 300),
         "checkpoint": lambda: checkpoint_stall.run(params, repeats=3 if quick else 5),
         "throughput_example": lambda: training_throughput.run("example", rounds=1 if quick else 7, epochs=epochs),
+        "fsdp_memory": lambda: fsdp_memory.run(256 if quick else 1024, layers=8, repeats=1 if quick else 3),
         "throughput_large": lambda: training_throughput.run("large", rounds=1 if quick else 3, epochs=max(epochs // 2, 1)),
     }
     results = {}
