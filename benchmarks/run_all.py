@@ -27,6 +27,7 @@ import checkpoint_set  # noqa: E402
 import checkpoint_stall  # noqa: E402
 import ema_idle_children  # noqa: E402
 import ema_update  # noqa: E402
+import fsdp_memory  # noqa: E402
 import peer_lightning  # noqa: E402
 import training_throughput  # noqa: E402
 
@@ -48,6 +49,7 @@ ROWS = [
     ("quickstart job, Lightning: full / bare", "peer_lightning", "lightning_full_vs_bare", None, ""),
     ("quickstart job, bare: this project / Lightning", "peer_lightning", "bare_noether_vs_lightning", 0.5, "<="),
     ("quickstart job, full: this project / Lightning", "peer_lightning", "full_noether_vs_lightning", 0.5, "<="),
+    ("FSDP params+optim+EMA per rank: 2 processes / 1", "fsdp_memory", "state_two_over_one", 0.55, "<="),
 ]
 
 
@@ -63,6 +65,7 @@ def run(quick: bool, device: str = "cpu") -> dict[str, dict]:
         "throughput_example": lambda: training_throughput.run("example", rounds=1 if quick else 7, epochs=epochs, device=device),
         "throughput_large": lambda: training_throughput.run("large", rounds=1 if quick else 3, epochs=max(epochs // 2, 1), device=device),
         "peer_lightning": lambda: peer_lightning.run(rounds=1 if quick else 4, epochs=2 if quick else 5, device=device),
+        "fsdp_memory": lambda: fsdp_memory.run(256 if quick else 1024, layers=8, repeats=1 if quick else 3),
     }
     if importlib.util.find_spec("pytorch_lightning") is None:
         print("skipping peer_lightning: PyTorch Lightning is not installed (pip install 'noether-trainkit[bench]')", file=sys.stderr)

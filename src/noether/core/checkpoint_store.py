@@ -16,6 +16,10 @@ over payloads and say "save these under that tag"; the store
   (a crash during a deletion is finished by the next `recover`).
 
 Members are files (`{model}[_ema={factor}]_cp={tag}_{part}.th`) written by a CheckpointWriter.
+Under sharded training (`sharded=True`, FSDP) weights and optimizer states are folders instead
+(`..._{part}.dcp/`): every rank writes its shards with torch.distributed.checkpoint into the staged
+folder, rank 0 adds the payload's other fields (`noether.th`) and commits the set once every rank's
+shards and the metadata are written. A folder loads with any number of processes, one included.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ import contextlib
 import itertools
 import os
 import re
+import shutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
+from noether.core import distributed
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import (
     CheckpointLoadError,
@@ -43,13 +52,16 @@ from noether.core.writers.checkpoint_writer import (
 
 Part = Literal["model", "optim", "trainer"]
 SUFFIX = ".th"
+SHARDED_SUFFIX = ".dcp"
+SHARDED_FIELDS = "noether.th"  # inside a .dcp folder: the payload without its state_dict
+REPLACED = ".replaced"
 STAGED = ".staged"
 DELETING = ".deleting"
 PERIODIC_TAG = re.compile(r"^E(?P<epoch>\d+)_U(?P<update>\d+)_S(?P<sample>\d+)$")
 _MEMBER_NAME = re.compile(
-    r"^(?P<model>.+?)(?:_ema=(?P<ema>[0-9.eE+-]+))?_cp=(?P<tag>.+)_(?P<part>model|optim|trainer)" + re.escape(SUFFIX) + "$"
+    r"^(?P<model>.+?)(?:_ema=(?P<ema>[0-9.eE+-]+))?_cp=(?P<tag>.+)_(?P<part>model|optim|trainer)(?P<suffix>\.th|\.dcp)$"
 )
-_STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)" + re.escape(STAGED) + "$")
+_STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)(?:" + re.escape(STAGED) + "|" + re.escape(REPLACED) + ")$")
 _set_ids = itertools.count()
 
 
@@ -61,9 +73,11 @@ class Member:
     part: Part
     ema_factor: float | None = None
 
-    def file_name(self, tag: str) -> str:
+    def file_name(self, tag: str, sharded: bool = False) -> str:
+        """The file (or, `sharded`, the folder; never for the trainer state) that holds this member."""
         ema = "" if self.ema_factor is None else f"_ema={self.ema_factor}"
-        return f"{self.model_name}{ema}_cp={tag}_{self.part}{SUFFIX}"
+        suffix = SHARDED_SUFFIX if sharded and self.part != "trainer" else SUFFIX
+        return f"{self.model_name}{ema}_cp={tag}_{self.part}{suffix}"
 
     @staticmethod
     def parse(file_name: str) -> tuple[Member, str] | None:
@@ -111,18 +125,28 @@ def iteration_of_tag(tag: str) -> TrainingIteration | None:
 class CheckpointStore:
     """Checkpoint sets of one run's `checkpoints/` directory (see the module docstring).
 
-    Without a writer the store only reads (run tools, evaluation of a read-only run).
+    Without a writer the store only reads (run tools, evaluation of a read-only run). A `sharded`
+    store writes weights and optimizer states as `.dcp` folders; every rank calls `save` then.
     """
 
-    def __init__(self, directory: Path, run_id: str, writer: CheckpointWriter | None = None) -> None:
+    def __init__(self, directory: Path, run_id: str, writer: CheckpointWriter | None = None, *, sharded: bool = False) -> None:
         self.directory = Path(directory)
         self.run_id = run_id
         self.writer = writer
+        self.sharded = sharded
         self._trainer_tags: set[str] = set()  # tags this process saved (or will save) a trainer set under
 
     # ----------------------------------------------------------------------------- names
     def path(self, member: Member, tag: str) -> Path:
-        return self.directory / member.file_name(tag)
+        """Where `member` of `tag` lies: its folder or file on disk, else where this store writes it."""
+        folder = self.directory / member.file_name(tag, sharded=True)
+        single = self.directory / member.file_name(tag)
+        if member.part != "trainer" and folder.is_dir():
+            return folder
+        return folder if self.sharded and not single.exists() else single
+
+    def is_sharded(self, member: Member, tag: str) -> bool:
+        return self.path(member, tag).suffix == SHARDED_SUFFIX
 
     # ----------------------------------------------------------------------------- writing
     def save(
@@ -142,25 +166,37 @@ class CheckpointStore:
         with. Such a save is skipped (returns False).
         """
         writer = self._require_writer()
-        if trainer_state is None and self.holds_trainer_set(tag):
+        skip = trainer_state is None and self.holds_trainer_set(tag)
+        set_id = f"{os.getpid():x}-{next(_set_ids)}"
+        if self.sharded:  # every rank writes into the same staged folders, as rank 0 decides
+            skip, set_id = distributed.broadcast_from_main((skip, set_id))
+        if skip:
             return False
         if trainer_state is not None:
             self._trainer_tags.add(tag)
-        set_id = f"{os.getpid():x}-{next(_set_ids)}"
+        is_main = distributed.rank() == 0
         writer.check()  # an earlier write's failure is reported before anything of this set is staged
         staged: list[tuple[Path, Path]] = []
         try:
             for member, payload in members.items():
-                final = self.path(member, tag)
+                final = self.directory / member.file_name(tag, sharded=self.sharded)
                 staged.append((final, _staged_path(final, set_id)))
-                # the commit makes the whole set durable at once (one barrier), not each staged file
-                writer.save(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
+                payload = {**payload, **stamp(tag, iteration, self.run_id)}
+                if final.suffix == SHARDED_SUFFIX:
+                    _write_sharded(staged[-1][1], payload, is_main)
+                elif is_main:
+                    # the commit makes the whole set durable at once (one barrier), not each staged file
+                    writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
+            if not is_main:
+                return True  # rank 0 commits once every rank's shards are written
             if trainer_state is not None:
                 final = self.path(Member(trainer_model_name or "model", "trainer"), tag)
                 staged.append((final, _staged_path(final, set_id)))
                 payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": [path.name for path, _ in staged[:-1]]}
                 writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
         except BaseException:
+            if not is_main:
+                raise  # rank 0 removes what was staged
             if not writer.asynchronous:
                 _discard(staged)
                 raise
@@ -179,7 +215,12 @@ class CheckpointStore:
         written once (their stamped tag stays `source_tag`)."""
         writer = self._require_writer()
         for member in members:
-            writer.link(self.path(member, source_tag), self.path(member, tag))
+            source = self.directory / member.file_name(source_tag, sharded=self.sharded)
+            if source.suffix == SHARDED_SUFFIX:
+                target = self.directory / member.file_name(tag, sharded=True)
+                writer.call_after_writes(lambda source=source, target=target: _link_folder(source, target))
+            else:
+                writer.link(source, self.directory / member.file_name(tag))
 
     def delete(self, tag: str) -> None:
         """Remove every file of `tag` once every earlier save is committed (so never before a newer set
@@ -223,8 +264,8 @@ class CheckpointStore:
         os.replace(files[0][1], marker)
         sync_directory(self.directory)
         for _, path in files[1:]:
-            path.unlink(missing_ok=True)
-        marker.unlink()
+            _remove(path)
+        _remove(marker)
         sync_directory(self.directory)
 
     # ----------------------------------------------------------------------------- recovery
@@ -241,13 +282,22 @@ class CheckpointStore:
             parsed = Member.parse(marker.name[1 : -len(DELETING)])
             if parsed is not None:
                 for path in self._members_on_disk(parsed[1]).values():
-                    path.unlink(missing_ok=True)
+                    _remove(path)
                 actions.append(f"finished deleting checkpoint '{parsed[1]}'")
-            marker.unlink(missing_ok=True)
+            _remove(marker)
         for staged_trainer in sorted(self.directory.glob(f".*_trainer{SUFFIX}~*{STAGED}")):
             actions.append(self._recover_set(staged_trainer))
         for leftover in self.directory.glob(f".*{STAGED}"):
-            leftover.unlink(missing_ok=True)
+            _remove(leftover)
+        for replaced in sorted(self.directory.glob(f".*{REPLACED}")):
+            # a folder moved aside by a commit that stopped before its successor took its name
+            match = _STAGED_NAME.match(replaced.name)
+            final = self.directory / match["name"] if match else None
+            if final is not None and not final.exists():
+                os.replace(replaced, final)
+                actions.append(f"restored {final.name}, whose replacement was never committed")
+            else:
+                _remove(replaced)
         return actions
 
     def _recover_set(self, staged_trainer: Path) -> str:
@@ -268,7 +318,7 @@ class CheckpointStore:
             # never completely written, or written but not yet made durable (its commit had not begun:
             # after a power loss its files may hold holes); the previous set under the tag stays
             for _, staged in pairs:
-                staged.unlink(missing_ok=True)
+                _remove(staged)
             staged_trainer.unlink(missing_ok=True)
             reason = f"{missing[0].name} was never completely written" if missing else "its commit had not begun"
             return f"discarded checkpoint set '{tag}' of {iteration}: {reason}"
@@ -304,9 +354,37 @@ class CheckpointStore:
         return self.path(member, tag).exists()
 
     def load(self, member: Member, tag: str, *, expected_iteration: TrainingIteration | None = None) -> dict[str, Any]:
-        """The payload of one member, checked to be a checkpoint of this kind (and of `expected_iteration`)."""
+        """The payload of one member, checked to be a checkpoint of this kind (and of `expected_iteration`).
+
+        A `.dcp` folder is read whole (unsharded, on CPU): for one process without a process group.
+        """
         path = self.path(member, tag)
-        payload = load_checkpoint(path)
+        if path.suffix == SHARDED_SUFFIX:
+            payload = self._read(path)
+            payload["state_dict"] = _read_sharded(path)
+        else:
+            payload = load_checkpoint(path)
+        return self._checked(payload, path, member, tag, expected_iteration)
+
+    def load_into(
+        self, member: Member, tag: str, state_dict: dict[str, Any], *, expected_iteration: TrainingIteration | None = None
+    ) -> dict[str, Any]:
+        """The payload of one `.dcp` member, its state dict loaded in place into `state_dict` (whose
+        tensors, sharded or not, say which part this process reads: any number of processes reads any
+        folder). Every rank calls it."""
+        path = self.path(member, tag)
+        payload = self._read(path)
+        try:
+            dcp.load({"state_dict": state_dict}, checkpoint_id=path, no_dist=not distributed.is_distributed())
+        except Exception as error:  # noqa: BLE001 - named as the checkpoint it concerns
+            reason = " ".join(str(error).split())[:500]
+            raise CheckpointLoadError(f"{path} does not fit this model: {reason}") from None
+        payload["state_dict"] = state_dict
+        return self._checked(payload, path, member, tag, expected_iteration)
+
+    def _checked(
+        self, payload: dict[str, Any], path: Path, member: Member, tag: str, expected_iteration: TrainingIteration | None
+    ) -> dict[str, Any]:
         required = ("training_iteration",) if member.part == "trainer" else ("state_dict", "training_iteration")
         missing = [key for key in required if key not in payload]
         if missing:
@@ -320,6 +398,12 @@ class CheckpointStore:
                 "resume from another checkpoint"
             )
         return payload
+
+    def written_at(self, member: Member, tag: str) -> TrainingIteration | None:
+        """The training iteration stamped on one member, without reading its tensors."""
+        with contextlib.suppress(CheckpointLoadError, KeyError, TypeError):
+            return TrainingIteration.from_dict(self._read(self.path(member, tag))["training_iteration"])
+        return None
 
     def iteration(self, tag: str) -> TrainingIteration:
         """The training iteration `tag` was written at (from its trainer state, else from any of its files)."""
@@ -399,7 +483,9 @@ class CheckpointStore:
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
-        """A checkpoint's small fields without reading its tensors (memory-mapped)."""
+        """A checkpoint's small fields without reading its tensors (memory-mapped; a folder's own file)."""
+        if path.is_dir():
+            path = path / SHARDED_FIELDS
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - load_checkpoint names what is wrong
@@ -428,7 +514,7 @@ def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path
 
 def _discard(staged: list[tuple[Path, Path]]) -> None:
     for _, staged_path in staged:
-        staged_path.unlink(missing_ok=True)
+        _remove(staged_path)
 
 
 def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path, Path], None] = os.replace) -> None:
@@ -436,11 +522,75 @@ def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path, Path], Non
     then makes the renames durable. `replace` may free the replaced files later (the writer's)."""
     for final, staged_path in staged:
         if staged_path.exists():  # else an interrupted commit already moved it
-            replace(staged_path, final)
+            (_replace if staged_path.is_dir() else replace)(staged_path, final)
     sync_directory(staged[-1][0].parent)
 
 
+def _replace(source: Path, final: Path) -> None:
+    """`os.replace`, also for folders: a folder in the way is moved aside first (`recover` puts it
+    back if the process stops before `source` takes its name) and removed after."""
+    if not (source.is_dir() and final.exists()):
+        os.replace(source, final)
+        return
+    aside = source.with_name(source.name.removesuffix(STAGED) + REPLACED)
+    os.replace(final, aside)
+    os.replace(source, final)
+    sync_directory(final.parent)
+    _remove(aside)
+
+
+def _write_sharded(folder: Path, payload: dict[str, Any], is_main: bool) -> None:
+    """Every rank writes its shards of the state dict into `folder` (DCP returns once all shards and
+    the metadata are written); then rank 0 adds the payload's other fields, which mark it complete."""
+    dcp.save({"state_dict": payload["state_dict"]}, checkpoint_id=folder, no_dist=not distributed.is_distributed())
+    if is_main:
+        fields = {key: value for key, value in payload.items() if key != "state_dict"}
+        with open(folder / SHARDED_FIELDS, "wb") as file:
+            torch.save(fields, file)
+            file.flush()
+            os.fsync(file.fileno())
+        sync_directory(folder)
+
+
+def _read_sharded(folder: Path) -> dict[str, Any]:
+    """The whole state dict of a `.dcp` folder in this process (no process group needed)."""
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in a single process", which is the point
+            warnings.simplefilter("ignore", UserWarning)
+            return _load_state_dict_from_keys(checkpoint_id=folder)["state_dict"]
+    except Exception as error:  # noqa: BLE001 - named as the checkpoint it concerns
+        raise CheckpointLoadError(f"cannot read sharded checkpoint {folder}: {' '.join(str(error).split())[:500]}") from None
+
+
+def _link_folder(source: Path, target: Path) -> None:
+    """Make folder `target` hold the same files as `source` (hard links; copies where the filesystem
+    has none), appearing whole under its name."""
+    staged = target.with_name(f".{target.name}~{os.getpid():x}-{next(_set_ids)}{STAGED}")
+    try:
+        staged.mkdir()
+        for file in source.iterdir():
+            try:
+                os.link(file, staged / file.name)
+            except OSError:
+                shutil.copy2(file, staged / file.name)
+        sync_directory(staged)
+        _replace(staged, target)
+        sync_directory(target.parent)
+    except OSError as error:
+        _remove(staged)
+        raise CheckpointWriteError(f"could not write checkpoint {target} as a link to {source.name}: {error}") from error
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(_size(file) for file in path.iterdir())
     try:
         return path.stat().st_size
     except FileNotFoundError:

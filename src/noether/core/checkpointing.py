@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from noether.core import fsdp
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.models.base import Model, ModelBase, select_models
 from noether.core.utils.training.iteration import TrainingIteration
@@ -24,18 +26,21 @@ def model_members(
     save_optim: bool = False,
     model_names: list[str] | None = None,
     save_frozen_weights: bool = False,
+    sharded: bool = False,
 ) -> dict[Member, dict[str, Any]]:
     """Weights and optimizer state of each selected (sub)model, as checkpoint members.
 
     Frozen models carry no optimizer and are rebuilt identically from config, so their weights are
-    written only when asked.
+    written only when asked. `sharded` optimizer states are keyed by parameter name (what a sharded
+    checkpoint needs to load into another number of processes).
     """
     members = {}
     for name, leaf in select_models(model, model_names).items():
         if save_weights and (save_frozen_weights or not leaf.is_frozen):
             members[Member(name, "model")] = weights_payload(leaf, leaf.state_dict())
         if save_optim and leaf.optimizer is not None:
-            members[Member(name, "optim")] = {"state_dict": leaf.optimizer.state_dict()}
+            state = fsdp.optimizer_state(leaf, leaf.optimizer) if sharded else leaf.optimizer.state_dict()
+            members[Member(name, "optim")] = {"state_dict": state}
     return members
 
 
@@ -64,8 +69,15 @@ def load_model_weights(
     """
     for name, leaf in model.named_models().items():
         weights = Member(name, "model")
-        if store.exists(weights, tag) or not leaf.is_frozen:
-            _load_into(leaf, store.load(weights, tag, expected_iteration=expected_iteration)["state_dict"], store.path(weights, tag))
+        if store.is_sharded(weights, tag):
+            state = store.load_into(weights, tag, leaf.state_dict(), expected_iteration=expected_iteration)["state_dict"]
+            _load_into(leaf, state, store.path(weights, tag))
+        elif store.exists(weights, tag) or not leaf.is_frozen:
+            state = store.load(weights, tag, expected_iteration=expected_iteration)["state_dict"]
+            if fsdp.sharded_modules(leaf):  # a whole state dict into a sharded model: each rank keeps its part
+                set_model_state_dict(leaf, state, options=StateDictOptions(full_state_dict=True))
+            else:
+                _load_into(leaf, state, store.path(weights, tag))
         if load_optim and leaf.optimizer is not None:
             optim = Member(name, "optim")
             if not store.exists(optim, tag):
@@ -74,7 +86,16 @@ def load_model_weights(
                     "cannot continue from it; resume from a checkpoint saved with optimizer state "
                     "(CheckpointCallback save_optim / save_latest_optim)"
                 )
-            _load_into(leaf.optimizer, store.load(optim, tag, expected_iteration=expected_iteration)["state_dict"], store.path(optim, tag))
+            if store.is_sharded(optim, tag):
+                template = fsdp.optimizer_state(leaf, leaf.optimizer)
+                fsdp.load_optimizer_state(leaf, leaf.optimizer, store.load_into(optim, tag, template, expected_iteration=expected_iteration)["state_dict"])
+            elif fsdp.sharded_modules(leaf):
+                raise CheckpointLoadError(
+                    f"{store.path(optim, tag)} is a whole optimizer state, written without trainer.parallelism=fsdp; "
+                    "a sharded run resumes from sharded (.dcp) optimizer states only"
+                )
+            else:
+                _load_into(leaf.optimizer, store.load(optim, tag, expected_iteration=expected_iteration)["state_dict"], store.path(optim, tag))
 
 
 def _load_into(target: torch.nn.Module | torch.optim.Optimizer, state_dict: Any, path: Any) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -22,6 +23,13 @@ def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Ten
     return list(groups.values())
 
 
+def _local(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's shards of sharded (FSDP) tensors, which share their storage: the fused kernels
+    run on them directly, so each rank averages only its own 1/N of the weights."""
+    with torch.no_grad():
+        return [tensor.to_local() if isinstance(tensor, DTensor) else tensor for tensor in tensors]
+
+
 class ModuleEma:
     """EMAs of one module's weights, one per factor: ``ema = factor * ema + (1 - factor) * live`` on every update.
 
@@ -33,7 +41,7 @@ class ModuleEma:
     The module's parameters and buffers are held by reference, so they must stay the same tensor objects for the
     lifetime of the EMA: optimizers update them in place, which is fine, whereas replacing a parameter or buffer
     attribute, or moving the module to another device or dtype afterwards, is not. Build the EMA after the module is
-    placed. Tied weights are averaged once.
+    placed (and sharded). Tied weights are averaged once.
     """
 
     def __init__(self, module: nn.Module, factors: Sequence[float]) -> None:
@@ -57,8 +65,8 @@ class ModuleEma:
         copied: list[torch.Tensor] = []
         for tensor in unique.values():
             (averaged if tensor.is_floating_point() and id(tensor) in parameter_ids else copied).append(tensor)
-        self._live_averaged = _by_device_and_dtype(averaged)
-        self._live_copied = _by_device_and_dtype(copied)
+        self._live_averaged = _by_device_and_dtype(_local(averaged))
+        self._live_copied = _by_device_and_dtype(_local(copied))
 
         self._ema: dict[float, dict[str, torch.Tensor]] = {}
         self._ema_averaged: dict[float, list[list[torch.Tensor]]] = {}
@@ -66,8 +74,8 @@ class ModuleEma:
         for factor in factors:
             copies = {key: tensor.detach().clone() for key, tensor in unique.items()}
             self._ema[factor] = {name: copies[id(tensor)] for name, tensor in names.items()}
-            self._ema_averaged[factor] = _by_device_and_dtype([copies[id(t)] for t in averaged])
-            self._ema_copied[factor] = _by_device_and_dtype([copies[id(t)] for t in copied])
+            self._ema_averaged[factor] = _by_device_and_dtype(_local([copies[id(t)] for t in averaged]))
+            self._ema_copied[factor] = _by_device_and_dtype(_local([copies[id(t)] for t in copied]))
         # Holds the live weights while an EMA is swapped in; allocated on first use and reused.
         self._scratch: list[list[torch.Tensor]] | None = None
         self._swapped = False

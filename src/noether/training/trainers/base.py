@@ -19,7 +19,7 @@ from pydantic import NonNegativeInt, PositiveInt, model_validator
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
-from noether.core import distributed
+from noether.core import distributed, fsdp
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.default import (
@@ -70,6 +70,10 @@ class BaseTrainerConfig(RegistryConfig):
     effective_batch_size: PositiveInt
     max_batch_size: PositiveInt | None = None
     precision: Precision = "float32"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: `ddp` replicates each model, `fsdp` shards it (FSDP2) and writes sharded checkpoints."""
+    shard_module_classes: list[str] | None = None
+    """Under `fsdp`: the module classes sharded as units (e.g. a transformer block); default: each direct child."""
     num_workers: NonNegativeInt = 0
     log_every_n_updates: PositiveInt | None = None
     callbacks: list[by_kind(CallBackBaseConfig)] = []
@@ -92,6 +96,7 @@ class BaseTrainer:
         self.device = torch.device(device)
         self.num_workers = trainer_config.num_workers
         context.trainer = self
+        context.checkpoints.sharded = trainer_config.parallelism == "fsdp"
         self.batching = TrainingBatching(
             dataset_size=len(context.data.get(TRAIN_KEY)),
             effective_batch_size=trainer_config.effective_batch_size,
@@ -145,6 +150,8 @@ class BaseTrainer:
         end of training (a relaunch of a finished run) ends at once instead of finishing the run again.
         `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
+        if self.config.parallelism == "fsdp":  # before the optimizers: sharding replaces the parameters
+            fsdp.shard_model(model, precision=self.config.precision, shard_classes=self.config.shard_module_classes)
         counter = self.create_update_counter(TrainingIteration())
         model.initialize_optimizers(counter.end_update)
         if resume_tag is None:
@@ -200,8 +207,9 @@ class BaseTrainer:
         return counter
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
-        """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself."""
-        if not distributed.is_distributed():
+        """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself
+        (also when sharded: FSDP works inside the model's own modules)."""
+        if not distributed.is_distributed() or self.config.parallelism == "fsdp":
             return model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -222,8 +230,8 @@ class BaseTrainer:
                 )
             batch = self.move_to_device(batch)
             # gradients are averaged over processes once per update, on its last micro-batch
-            synchronize = step == steps - 1 or trainer_model is model
-            with contextlib.nullcontext() if synchronize else trainer_model.no_sync():
+            synchronize = step == steps - 1 or not distributed.is_distributed()
+            with contextlib.nullcontext() if synchronize else self._no_gradient_sync(trainer_model):
                 with self.autocast():
                     losses = self.train_step(trainer_model, batch)
                 weight = _batch_length(batch) / local_batch_size
@@ -236,6 +244,9 @@ class BaseTrainer:
         model.optimizer_zero_grad()
         counter.add_update()
         self._update_boundary = None
+
+    def _no_gradient_sync(self, trainer_model: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return fsdp.no_gradient_sync(trainer_model) if self.config.parallelism == "fsdp" else trainer_model.no_sync()
 
     def create_update_counter(self, start: TrainingIteration) -> UpdateCounter:
         config = self.config
@@ -369,7 +380,8 @@ class BaseTrainer:
         context = self.context
         local_state = {"rng_states": capture_rng_states(), "callbacks": self.callback_states()}
         rank_states = distributed.gather_to_all(local_state) if all_ranks else [local_state]
-        if not context.is_main_process:
+        sharded = context.checkpoints.sharded and all_ranks  # every rank writes its shards
+        if not (context.is_main_process or sharded):
             return
         members = model_members(
             context.model,
@@ -377,10 +389,11 @@ class BaseTrainer:
             save_optim=save_optim,
             model_names=model_names,
             save_frozen_weights=save_frozen_weights,
+            sharded=context.checkpoints.sharded,
         )
         for callback in self.all_callbacks():
             members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
-        trainer_state = self.trainer_state(rank_states)
+        trainer_state = self.trainer_state(rank_states) if context.is_main_process else None
         context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
 
     def _accumulating_callback_states(self) -> dict[str, Any]:
@@ -467,7 +480,10 @@ class BaseTrainer:
     def _save_on_failure(self, counter: UpdateCounter, error: BaseException) -> None:
         """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then let the error propagate."""
         try:
-            if not isinstance(error, KeyboardInterrupt):
+            if self.context.checkpoints.sharded and distributed.is_distributed():
+                # the error may have hit one rank alone, and shards are written by every rank together
+                logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
+            elif not isinstance(error, KeyboardInterrupt):
                 if self._update_boundary is not None:  # failed mid-update: forget its partial draws and losses
                     rng_states, callback_states = self._update_boundary
                     _restore_raw_rng_states(rng_states)

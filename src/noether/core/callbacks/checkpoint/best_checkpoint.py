@@ -171,11 +171,13 @@ class BestCheckpointCallback(PeriodicCallback):
     def _save(self, update_counter: UpdateCounter) -> None:
         """Write the new best, and link it under every tolerance not yet exceeded: the same bytes,
         written once (their stamped `checkpoint_tag` is the best tag they were written under)."""
+        store = self.context.checkpoints
+        if not (self.context.is_main_process or store.sharded):
+            return  # sharded weights are written by every rank
+        members = model_members(self.context.model, model_names=self.model_names, save_frozen_weights=self.save_frozen_weights)
+        store.save(self.best_tag, update_counter.cur_iteration, members)
         if not self.context.is_main_process:
             return
-        members = model_members(self.context.model, model_names=self.model_names, save_frozen_weights=self.save_frozen_weights)
-        store = self.context.checkpoints
-        store.save(self.best_tag, update_counter.cur_iteration, members)
         for tolerance in self.tolerances:
             if not self.tolerances_is_exceeded[tolerance]:
                 store.link(self.best_tag, self.tolerance_tag(tolerance), members)

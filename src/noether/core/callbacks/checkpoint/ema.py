@@ -135,7 +135,7 @@ class EmaCallback(PeriodicCallback):
             for factor in self.target_factors:
                 member = self._member(path, factor)
                 tags = [tag for tag in dict.fromkeys([checkpoint_tag, str(iteration)]) if store.exists(member, tag)]
-                found = self._state_written_at(member, tags, iteration)
+                found = self._state_written_at(member, tags, iteration, ema.state_dict(factor))
                 if found is None:
                     looked_for = ", ".join(store.path(member, tag).name for tag in dict.fromkeys([checkpoint_tag, str(iteration)]))
                     self.logger.warning(
@@ -190,7 +190,7 @@ class EmaCallback(PeriodicCallback):
     def _save(self, tag: str, update_counter: UpdateCounter) -> None:
         """Write every EMA under `tag` on its own schedule. A tag that holds the trainer's checkpoint sets
         (whose EMA files are part of them and must match the rest) is left to the trainer."""
-        if not self.context.is_main_process:
+        if not (self.context.is_main_process or self.context.checkpoints.sharded):
             return
         if not self.context.checkpoints.save(tag, update_counter.cur_iteration, self._members()) and tag not in self._skipped_tags:
             self._skipped_tags.add(tag)
@@ -210,10 +210,18 @@ class EmaCallback(PeriodicCallback):
                 )
         return members
 
-    def _state_written_at(self, member: Member, tags: list[str], iteration: TrainingIteration) -> tuple[str, Any] | None:
-        """The first of `tags` written at `iteration`, with its EMA state."""
+    def _state_written_at(
+        self, member: Member, tags: list[str], iteration: TrainingIteration, template: dict[str, Any]
+    ) -> tuple[str, Any] | None:
+        """The first of `tags` written at `iteration`, with its EMA state (a sharded one read into `template`)."""
+        store = self.context.checkpoints
         for tag in tags:
-            payload = self.context.checkpoints.load(member, tag)
+            if store.is_sharded(member, tag):
+                if store.written_at(member, tag) != iteration:
+                    continue  # read into the EMA's own tensors only when it is the one to resume
+                payload = store.load_into(member, tag, template)
+            else:
+                payload = store.load(member, tag)
             if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
                 return tag, payload["state_dict"]
         return None
