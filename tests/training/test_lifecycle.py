@@ -136,7 +136,9 @@ def test_resume_auto_after_sigkills_at_random_moments_ends_as_a_run_never_stoppe
         server.close()
     paths = PathProvider(tmp_path, "run")
     assert_same_end(paths, PathProvider(tmp_path, "reference"))
-    assert tags(paths) == ["E4_U16_S4096", "latest", "E5_U20_S5120", "last"]
+    # (`latest` may be older than in the reference: a kill between the commits of two sets of one step
+    # leaves the second to the next time it is due)
+    assert set(tags(paths)) == {"E4_U16_S4096", "latest", "E5_U20_S5120", "last"}
 
 
 def test_resume_auto_needs_a_run_id(tmp_path, write_config):

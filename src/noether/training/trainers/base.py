@@ -146,8 +146,8 @@ class BaseTrainer:
     def train(
         self, resume_tag: str | None = None, *, skip_if_finished: bool = False, on_start: Callable[[], None] | None = None
     ) -> UpdateCounter:
-        """Train from scratch or from checkpoint `resume_tag`. With `skip_if_finished`, a checkpoint at the
-        end of training (a relaunch of a finished run) ends at once instead of finishing the run again.
+        """Train from scratch or from checkpoint `resume_tag`. With `skip_if_finished`, a run that has
+        finished (a relaunch of a finished job) ends at once instead of finishing again.
         `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
         if self.config.parallelism == "fsdp":  # before the optimizers: sharding replaces the parameters
@@ -158,8 +158,8 @@ class BaseTrainer:
             apply_initializers(model, self.context.paths.output_path)
         else:
             counter = self.load_checkpoint(resume_tag)
-            if skip_if_finished and counter.is_finished:
-                logger.info(f"checkpoint '{resume_tag}' is at the end of training: nothing left to do")
+            if skip_if_finished and counter.is_finished and self._has_finished(counter):
+                logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {counter.cur_iteration}): nothing left to do")
                 return counter
         if on_start is not None:
             on_start()
@@ -205,6 +205,11 @@ class BaseTrainer:
             self._write_pending_checkpoints(counter)
             self.context.checkpoints.finish()
         return counter
+
+    def _has_finished(self, counter: UpdateCounter) -> bool:
+        """`last` is written once after_training is done: a stop before it leaves after_training to do again."""
+        last = self.context.checkpoints.info("last")
+        return last.resumable and last.iteration == counter.cur_iteration
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
         """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself
