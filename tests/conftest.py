@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Tests stop runs with Ctrl-C (SIGINT) as a user at a terminal would. A test process started in the
+# background inherits SIGINT ignored, which the trainer rightly keeps ignored (and so would every
+# training subprocess): restore the terminal's default here.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 QUICKSTART = REPO_ROOT / "examples" / "quickstart.yaml"
 
 
