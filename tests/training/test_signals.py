@@ -205,13 +205,16 @@ def test_sigint_inherited_as_ignored_stays_ignored(tmp_path, write_config):
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
 
 
-def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed_update(tmp_path):
-    """4 micro-batches per update; the 23rd train step (micro-batch 3 of update 6) fails after dropout drew
-    random numbers and the training-loss sums took partial losses: the error checkpoint holds the state as of
-    update 5, and the resumed run ends where an uninterrupted one does."""
+@pytest.mark.parametrize("dataset", ["noether.examples.digits.DigitsDataset", "tests.support.augmenting.NumpyNoisyDigitsDataset"])
+def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed_update(tmp_path, dataset):
+    """4 micro-batches per update; the 23rd train step (micro-batch 3 of update 6) fails after dropout (and the
+    dataset's NumPy and Python augmentation) drew random numbers and the training-loss callback took partial
+    losses: the error checkpoint holds the state as of update 5, and the resumed run ends where an
+    uninterrupted one does."""
     def tree(directory: Path, fail_on_step: int) -> dict[str, Any]:
         config = tiny_config(directory, max_batch_size=32, log_every_n_updates=3, callbacks=[CHECKPOINT])
         config["trainer"].update(kind="tests.support.failing.FailingClassificationTrainer", fail_on_step=fail_on_step)
+        config["datasets"]["train"]["kind"] = dataset
         return config
 
     uninterrupted = train(tree(tmp_path / "uninterrupted", fail_on_step=10_000))

@@ -60,10 +60,7 @@ def stream(sampler: InterleavedSampler) -> list[tuple[int, list[list[int]]]]:
     """The sampler's output as events: (0, [micro-batch]) per training micro-batch, (source, batches) per evaluation pass."""
     events: list[tuple[int, list[list[int]]]] = []
     for batch in sampler:
-        sources = {source for source, _ in batch}
-        assert len(sources) == 1, "a batch mixes datasets"
-        source = sources.pop()
-        indices = [index for _, index in batch]
+        source, indices = batch.source, list(batch)
         if source != TRAIN_SOURCE and events and events[-1][0] == source:
             events[-1][1].append(indices)
         else:
@@ -162,8 +159,8 @@ def test_one_loader_serves_training_and_evaluation_batches(num_workers: int) -> 
 
     expected = []
     for batch in sampler:
-        key = "train" if batch[0][0] == TRAIN_SOURCE else "val"
-        expected.append((key, [index + (1000 if key == "val" else 0) for _, index in batch]))
+        key = "train" if batch.source == TRAIN_SOURCE else "val"
+        expected.append((key, [index + (1000 if key == "val" else 0) for index in batch]))
     assert served == expected
     assert [ids for key, ids in served if key == "val"] == [[1000, 1001, 1002, 1003], [1004, 1005]] * 2
 

@@ -40,7 +40,11 @@ class PeriodicCallback(CallbackBase):
         return "update" if self.config.every_n_updates is not None else "sample"
 
     def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, Any], **kwargs: Any) -> None:
-        """Called after every forward/backward of a micro-batch, e.g. to accumulate losses."""
+        """Called after every forward/backward of a micro-batch, e.g. to accumulate losses.
+
+        Keep what an update adds here out of `state_dict()` until `track_after_update_step`: an update
+        can still fail after this call, and its error checkpoint must hold whole updates only.
+        """
 
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         """Called after every optimizer update, whatever the schedule (keep it cheap)."""

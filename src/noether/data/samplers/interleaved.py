@@ -74,12 +74,14 @@ class TrainingBatching:
 
 
 class SeededBatch(list):
-    """A batch of `(source, index)` pairs and the seed of the random draws made while loading it, derived
-    from the run's seed and the batch's place in training: a worker process draws the same numbers for it
-    whether the run started at the beginning or resumed just before it."""
+    """The indices of one batch into source `source` (0 is the training set, then one per consumer), and the
+    seed of the random draws made while using it, derived from the run's seed and the batch's place in
+    training: the batch draws the same numbers whether the run started at the beginning or resumed just
+    before it."""
 
-    def __init__(self, items: list[tuple[int, int]], seed: int) -> None:
-        super().__init__(items)
+    def __init__(self, source: int, indices: list[int], seed: int) -> None:
+        super().__init__(indices)
+        self.source = source
         self.seed = seed
 
 
@@ -89,7 +91,7 @@ def draw_seed(*position: int) -> int:
 
 
 class InterleavedSampler:
-    """Batch sampler yielding `(source, index)` lists: training micro-batches and, right after each
+    """Batch sampler yielding `SeededBatch`es: training micro-batches and, right after each
     update at which a consumer is due, that consumer's whole evaluation pass.
 
     The training order depends only on (seed, epoch), so it is the same with or without
@@ -118,7 +120,7 @@ class InterleavedSampler:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.batching.dataset_size, generator=generator)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[SeededBatch]:
         batching = self.batching
         counter = UpdateCounter(
             start_iteration=self.start_iteration,
@@ -134,47 +136,51 @@ class InterleavedSampler:
             start = update_in_epoch * batching.effective_batch_size + batching.rank * batching.local_batch_size
             local_indices = permutation[start : start + batching.local_batch_size].tolist()
             for micro_start in range(0, len(local_indices), batching.micro_batch_size):
-                items = [(0, index) for index in local_indices[micro_start : micro_start + batching.micro_batch_size]]
-                yield SeededBatch(items, draw_seed(self.seed, batching.rank, counter.update, 0, micro_start))
+                micro_batch = local_indices[micro_start : micro_start + batching.micro_batch_size]
+                yield SeededBatch(0, micro_batch, draw_seed(self.seed, batching.rank, counter.update, 0, micro_start))
             counter.add_update()
+            if not self.consumers:
+                continue
             yield from self._evaluation_passes(counter, "is_due_after_update")
             if counter.is_full_epoch:
                 yield from self._evaluation_passes(counter, "is_due_after_epoch")
 
-    def _evaluation_passes(self, counter: UpdateCounter, due_check: str) -> Iterator[list[tuple[int, int]]]:
+    def _evaluation_passes(self, counter: UpdateCounter, due_check: str) -> Iterator[SeededBatch]:
         for source, (consumer, size) in enumerate(zip(self.consumers, self.consumer_dataset_sizes), start=1):
             if getattr(consumer, due_check)(counter):
                 batches = evaluation_batches(size, consumer.eval_batch_size, self.batching.rank, self.batching.world_size)
                 for number, batch in enumerate(batches):
                     seed = draw_seed(self.seed, self.batching.rank, counter.update, source, number)
-                    yield SeededBatch([(source, index) for index in batch], seed)
+                    yield SeededBatch(source, batch, seed)
 
 
 class InterleavedDataset(Dataset):
-    """Routes `(source, index)` to the training set (source 0) or a consumer's dataset."""
+    """Serves a `SeededBatch` from its source: the training set (source 0) or a consumer's dataset."""
 
     def __init__(self, sources: Sequence[tuple[str, Dataset]]) -> None:
         self.sources = list(sources)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[str, Any]:
-        source, index = item
-        key, dataset = self.sources[source]
-        return key, dataset[index]
+    def __getitems__(self, batch: SeededBatch) -> tuple[str, list[Any]]:
+        """The batch's samples as `(dataset_key, samples)`.
 
-    def __getitems__(self, items: list[tuple[int, int]]) -> list[tuple[str, Any]]:
-        """A batch; in a worker process the random draws of its samples start from the batch's own seed
-        (in the main process they continue the global random state, which checkpoints restore)."""
-        seed = getattr(items, "seed", None)
-        if seed is not None and get_worker_info() is not None:
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-        return [self[item] for item in items]
+        Python's `random` and NumPy's global generator restart from the batch's seed in every process, so
+        what the batch draws from them needs no checkpointed state; torch's generator does the same in a
+        worker process and continues the global state (which checkpoints restore) in the main process.
+        """
+        random.seed(batch.seed)
+        np.random.seed(batch.seed % 2**32)
+        if get_worker_info() is not None:
+            torch.manual_seed(batch.seed)
+        key, dataset = self.sources[batch.source]
+        if hasattr(dataset, "__getitems__"):
+            return key, dataset.__getitems__(batch)
+        return key, [dataset[index] for index in batch]
 
     def __len__(self) -> int:
         return sum(len(dataset) for _, dataset in self.sources)
 
 
-def collate_tagged(samples: list[tuple[str, Any]]) -> tuple[str, Any]:
-    """Collate samples of one source into `(dataset_key, batch)`."""
-    return samples[0][0], default_collate([sample for _, sample in samples])
+def collate_tagged(batch: tuple[str, list[Any]]) -> tuple[str, Any]:
+    """Collate the samples of one batch (from `InterleavedDataset.__getitems__`) into `(dataset_key, batch)`."""
+    key, samples = batch
+    return key, default_collate(samples)

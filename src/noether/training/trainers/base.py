@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import NonNegativeInt, PositiveInt, model_validator
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from noether.core import distributed, fsdp
@@ -111,7 +108,7 @@ class BaseTrainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
-        self._update_boundary: tuple[tuple, dict[str, Any]] | None = None  # set while an update is half done
+        self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self.pending_checkpoints: list[dict[str, Any]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -222,8 +219,9 @@ class BaseTrainer:
     def _train_update(self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
         """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
         model.set_learning_rates(counter.update)
-        # what an error checkpoint restores if a later micro-batch fails: the state of the last completed update
-        self._update_boundary = (_raw_rng_states(), self._accumulating_callback_states())
+        # what an error checkpoint restores if the update fails half done (Python's and NumPy's generators
+        # restart per batch, and callbacks keep an update's losses out of their state until it completes)
+        self._update_boundary_rng = _torch_rng_states(self.device)
         local_batch_size = self.batching.local_batch_size
         steps = self.batching.accumulation_steps
         for step in range(steps):
@@ -248,7 +246,7 @@ class BaseTrainer:
             self.grad_scaler.update()
         model.optimizer_zero_grad()
         counter.add_update()
-        self._update_boundary = None
+        self._update_boundary_rng = None
 
     def _no_gradient_sync(self, trainer_model: torch.nn.Module) -> contextlib.AbstractContextManager:
         return fsdp.no_gradient_sync(trainer_model) if self.config.parallelism == "fsdp" else trainer_model.no_sync()
@@ -307,9 +305,12 @@ class BaseTrainer:
 
     def _dispatch(self, hook: str, periodic_only: bool = False, **kwargs: Any) -> None:
         """Call `hook` on every callback in order; if some raise, the others still run, then the first error is raised."""
+        receivers = self._receivers(hook, periodic_only)
+        if not receivers:
+            return
         first_error: BaseException | None = None
         with torch.no_grad():
-            for callback in self._receivers(hook, periodic_only):
+            for callback in receivers:
                 try:
                     getattr(callback, hook)(**kwargs)
                 except Exception as error:  # noqa: BLE001 - re-raised below once every callback had its turn
@@ -321,14 +322,14 @@ class BaseTrainer:
             raise first_error
 
     def _receivers(self, hook: str, periodic_only: bool) -> list[CallbackBase]:
-        """The callbacks a hook is dispatched to; per-step tracking hooks skip callbacks that leave them empty."""
+        """The callbacks a hook is dispatched to, without those for which it would do nothing: per-step
+        tracking hooks a callback leaves empty, and `after_update` of a callback that is never due after an update."""
         key = (hook, periodic_only)
         if key not in self._receivers_by_hook:
-            no_op = getattr(PeriodicCallback, hook) if hook in PER_STEP_HOOKS else None
             self._receivers_by_hook[key] = [
                 callback
                 for callback in self.callbacks
-                if (not periodic_only or isinstance(callback, PeriodicCallback)) and getattr(type(callback), hook, None) is not no_op
+                if (not periodic_only or isinstance(callback, PeriodicCallback)) and not _does_nothing(callback, hook)
             ]
         return self._receivers_by_hook[key]
 
@@ -400,16 +401,6 @@ class BaseTrainer:
             members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
         trainer_state = self.trainer_state(rank_states) if context.is_main_process else None
         context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
-
-    def _accumulating_callback_states(self) -> dict[str, Any]:
-        """Copies of the states that micro-batches change (callbacks with `track_after_accumulation_step`)."""
-        states = {}
-        for receiver in self._receivers("track_after_accumulation_step", True):
-            for callback in _with_children(receiver):
-                state = callback.state_dict()
-                if state is not None:
-                    states[callback.state_key] = tree_map(lambda value: value.clone() if isinstance(value, torch.Tensor) else value, state)
-        return states
 
     def callback_states(self) -> dict[str, Any]:
         states = {}
@@ -489,12 +480,8 @@ class BaseTrainer:
                 # the error may have hit one rank alone, and shards are written by every rank together
                 logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
             elif not isinstance(error, KeyboardInterrupt):
-                if self._update_boundary is not None:  # failed mid-update: forget its partial draws and losses
-                    rng_states, callback_states = self._update_boundary
-                    _restore_raw_rng_states(rng_states)
-                    for callback in self.all_callbacks():
-                        if callback.state_key in callback_states:
-                            callback.load_state_dict(callback_states[callback.state_key])
+                if self._update_boundary_rng is not None:  # failed mid-update: forget its partial draws
+                    _restore_torch_rng_states(self._update_boundary_rng)
                 tag = f"{counter.cur_iteration}.error"
                 self.save_checkpoint(tag, counter, all_ranks=False)
                 if self.context.is_main_process:
@@ -574,19 +561,28 @@ def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimize
                 logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
 
 
-def _raw_rng_states() -> tuple:
-    """The global RNG states as their libraries return them: cheap enough to take before every update."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+def _torch_rng_states(device: torch.device) -> tuple:
+    """torch's global generator states (a few kB): cheap enough to take before every update."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None
 
 
-def _restore_raw_rng_states(states: tuple) -> None:
-    python, numpy_state, torch_state, cuda = states
-    random.setstate(python)
-    np.random.set_state(numpy_state)
-    torch.set_rng_state(torch_state)
+def _restore_torch_rng_states(states: tuple) -> None:
+    cpu, cuda = states
+    torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def _does_nothing(callback: CallbackBase, hook: str) -> bool:
+    if not isinstance(callback, PeriodicCallback):
+        return False
+    inherited = getattr(type(callback), hook, None) is getattr(PeriodicCallback, hook, None)
+    if hook in PER_STEP_HOOKS:
+        return inherited
+    if hook == "after_update":
+        never_due = callback.config.every_n_updates is None and callback.config.every_n_samples is None
+        return inherited and never_due and type(callback).is_due_after_update is PeriodicCallback.is_due_after_update
+    return False
 
 
 def _with_children(callback: CallbackBase) -> Iterator[CallbackBase]:

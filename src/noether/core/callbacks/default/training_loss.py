@@ -23,15 +23,20 @@ class TrainingLossCallback(PeriodicCallback):
         super().__init__(callback_config, context)
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.step_count = 0
+        self.update_losses: list[tuple[dict[str, torch.Tensor], float]] = []
+        """The micro-batches of the update under way; added to `loss_sums` once it completes."""
 
     def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, torch.Tensor], weight: float, **kwargs: Any) -> None:
-        for term, value in losses.items():
-            if term in self.loss_sums:
-                self.loss_sums[term].add_(value.detach(), alpha=weight)
-            else:
-                self.loss_sums[term] = value.detach().float() * weight
+        self.update_losses.append(({term: value.detach() for term, value in losses.items()}, weight))
 
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        for losses, weight in self.update_losses:
+            for term, value in losses.items():
+                if term in self.loss_sums:
+                    self.loss_sums[term].add_(value, alpha=weight)
+                else:
+                    self.loss_sums[term] = value.float() * weight
+        self.update_losses.clear()
         self.step_count += 1
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
