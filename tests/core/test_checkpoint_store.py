@@ -73,6 +73,70 @@ def test_a_weights_only_save_never_replaces_members_of_a_trainer_set(store):
     assert not store.info("E0_U7_S56").resumable  # weights only: nothing to resume from
 
 
+def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags(store):
+    weights, ema = torch.full((4,), 1.0), torch.full((4,), -1.0)
+    payloads = {WEIGHTS: {"state_dict": {"w": weights}}, OPTIM: {"state_dict": {"step": 5.0}}, EMA: {"state_dict": {"w": ema}}}
+    store.save("E0_U5_S40", at(5), payloads, {"note": 1}, trainer_model_name="net")
+    store.save("latest", at(5), payloads, {"note": 1}, trainer_model_name="net")
+    store.finish()
+
+    for member in (WEIGHTS, OPTIM, EMA):
+        linked = store.path(member, "latest")
+        assert linked.samefile(store.path(member, "E0_U5_S40"))
+        assert store.load(member, "latest")["checkpoint_tag"] == "E0_U5_S40"  # stamped where first written
+    trainer = Member("net", "trainer")
+    assert not store.path(trainer, "latest").samefile(store.path(trainer, "E0_U5_S40"))
+    assert store.info("latest").resumable and store.staged_leftovers() == []
+
+    weights.add_(1.0)  # changed in place at the same iteration: new bytes
+    store.save("latest", at(5), payloads, {"note": 2}, trainer_model_name="net")
+    store.save("E0_U6_S48", at(6), {EMA: payloads[EMA]})  # another iteration: written anew
+    store.finish()
+    assert not store.path(WEIGHTS, "latest").samefile(store.path(WEIGHTS, "E0_U5_S40"))
+    assert torch.equal(store.load(WEIGHTS, "latest")["state_dict"]["w"], torch.full((4,), 2.0))
+    assert store.path(EMA, "latest").samefile(store.path(EMA, "E0_U5_S40"))  # unchanged: still one file
+    assert store.load(EMA, "E0_U6_S48")["checkpoint_tag"] == "E0_U6_S48"
+    assert store.staged_leftovers() == []
+
+
+def test_a_save_that_would_link_to_a_failed_set_fails_too_and_keeps_the_previous_set(store):
+    save_set(store, "latest", 3, 1.0)
+    store.finish()
+    weights = torch.full((4,), 2.0)
+    failing = {WEIGHTS: {"state_dict": {"w": weights}}, OPTIM: {"state_dict": {"step": lambda: None}}}  # cannot be pickled
+    with pytest.raises(CheckpointWriteError):
+        store.save("E0_U5_S40", at(5), failing, {"note": 2}, trainer_model_name="net")
+        store.finish()
+    store.finish()
+
+    with pytest.raises(CheckpointWriteError, match="which was not saved"):
+        store.save("latest", at(5), {WEIGHTS: {"state_dict": {"w": weights}}}, {"note": 2}, trainer_model_name="net")
+        store.finish()
+    store.finish()
+    assert store.staged_leftovers() == []
+    assert [info.tag for info in store.tags()] == ["latest"]
+    assert store.iteration("latest") == at(3)
+
+
+def test_recovery_completes_a_set_whose_linked_member_was_already_moved(tmp_path):
+    with CheckpointWriter(asynchronous=False) as writer:
+        store = CheckpointStore(tmp_path, "run", writer)
+        payloads = members(2.0)
+        store.save("E0_U5_S40", at(5), payloads, {"note": 2}, trainer_model_name="net")
+        store.save("latest", at(5), payloads, {"note": 2}, trainer_model_name="net")
+    # a stop in the middle of the commit of `latest`: its linked weights moved, the rest still staged
+    for member in (OPTIM, EMA, Member("net", "trainer")):
+        path = tmp_path / member.file_name("latest")
+        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+
+    actions = CheckpointStore(tmp_path, "run").recover()
+
+    assert "completed checkpoint set 'latest' of E0_U5_S40, whose commit a stop had interrupted" in actions
+    store = CheckpointStore(tmp_path, "run")
+    assert [(info.tag, info.resumable) for info in store.tags()] == [("E0_U5_S40", True), ("latest", True)]
+    assert store.staged_leftovers() == []
+
+
 def test_recovery_completes_a_set_whose_commit_had_begun_and_discards_one_not_yet_committed(tmp_path):
     with CheckpointWriter(asynchronous=False) as writer:
         store = CheckpointStore(tmp_path, "run", writer)

@@ -118,8 +118,8 @@ def test_verify_names_both_files_of_two_swapped_tags(full_run, tmp_path):
 
     assert result.returncode == 1
     assert result.stdout.splitlines() == [
-        f"{first.name}: stamps disagree: written as checkpoint 'last', not 'E1_U9_S1152'",
-        f"{second.name}: stamps disagree: written as checkpoint 'E1_U9_S1152', not 'last'",
+        f"{first.name}: stamps disagree: written at E1_U11_S1408, but its tag names E1_U9_S1152",
+        f"{second.name}: stamps disagree: written at E1_U9_S1152, the rest of 'last' at E1_U11_S1408",
     ]
 
 

@@ -12,6 +12,10 @@ over payloads and say "save these under that tag"; the store
   under the tag stays as it was);
 - after a crash (`recover`), completes a set only when every member was staged by the same save,
   and removes everything else that was left half done;
+- writes the bytes of a member once per training iteration: a later save of the same member with
+  the same tensors (same memory, not changed in place since) at the same iteration, under another
+  tag, becomes a hard link to the committed file (`latest` and the periodic set of one step, a new
+  best at a checkpoint step); such a file keeps the tag it was first written under in its stamp;
 - lists tags with their iteration and whether they can be resumed, and deletes a tag as a whole
   (a crash during a deletion is finished by the next `recover`).
 
@@ -135,6 +139,8 @@ class CheckpointStore:
         self.writer = writer
         self.sharded = sharded
         self._trainer_tags: set[str] = set()  # tags this process saved (or will save) a trainer set under
+        self._trainer_tags_on_disk: set[str] | None = None  # from one listing, until the directory changes
+        self._written: dict[Member, _Written] = {}  # each member's latest bytes, for saves of the same bytes to link
 
     # ----------------------------------------------------------------------------- names
     def path(self, member: Member, tag: str) -> Path:
@@ -167,6 +173,7 @@ class CheckpointStore:
         """
         writer = self._require_writer()
         skip = trainer_state is None and self.holds_trainer_set(tag)
+        outcome = _SetOutcome()
         set_id = f"{os.getpid():x}-{next(_set_ids)}"
         if self.sharded:  # every rank writes into the same staged folders, as rank 0 decides
             skip, set_id = distributed.broadcast_from_main((skip, set_id))
@@ -181,12 +188,10 @@ class CheckpointStore:
             for member, payload in members.items():
                 final = self.directory / member.file_name(tag, sharded=self.sharded)
                 staged.append((final, _staged_path(final, set_id)))
-                payload = {**payload, **stamp(tag, iteration, self.run_id)}
                 if final.suffix == SHARDED_SUFFIX:
-                    _write_sharded(staged[-1][1], payload, is_main)
+                    _write_sharded(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, is_main)
                 elif is_main:
-                    # the commit makes the whole set durable at once (one barrier), not each staged file
-                    writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
+                    self._write_or_link(member, tag, iteration, payload, staged[-1], outcome)
             if not is_main:
                 return True  # rank 0 commits once every rank's shards are written
             if trainer_state is not None:
@@ -194,6 +199,8 @@ class CheckpointStore:
                 staged.append((final, _staged_path(final, set_id)))
                 payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": [path.name for path, _ in staged[:-1]]}
                 writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
+            # an earlier write's failure reported here leaves this set to the discard below
+            writer.call_after_writes(lambda: _commit_or_abort(writer, tag, staged, outcome))
         except BaseException:
             if not is_main:
                 raise  # rank 0 removes what was staged
@@ -207,8 +214,29 @@ class CheckpointStore:
                     writer.call_after_writes(lambda: _discard(staged))
                     break
             raise
-        writer.call_after_writes(lambda: _commit_or_abort(writer, tag, staged))
         return True
+
+    def _write_or_link(
+        self,
+        member: Member,
+        tag: str,
+        iteration: TrainingIteration,
+        payload: dict[str, Any],
+        paths: tuple[Path, Path],
+        outcome: _SetOutcome,
+    ) -> None:
+        """Stage `member` at `paths` (final, staged): a hard link to the file this store wrote with the same
+        bytes at this iteration, else a write of `payload` (made durable by the commit, one barrier for the
+        whole set, not one per file)."""
+        writer = self._require_writer()
+        final, staged = paths
+        fingerprint = _fingerprint(payload)
+        written = self._written.get(member)
+        if written is not None and written.iteration == iteration and written.fingerprint == fingerprint:
+            writer.call_after_writes(lambda: _link_staged(written, staged))
+            return
+        writer.save(staged, {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
+        self._written[member] = _Written(iteration, fingerprint, final, outcome)
 
     def link(self, source_tag: str, tag: str, members: Iterable[Member]) -> None:
         """Make `tag` a second name of `source_tag`'s members once they are committed: the same bytes,
@@ -226,6 +254,7 @@ class CheckpointStore:
         """Remove every file of `tag` once every earlier save is committed (so never before a newer set
         is durable). The first file is renamed to a marker first: a crash midway leaves the marker,
         and `recover` finishes the deletion, so no partial set is ever left to be resumed."""
+        self._written = {member: written for member, written in self._written.items() if written.path != self.directory / member.file_name(tag)}
         self._require_writer().call_after_writes(lambda: self._delete_now(tag))
 
     def prune(self, tags: list[str], keep: int) -> None:
@@ -249,7 +278,10 @@ class CheckpointStore:
         self._require_writer().wait()
 
     def holds_trainer_set(self, tag: str) -> bool:
-        return tag in self._trainer_tags or any(m.part == "trainer" for m in self._members_on_disk(tag))
+        if self._trainer_tags_on_disk is None:
+            parsed = filter(None, (Member.parse(path.name) for path in self._listing()))
+            self._trainer_tags_on_disk = {on_disk for member, on_disk in parsed if member.part == "trainer"}
+        return tag in self._trainer_tags or tag in self._trainer_tags_on_disk
 
     def _require_writer(self) -> CheckpointWriter:
         if self.writer is None:
@@ -257,6 +289,7 @@ class CheckpointStore:
         return self.writer
 
     def _delete_now(self, tag: str) -> None:
+        self._trainer_tags_on_disk = None
         files = sorted(self._members_on_disk(tag).items(), key=lambda item: item[0].part != "trainer")
         if not files:
             return
@@ -276,6 +309,7 @@ class CheckpointStore:
         Only for a run directory that no other process writes to (the run lock guarantees that).
         """
         actions: list[str] = []
+        self._trainer_tags_on_disk = None
         if not self.directory.is_dir():
             return actions
         for marker in sorted(self.directory.glob(f".*{DELETING}")):
@@ -312,7 +346,7 @@ class CheckpointStore:
             staged_trainer.unlink(missing_ok=True)
             return f"discarded a damaged staged checkpoint set ({staged_trainer.name}: {error})"
         pairs = [(path, _staged_path(path, match["set_id"])) for path in members]
-        moved = [final for final, staged in pairs if not staged.exists() and self._stamped_at(final, tag, iteration)]
+        moved = [final for final, staged in pairs if not staged.exists() and self._stamped_at(final, iteration)]
         missing = [final for final, staged in pairs if not staged.exists() and final not in moved]
         if missing or not moved:
             # never completely written, or written but not yet made durable (its commit had not begun:
@@ -325,18 +359,20 @@ class CheckpointStore:
         _commit([*pairs, (final_trainer, staged_trainer)])  # its files were made durable before the first move
         return f"completed checkpoint set '{tag}' of {iteration}, whose commit a stop had interrupted"
 
-    def _stamped_at(self, path: Path, tag: str, iteration: TrainingIteration) -> bool:
+    def _stamped_at(self, path: Path, iteration: TrainingIteration) -> bool:
         try:
             payload = self._read(path)
         except CheckpointLoadError:
             return False
-        return payload.get("checkpoint_tag") == tag and payload.get("training_iteration") == iteration.to_dict()
+        # the iteration, not the tag: a member may be a link to the same bytes written under another tag
+        return payload.get("training_iteration") == iteration.to_dict()
 
     def set_aside_after(self, iteration: TrainingIteration) -> list[str]:
         """Move every tag written after `iteration` (another history, abandoned by a resume from an
         earlier checkpoint) into `abandoned_after_{iteration}/`, so that none is taken for this run's
         best, latest or newest checkpoint. Returns the tags moved."""
         moved = []
+        self._trainer_tags_on_disk = None
         for info in self.tags():
             if info.iteration is None or info.iteration <= iteration:
                 continue
@@ -500,7 +536,51 @@ def _staged_path(path: Path, set_id: str) -> Path:
     return path.with_name(f".{path.name}~{set_id}{STAGED}")
 
 
-def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path, Path]]) -> None:
+class _SetOutcome:
+    """Whether a set was committed; set on the writer thread, read by the links to its files queued after it."""
+
+    committed = False
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A member's file as this store last wrote it."""
+
+    iteration: TrainingIteration
+    fingerprint: Any
+    path: Path
+    outcome: _SetOutcome
+
+
+def _fingerprint(payload: Any) -> Any:
+    """What tells two payloads hold the same bytes without reading them: their plain values and, for
+    each tensor, its memory, layout and version counter (which every in-place change bumps)."""
+    if isinstance(payload, dict):
+        return tuple((key, _fingerprint(value)) for key, value in payload.items())
+    if isinstance(payload, (list, tuple)):
+        return type(payload), tuple(_fingerprint(value) for value in payload)
+    if isinstance(payload, torch.Tensor):
+        if payload.is_inference():
+            return object()  # no version counter: never taken for the same bytes
+        return payload.data_ptr(), payload.shape, payload.stride(), payload.dtype, payload.device, payload._version
+    return payload
+
+
+def _link_staged(written: _Written, staged: Path) -> None:
+    """On the writer thread: stage a second name of a committed file (a copy where there are no hard links)."""
+    if not written.outcome.committed:
+        raise CheckpointWriteError(f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved")
+    try:
+        try:
+            os.link(written.path, staged)
+        except OSError:
+            shutil.copyfile(written.path, staged)
+    except OSError as error:
+        _remove(staged)
+        raise CheckpointWriteError(f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}") from error
+
+
+def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome) -> None:
     """On the writer thread, after every member's write: make the set durable (one barrier for all
     its files) and move it into place, or, if a member is missing (its write failed and was
     reported), remove what was staged and keep the previous set."""
@@ -510,6 +590,7 @@ def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path
         raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
     make_durable([staged_path for _, staged_path in staged])
     _commit(staged, replace=writer.replace)
+    outcome.committed = True
 
 
 def _discard(staged: list[tuple[Path, Path]]) -> None:
@@ -521,8 +602,14 @@ def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path, Path], Non
     """Renames the durable staged members over their final names in order (the trainer state last),
     then makes the renames durable. `replace` may free the replaced files later (the writer's)."""
     for final, staged_path in staged:
-        if staged_path.exists():  # else an interrupted commit already moved it
-            (_replace if staged_path.is_dir() else replace)(staged_path, final)
+        if not staged_path.exists():  # an interrupted commit already moved it
+            continue
+        if staged_path.is_dir():
+            _replace(staged_path, final)
+        elif final.exists() and os.path.samefile(staged_path, final):
+            staged_path.unlink()  # a link to the bytes already in place (a rename would leave both names)
+        else:
+            replace(staged_path, final)
     sync_directory(staged[-1][0].parent)
 
 

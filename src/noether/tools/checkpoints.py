@@ -19,7 +19,6 @@ from noether.core.providers.path import PathProvider
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
-TOLERANCE_MARK = ".tolerance="
 PART_NAMES = {"model": "weights", "optim": "optimizer", "trainer": "trainer"}
 
 
@@ -146,11 +145,9 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
 
 
 def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, Any]]) -> list[str]:
-    """Files of one tag must be stamped with that tag (a tolerance tag: its best tag, whose bytes it links),
-    one iteration and one run id; the trainer state (else the majority) is the reference."""
-    accepted_tags = {info.tag}
-    if TOLERANCE_MARK in info.tag:
-        accepted_tags.add(info.tag.rpartition(TOLERANCE_MARK)[0])
+    """Files of one tag must be stamped with one iteration (the one a periodic tag names) and one run id;
+    the trainer state (else the majority) is the reference. The stamped tag may be another one: the store
+    writes the bytes of one iteration once and links them under the other tags (latest, tolerances)."""
     reference = next((stamp for member, stamp in stamps.items() if member.part == "trainer"), None)
     if reference is None and stamps:
         common = Counter(json.dumps(stamp, sort_keys=True) for stamp in stamps.values()).most_common(1)[0][0]
@@ -159,9 +156,6 @@ def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, An
     problems = []
     for member, stamp in stamps.items():
         path_name = info.files[member].name
-        if stamp["checkpoint_tag"] not in accepted_tags:
-            problems.append(f"{path_name}: stamps disagree: written as checkpoint '{stamp['checkpoint_tag']}', not '{info.tag}'")
-            continue
         iteration = _iteration(stamp["training_iteration"])
         if named_iteration is not None and iteration != named_iteration:
             problems.append(f"{path_name}: stamps disagree: written at {iteration}, but its tag names {named_iteration}")
