@@ -284,6 +284,7 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
             trainer.evaluate(checkpoint)
         finally:
             trainer.context.checkpoints.writer.close()
+            log_writer.close()
         return log_writer.summary
     finally:
         lock.release()

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ from noether.core.utils.training.counter import UpdateCounter
 
 logger = logging.getLogger("noether.metrics")
 ITERATION_KEYS = ("epoch", "update", "sample")
+SUMMARY_EVERY_SECONDS = 10.0
+"""summary.json is rewritten at most this often (and on close): a rewrite per logged step cost more
+than the step's other logging, and after a crash the summary is recomputed from metrics.jsonl."""
 
 
 class LogWriteError(Exception):
@@ -51,7 +55,8 @@ class LogWriter:
     """Collects scalars for the current step; callbacks later in the same step can read `log_cache`.
 
     Values may be tensors: they are converted to floats only at flush, so logging a loss does not
-    force a device sync on every update.
+    force a device sync on every update. metrics.jsonl gets every flushed step at once, summary.json
+    (the newest value of each key) every `SUMMARY_EVERY_SECONDS` and on `close`.
     """
 
     def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True, trackers: Sequence[Tracker] = ()) -> None:
@@ -63,6 +68,8 @@ class LogWriter:
         self.summary: dict[str, float] = {}
         self.rows_written = 0
         """Lines in metrics.jsonl; a checkpoint records it, so a resume can cut back to it."""
+        self._summary_written_at: float | None = None  # time.monotonic() of the last rewrite
+        self._summary_pending = False
         if is_main_process and summary_file.exists():
             self.summary = json.loads(summary_file.read_text())
         if is_main_process and metrics_file.exists():
@@ -90,7 +97,9 @@ class LogWriter:
             self.rows_written += 1
             self.trackers.log(record)
             self.summary.update(values)
-            self._write_summary()
+            self._summary_pending = True
+            if self._summary_written_at is None or time.monotonic() - self._summary_written_at >= SUMMARY_EVERY_SECONDS:
+                self._write_summary()
             text = " ".join(f"{key}={_format(value)}" for key, value in values.items())
             logger.info(f"{update_counter.cur_iteration} {text}")
         return values
@@ -118,7 +127,11 @@ class LogWriter:
         self.trackers.resume_at(update)
 
     def close(self) -> None:
-        self.trackers.close()
+        try:
+            if self._summary_pending:
+                self._write_summary()
+        finally:
+            self.trackers.close()
 
     def _write_summary(self) -> None:
         if self.is_main_process:
@@ -126,6 +139,7 @@ class LogWriter:
                 temporary = self.summary_file.with_suffix(".json.tmp")
                 temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
                 temporary.replace(self.summary_file)
+            self._summary_written_at, self._summary_pending = time.monotonic(), False
 
 
 class PrefixedLogWriter:
