@@ -575,9 +575,14 @@ def _snapshot(
     by_identity = dict(zip(sources, buffers))
 
     def snapshot_leaf(leaf: Any) -> Any:
-        return by_identity[_identity(leaf)] if isinstance(leaf, torch.Tensor) else copy.deepcopy(leaf)
+        if isinstance(leaf, torch.Tensor):
+            return by_identity[_identity(leaf)]
+        return leaf if type(leaf) in _IMMUTABLE else copy.deepcopy(leaf)
 
     return _map_leaves(payload, snapshot_leaf), copied
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None))
 
 
 def _identity(tensor: torch.Tensor) -> tuple:
@@ -601,6 +606,8 @@ def _map_leaves(obj: Any, fn: Callable[[Any], Any]) -> Any:
     Dict subclasses keep their type and attributes, e.g. the ``_metadata`` of a module state_dict
     that ``load_state_dict`` relies on.
     """
+    if type(obj) is dict:
+        return {key: _map_leaves(value, fn) for key, value in obj.items()}
     if isinstance(obj, dict):
         out = copy.copy(obj)
         if hasattr(obj, "__dict__"):
