@@ -234,6 +234,7 @@ class CheckpointStore:
         written = self._written.get(member)
         if written is not None and written.iteration == iteration and written.fingerprint == fingerprint:
             writer.call_after_writes(lambda: _link_staged(written, staged))
+            outcome.linked.add(staged)
             return
         writer.save(staged, {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
         self._written[member] = _Written(iteration, fingerprint, final, outcome)
@@ -537,9 +538,12 @@ def _staged_path(path: Path, set_id: str) -> Path:
 
 
 class _SetOutcome:
-    """Whether a set was committed; set on the writer thread, read by the links to its files queued after it."""
+    """A set's staged links (already durable: the commit's barrier skips them) and whether it was
+    committed (set on the writer thread, read by the links to its files queued after it)."""
 
-    committed = False
+    def __init__(self) -> None:
+        self.linked: set[Path] = set()
+        self.committed = False
 
 
 @dataclass(frozen=True)
@@ -573,8 +577,10 @@ def _link_staged(written: _Written, staged: Path) -> None:
     try:
         try:
             os.link(written.path, staged)
-        except OSError:
+        except OSError:  # no hard links here: a durable copy
             shutil.copyfile(written.path, staged)
+            with open(staged, "rb+") as file:
+                os.fsync(file.fileno())
     except OSError as error:
         _remove(staged)
         raise CheckpointWriteError(f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}") from error
@@ -588,7 +594,7 @@ def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path
     if missing:
         _discard(staged)
         raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
-    make_durable([staged_path for _, staged_path in staged])
+    make_durable([staged_path for _, staged_path in staged if staged_path not in outcome.linked])
     _commit(staged, replace=writer.replace)
     outcome.committed = True
 
