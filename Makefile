@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/noether-train
 
+# one worker per core; a test file's tests share a worker (and their module fixtures)
 test: $(STAMP)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py
