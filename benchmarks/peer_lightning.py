@@ -9,11 +9,13 @@ with optimizer state every epoch, a `latest` checkpoint and an EMA of the weight
 - Lightning: ModelCheckpoint on `val_loss` (best), ModelCheckpoint every epoch with `save_last`
   (periodic and latest, optimizer state included) and EMAWeightAveraging.
 
-Time per update is the steady-state (marginal) time: the difference between a fit of 2E and one
-of E epochs divided by the extra updates, so start-up costs cancel. Variants alternate within each
-round; the table gives medians over rounds. Needs the `[bench]` extra (`pytorch-lightning`).
+Time per update is the steady-state time, from the end of the first epoch to the end of the last
+update, read off a clock at the end of every update (this project: the `UpdateClock` probe of
+training_throughput.py; Lightning: `on_train_batch_end`), so start-up is left out and every
+validation pass and save inside the window is in. Variants alternate within each round; times are
+medians over rounds, ratios medians of each round's ratio. Needs the `[bench]` extra (`pytorch-lightning`).
 
-    python benchmarks/peer_lightning.py [--rounds 4] [--epochs 5] [--json out.json]
+    python benchmarks/peer_lightning.py [--rounds 9] [--epochs 5] [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from noether.core.providers.path import PathProvider
 from noether.core.writers.log_writer import LogWriter
 from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig, DigitsDataset, DigitsDatasetConfig
 from noether.training.run import build_trainer, parse_run_config
+from training_throughput import CLOCK, steady_seconds_per_update
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 EMA_FACTOR = 0.999
@@ -58,22 +61,22 @@ def quickstart_tree(output: Path, epochs: int, callbacks: list[dict[str, Any]], 
     return tree
 
 
-def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str) -> tuple[float, int]:
-    """Seconds of `BaseTrainer.train` (construction excluded) and its updates."""
-    config = parse_run_config({**quickstart_tree(output, epochs, FULL_STACK if full else VALIDATION, device), "run_id": run_id})
+def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
+    """Steady-state seconds per update of `BaseTrainer.train`."""
+    callbacks = (FULL_STACK if full else VALIDATION) + [CLOCK]
+    config = parse_run_config({**quickstart_tree(output, epochs, callbacks, device), "run_id": run_id})
     paths = PathProvider(config.output_path, run_id)
     paths.create()
     log_writer = LogWriter(paths.metrics_file, paths.summary_file)
     trainer = build_trainer(config, paths, log_writer)
-    start = time.perf_counter()
-    counter = trainer.train()
+    trainer.train()
     log_writer.close()
     trainer.context.checkpoints.writer.close()
-    return time.perf_counter() - start, counter.update
+    return steady_seconds_per_update(trainer.callbacks[-1].times, trainer.batching.updates_per_epoch)
 
 
-def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: str) -> tuple[float, int]:
-    """The same model, optimizer, data and validation as a LightningModule; seconds of `Trainer.fit`."""
+def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
+    """The same model, optimizer, data and validation as a LightningModule; steady-state seconds per update of `Trainer.fit`."""
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 
@@ -101,21 +104,28 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
     torch.manual_seed(0)
     train = DataLoader(DigitsDataset(DigitsDatasetConfig(split="train")), batch_size=batch_size, shuffle=True, drop_last=True)
     val = DataLoader(DigitsDataset(DigitsDatasetConfig(split="val")), batch_size=batch_size)
-    callbacks = []
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+            self.times.append(time.perf_counter())
+
+    clock = Clock()
+    callbacks: list[pl.Callback] = []
     if full:
         callbacks = [
             ModelCheckpoint(dirpath=output / run_id, filename="best", monitor="val_loss", save_top_k=1),
             ModelCheckpoint(dirpath=output / run_id, filename="{epoch}", every_n_epochs=1, save_top_k=-1, save_last=True),
             EMAWeightAveraging(decay=EMA_FACTOR),
         ]
+    callbacks.append(clock)
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=full, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=output / run_id,
     )
-    module = DigitsModule()
-    start = time.perf_counter()
-    trainer.fit(module, train, val)
-    return time.perf_counter() - start, trainer.global_step
+    trainer.fit(DigitsModule(), train, val)
+    return steady_seconds_per_update(clock.times, len(train))
 
 
 VARIANTS = {
@@ -126,7 +136,7 @@ VARIANTS = {
 }
 
 
-def run(rounds: int = 4, epochs: int = 5, device: str = "cpu") -> dict[str, float]:
+def run(rounds: int = 9, epochs: int = 5, device: str = "cpu") -> dict[str, float]:
     try:
         import pytorch_lightning  # noqa: F401
     except ImportError:
@@ -140,18 +150,20 @@ def run(rounds: int = 4, epochs: int = 5, device: str = "cpu") -> dict[str, floa
     with tempfile.TemporaryDirectory() as directory:
         output = Path(directory)
         for variant, timer in VARIANTS.items():  # warm-up: imports, first allocations
-            timer(output, 1, f"warm-{'-'.join(variant)}", device)
+            timer(output, 2, f"warm-{'-'.join(variant)}", device)
         for round_index in range(rounds):
-            for variant, timer in VARIANTS.items():
-                run_id = f"{'-'.join(variant)}-{round_index}"
-                short_seconds, short_updates = timer(output, epochs, f"{run_id}-short", device)
-                long_seconds, long_updates = timer(output, 2 * epochs, f"{run_id}-long", device)
-                times[variant].append((long_seconds - short_seconds) / (long_updates - short_updates))
+            order = list(VARIANTS.items())
+            for variant, timer in order if round_index % 2 == 0 else reversed(order):
+                times[variant].append(timer(output, epochs, f"{'-'.join(variant)}-{round_index}", device))
     results = {f"{framework}_{stack}_ms_per_update": statistics.median(values) * 1e3 for (framework, stack), values in times.items()}
+
+    def paired(numerator: tuple[str, str], denominator: tuple[str, str]) -> float:
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
     for framework in ("noether", "lightning"):
-        results[f"{framework}_full_vs_bare"] = results[f"{framework}_full_ms_per_update"] / results[f"{framework}_bare_ms_per_update"]
+        results[f"{framework}_full_vs_bare"] = paired((framework, "full"), (framework, "bare"))
     for stack in ("bare", "full"):
-        results[f"{stack}_noether_vs_lightning"] = results[f"noether_{stack}_ms_per_update"] / results[f"lightning_{stack}_ms_per_update"]
+        results[f"{stack}_noether_vs_lightning"] = paired(("noether", stack), ("lightning", stack))
     results["rounds"] = rounds
     results["lightning_version"] = sys.modules["pytorch_lightning"].__version__
     return results
@@ -159,7 +171,7 @@ def run(rounds: int = 4, epochs: int = 5, device: str = "cpu") -> dict[str, floa
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        f"| ms per update (medians of {results['rounds']} alternated rounds) | bare: validation only | "
+        f"| ms per update (medians of {results['rounds']} alternated rounds; ratios: medians of per-round ratios) | bare: validation only | "
         "full: best + checkpoint with optimizer every epoch + latest + EMA | full / bare |",
         "| --- | ---: | ---: | ---: |",
         f"| PyTorch Lightning {results['lightning_version']} (ModelCheckpoint x2, EMAWeightAveraging) | "
@@ -173,7 +185,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path)

@@ -3,12 +3,14 @@ and with the default callbacks plus the TensorBoard tracker.
 
 The full stack saves every epoch: periodic checkpoint with optimizer state, `latest`, best model
 by the training loss with two tolerances, and an EMA with two factors. No evaluation passes: this
-measures bookkeeping, not evaluation. Time per update is the steady-state (marginal) time: the
-difference between a run of 2E and one of E epochs, divided by the extra updates, so one-off
-start-up and shutdown costs (building the optimizer, the final wait for pending writes) cancel
-out. The variants are run interleaved, several rounds, and medians are compared.
+measures bookkeeping, not evaluation. Time per update is the steady-state time: from the end of the
+first epoch to the end of the last update, read off a clock at the end of every update (in the
+trainer, a one-line probe callback, `UpdateClock`), so start-up and the final wait for pending
+writes are left out, while every save inside the window is in. Each round runs every variant once,
+in alternating order; a ratio is the median over rounds of that round's ratio, so that the
+machine's slow drifts hit both sides of each ratio alike.
 
-    python benchmarks/training_throughput.py [--rounds 3] [--device cuda] [--json out.json]
+    python benchmarks/training_throughput.py [--rounds 9] [--epochs 8] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
 
-from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig, DigitsDataset, DigitsDatasetConfig
-from noether.training.run import build_trainer, parse_run_config
+from noether.core.callbacks.base import CallBackBaseConfig
+from noether.core.callbacks.periodic import PeriodicCallback
 from noether.core.config import build
 from noether.core.providers.path import PathProvider
 from noether.core.writers.log_writer import LogWriter
+from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig, DigitsDataset, DigitsDatasetConfig
+from noether.training.run import build_trainer, parse_run_config
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
@@ -40,10 +44,31 @@ FULL_STACK = [
     {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/online/total", "tolerances": [2, 5]},
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.99, 0.999]},
 ]
+CLOCK = {"kind": f"{__name__}.UpdateClock", "every_n_epochs": 1}
 
 TENSORBOARD = [{"kind": "noether.core.trackers.TensorBoardTracker"}]
 
 SIZES = {"example": {"hidden_dim": 128, "depth": 2}, "large": {"hidden_dim": 1024, "depth": 4}}
+
+
+class UpdateClockConfig(CallBackBaseConfig):
+    pass
+
+
+class UpdateClock(PeriodicCallback):
+    """Benchmark probe: `time.perf_counter()` at the end of every update (listed last, after the other callbacks' work)."""
+
+    def __init__(self, callback_config: UpdateClockConfig, context: Any) -> None:
+        super().__init__(callback_config, context)
+        self.times: list[float] = []
+
+    def track_after_update_step(self, **kwargs: Any) -> None:
+        self.times.append(time.perf_counter())
+
+
+def steady_seconds_per_update(times: list[float], updates_per_epoch: int) -> float:
+    """From the end of the first epoch to the end of the last update."""
+    return (times[-1] - times[updates_per_epoch - 1]) / (len(times) - updates_per_epoch)
 
 
 def config_tree(
@@ -58,24 +83,24 @@ def config_tree(
     return tree
 
 
-def time_trainer(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
-    """Seconds and updates of one `BaseTrainer.train`, construction excluded."""
+def time_trainer(tree: dict[str, Any], run_id: str) -> float:
+    """Steady-state seconds per update of `BaseTrainer.train`, read off an UpdateClock listed last."""
     tree = {**tree, "run_id": run_id}
+    tree["trainer"] = {**tree["trainer"], "callbacks": [*tree["trainer"]["callbacks"], CLOCK]}
     config = parse_run_config(tree)
     paths = PathProvider(config.output_path, run_id)
     paths.create()
     trackers = [build(tracker_config, paths, tree) for tracker_config in config.trackers]
     log_writer = LogWriter(paths.metrics_file, paths.summary_file, trackers=trackers)
     trainer = build_trainer(config, paths, log_writer)
-    start = time.perf_counter()
-    counter = trainer.train()
+    clock = trainer.callbacks[-1]
+    trainer.train()
     log_writer.close()
     trainer.context.checkpoints.writer.close()
-    _synchronize(config.device)
-    return time.perf_counter() - start, counter.update
+    return steady_seconds_per_update(clock.times, trainer.batching.updates_per_epoch)
 
 
-def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
+def time_bare_loop(tree: dict[str, Any], run_id: str) -> float:
     """The same model, data, optimizer and batches in a plain loop, as a user would write it."""
     config = parse_run_config({**tree, "run_id": "bare"})
     torch.manual_seed(config.seed)
@@ -84,8 +109,7 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
     optimizer = config.model.optimizer.build(model.parameters())
     loader = DataLoader(dataset, batch_size=config.trainer.effective_batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(0))
-    updates = 0
-    start = time.perf_counter()
+    times = []
     for _ in range(config.trainer.max_epochs):
         for batch in loader:
             x, y = batch["x"].to(config.device, non_blocking=True), batch["y"].to(config.device, non_blocking=True)
@@ -93,9 +117,9 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> tuple[float, int]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            updates += 1
-    _synchronize(config.device)
-    return time.perf_counter() - start, updates
+            _synchronize(config.device)
+            times.append(time.perf_counter())
+    return steady_seconds_per_update(times, len(loader))
 
 
 def _synchronize(device: str) -> None:
@@ -103,14 +127,7 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def marginal_time_per_update(timer: Any, trees: tuple[dict[str, Any], dict[str, Any]], run_id: str) -> float:
-    """Seconds per update in steady state: (T(2E) - T(E)) / (updates(2E) - updates(E))."""
-    short_seconds, short_updates = timer(trees[0], f"{run_id}_short")
-    long_seconds, long_updates = timer(trees[1], f"{run_id}_long")
-    return (long_seconds - short_seconds) / (long_updates - short_updates)
-
-
-def run(size: str = "example", rounds: int = 3, epochs: int = 10, device: str = "cpu") -> dict[str, float]:
+def run(size: str = "example", rounds: int = 9, epochs: int = 8, device: str = "cpu") -> dict[str, float]:
     logging.getLogger("noether").setLevel(logging.WARNING)
     variants = {
         "bare_loop": (time_bare_loop, [], []),
@@ -120,24 +137,28 @@ def run(size: str = "example", rounds: int = 3, epochs: int = 10, device: str = 
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as output:
-        time_trainer(config_tree(Path(output), size, 1, FULL_STACK, TENSORBOARD, device), "warm-up")  # imports, first allocations
+        time_trainer(config_tree(Path(output), size, 2, FULL_STACK, TENSORBOARD, device), "warm-up")  # imports, first allocations
         for round_index in range(rounds):
-            for name, (timer, callbacks, trackers) in variants.items():
-                trees = tuple(config_tree(Path(output), size, n, callbacks, trackers, device) for n in (epochs, 2 * epochs))
-                times[name].append(marginal_time_per_update(timer, trees, f"{name}{round_index}"))
-    medians = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
-    bare = medians["bare_loop_ms_per_update"]
-    medians["defaults_vs_bare"] = medians["trainer_defaults_ms_per_update"] / bare
-    medians["full_stack_vs_bare"] = medians["trainer_full_stack_ms_per_update"] / bare
-    medians["tensorboard_vs_defaults"] = medians["trainer_defaults_tensorboard_ms_per_update"] / medians["trainer_defaults_ms_per_update"]
-    return medians
+            order = list(variants.items())
+            for name, (timer, callbacks, trackers) in order if round_index % 2 == 0 else reversed(order):
+                times[name].append(timer(config_tree(Path(output), size, epochs, callbacks, trackers, device), f"{name}{round_index}"))
+    results = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
+
+    def paired(numerator: str, denominator: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+    results["defaults_vs_bare"] = paired("trainer_defaults", "bare_loop")
+    results["full_stack_vs_bare"] = paired("trainer_full_stack", "bare_loop")
+    results["tensorboard_vs_defaults"] = paired("trainer_defaults_tensorboard", "trainer_defaults")
+    results["rounds"] = rounds
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="example")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
