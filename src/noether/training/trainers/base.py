@@ -53,6 +53,7 @@ logger = logging.getLogger("noether.trainer")
 
 TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
 Precision = Literal["float32", "bfloat16", "float16"]
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step")
 
 
@@ -135,7 +136,7 @@ class BaseTrainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         precision = self.config.precision
         if precision == "float32":
-            return contextlib.nullcontext()
+            return _NO_CONTEXT
         dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
@@ -224,6 +225,7 @@ class BaseTrainer:
         self._update_boundary_rng = _torch_rng_states(self.device)
         local_batch_size = self.batching.local_batch_size
         steps = self.batching.accumulation_steps
+        scaling = self.grad_scaler.is_enabled()
         for step in range(steps):
             dataset_key, batch = next(data_iter)
             if dataset_key != TRAIN_KEY:
@@ -234,15 +236,16 @@ class BaseTrainer:
             batch = self.move_to_device(batch)
             # gradients are averaged over processes once per update, on its last micro-batch
             synchronize = step == steps - 1 or not distributed.is_distributed()
-            with contextlib.nullcontext() if synchronize else self._no_gradient_sync(trainer_model):
+            with _NO_CONTEXT if synchronize else self._no_gradient_sync(trainer_model):
                 with self.autocast():
                     losses = self.train_step(trainer_model, batch)
-                weight = _batch_length(batch) / local_batch_size
+                # one micro-batch is the whole local batch; of several, the last may be shorter
+                weight = _batch_length(batch) / local_batch_size if steps > 1 else 1.0
                 loss = losses["total"] if weight == 1.0 else losses["total"] * weight
-                self.grad_scaler.scale(loss).backward()
+                (self.grad_scaler.scale(loss) if scaling else loss).backward()
             self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
-        model.optimizer_step(self.grad_scaler if self.grad_scaler.is_enabled() else None)
-        if self.grad_scaler.is_enabled():
+        model.optimizer_step(self.grad_scaler if scaling else None)
+        if scaling:
             self.grad_scaler.update()
         model.optimizer_zero_grad()
         counter.add_update()
