@@ -99,6 +99,17 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
     assert store.staged_leftovers() == []
 
 
+def test_a_payload_with_values_that_cannot_be_compared_is_written_again(store):
+    weights = torch.ones(4)
+    payload = {WEIGHTS: {"state_dict": {"w": weights}, "note": [1, 2]}, EMA: {"state_dict": {"w": weights}, "note": weights.numpy()}}
+    store.save("E0_U5_S40", at(5), payload)
+    payload[EMA] = {**payload[EMA], "note": weights.numpy().copy()}  # equal values: comparing them would raise
+    store.save("E0_U5_S40.copy", at(5), payload)
+    store.finish()
+    assert store.path(WEIGHTS, "E0_U5_S40.copy").samefile(store.path(WEIGHTS, "E0_U5_S40"))
+    assert not store.path(EMA, "E0_U5_S40.copy").samefile(store.path(EMA, "E0_U5_S40"))  # an array is not compared
+
+
 def test_a_save_that_would_link_to_a_failed_set_fails_too_and_keeps_the_previous_set(store):
     save_set(store, "latest", 3, 1.0)
     store.finish()

@@ -567,7 +567,9 @@ def _fingerprint(payload: Any) -> Any:
         if payload.is_inference():
             return object()  # no version counter: never taken for the same bytes
         return payload.data_ptr(), payload.shape, payload.stride(), payload.dtype, payload.device, payload._version
-    return payload
+    if payload is None or type(payload) in (bool, int, float, str, bytes):
+        return payload
+    return object()  # anything else (an array, an object) is never taken for the same bytes
 
 
 def _link_staged(written: _Written, staged: Path) -> None:
