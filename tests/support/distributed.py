@@ -57,7 +57,7 @@ class WaitForSignalOnAnyRankCallback(PeriodicCallback):
         if update_counter.update != self.config.at_update:
             return
         trainer = self.context.trainer
-        Path(f"{self.config.ready_file}.{self.context.rank}").write_text(str(os.getpid()))
+        _announce(Path(f"{self.config.ready_file}.{self.context.rank}"))
         deadline = time.monotonic() + WAIT_LIMIT_SECONDS
         while not distributed.any_rank(trainer.stop_requested is not None):
             if time.monotonic() > deadline:
@@ -97,6 +97,13 @@ class SlowRankCallback(PeriodicCallback):
     def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if update_counter.update != self.config.at_update:
             return
-        Path(f"{self.config.ready_file}.{self.context.rank}").write_text(str(os.getpid()))
+        _announce(Path(f"{self.config.ready_file}.{self.context.rank}"))
         if self.context.rank == self.config.rank:
             time.sleep(self.config.seconds)
+
+
+def _announce(ready_file: Path) -> None:
+    """Write this process's id to `ready_file`, which appears only complete (a test polls for it and reads it at once)."""
+    staged = ready_file.with_name(ready_file.name + ".tmp")
+    staged.write_text(str(os.getpid()))
+    staged.replace(ready_file)
