@@ -139,8 +139,6 @@ class InterleavedSampler:
                 micro_batch = local_indices[micro_start : micro_start + batching.micro_batch_size]
                 yield SeededBatch(0, micro_batch, draw_seed(self.seed, batching.rank, counter.update, 0, micro_start))
             counter.add_update()
-            if not self.consumers:
-                continue
             yield from self._evaluation_passes(counter, "is_due_after_update")
             if counter.is_full_epoch:
                 yield from self._evaluation_passes(counter, "is_due_after_epoch")
