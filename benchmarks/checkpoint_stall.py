@@ -7,18 +7,25 @@ Compares, on the weights and AdamW state of a model with ``--params`` parameters
   buffers, and repeated saves of the same path, which reuse them;
 - a plain copy of the same tensors into preallocated tensors, the floor for any consistent snapshot;
 - durable throughput: the writer end to end (save + wait, fsync'ed and renamed) against writing the
-  same number of bytes with ``open().write()`` + fsync. Like the writer, which must keep the previous
+  same number of bytes with ``open().write()`` + fsync (the writer starts the disk write while it
+  serializes, the plain write leaves it to the fsync, as most code does). Like the writer, which must keep the previous
   checkpoint until the new one is complete, the plain write goes to a new file next to the previous
   one; truncating the file in place would let it recycle the old file's page cache, which an atomic
   write cannot. Neither side waits for the previous file to be freed (the writer deletes it after
   the wait returns; the plain write deletes it after its timing); that time is reported apart.
+  Both durable writes start the same way: dirty pages flushed, then a pause of ``SETTLE_SECONDS``.
+  On a VM with free page reporting (this project's CI machines: ``page_reporting_order`` on the
+  kernel command line) memory freed in the last two seconds is hot, while older free memory has been
+  handed back to the host and costs about 1 s per GB to fault in again; without the pause, whichever
+  write happened to follow a deletion got the hot pages and looked twice as fast. The pause makes
+  both pay what a save an epoch after the previous one pays.
 - the host memory the writer's snapshot buffers hold.
 
 With ``--device cuda`` the model lives on the GPU: the snapshot is a device-to-host copy into
 pinned buffers on a side stream, and the memory-copy floor copies into pinned host tensors.
 
 Each figure is the median of ``--repeats`` rounds; the rounds interleave the methods so that they
-see the same disk conditions, and dirty pages are flushed between measurements.
+see the same disk conditions.
 
     python benchmarks/checkpoint_stall.py [--params 100_000_000] [--repeats 5] [--json out.json]
 """
@@ -37,6 +44,7 @@ from noether.core.writers.checkpoint_writer import CheckpointWriter
 
 WIDTH = 1024  # many mid-sized tensors, like a real model
 WRITE_CHUNK = 64 << 20
+SETTLE_SECONDS = 3  # longer than the kernel's 2 s delay before it reports free pages to the host
 TARGET_STALL_RATIO = 1.5
 TARGET_THROUGHPUT_RATIO = 0.9
 
@@ -63,6 +71,12 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def settle() -> None:
+    """Flushes dirty pages and waits until recently freed memory is as cold as any other."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
 
 
 def plain_write_fsync(path: Path, data: memoryview) -> None:
@@ -101,14 +115,14 @@ def run(params: int, repeats: int = 5, directory: str | None = None, device: str
         for i in range(repeats):
             os.sync()
             results["sync"].append(timed(lambda: torch.save(payload, sync_path)))
-            os.sync()
+            settle()
             # back to back, so that both find their source and destination memory equally warm
             results["memcopy"].append(timed(memcopy))
             results["async"].append(timed(lambda: writer.save(latest, payload)))
             results["end_to_end"].append(results["async"][-1] + timed(writer.wait))
             writer.call_after_writes(lambda: None)  # queued behind the deletion of the replaced file:
             writer.wait()  # the next measurements do not overlap it
-            os.sync()
+            settle()
             plain, previous = tmp / f"plain{i % 2}.bin", tmp / f"plain{(i + 1) % 2}.bin"
             results["plain"].append(timed(lambda: plain_write_fsync(plain, data)))
             results["free_previous"].append(timed(previous.unlink))

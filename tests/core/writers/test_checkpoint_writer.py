@@ -80,6 +80,19 @@ def test_round_trip(tmp_path, asynchronous):
     assert_same(fresh_optimizer.state_dict(), optimizer.state_dict())
 
 
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_a_checkpoint_of_many_writeback_chunks_round_trips_exactly(tmp_path, asynchronous):
+    # larger than several of the 8 MB chunks whose disk write starts early, with odd sizes so that
+    # chunk boundaries fall inside tensors and inside the archive's records
+    generator = torch.Generator().manual_seed(0)
+    payload = {f"tensor{i}": torch.randn(size, generator=generator) for i, size in enumerate([3_000_001, 17, 5_242_879])}
+    path = tmp_path / "cp=latest_model.th"
+    with CheckpointWriter(asynchronous=asynchronous) as writer:
+        writer.save(path, payload)
+    assert path.stat().st_size > 3 * (8 << 20)
+    assert_same(load_checkpoint(path), payload)
+
+
 def test_payload_is_snapshotted_when_save_returns(tmp_path):
     weight = torch.zeros(1000)
     # "tied" is another tensor object on the same memory, as tied weights are in a state_dict
