@@ -4,6 +4,7 @@ while writing, evaluation in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,6 +133,47 @@ def test_sigterm_inside_an_epoch_resumes_with_two_processes_exactly(two_processe
     assert_identical(weights(paths, ema_factor=0.9), weights(two_processes, ema_factor=0.9))
 
 
+def kill_job(torchrun_pid: int, timeout: float = 60.0) -> None:
+    """SIGKILLs torchrun and every process under it at once, as a node failure would, and waits until all
+    have exited. Killing torchrun's process group is not enough: torchrun starts each worker in a session
+    of its own, and a worker left running keeps writing while the test recovers the directory."""
+    job = [*_descendants(torchrun_pid), torchrun_pid]
+    for pid in job:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_running(pid) for pid in job):
+        assert time.monotonic() < deadline, f"processes of the job still running {timeout} s after SIGKILL"
+        time.sleep(0.01)
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat_fields(int(entry))) is not None:
+            parents[int(entry)] = int(stat[1])
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie has exited; a process killed inside a disk write finishes it first)."""
+    stat = _stat_fields(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/{pid}/stat after the command name: state, parent pid, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable(tmp_path):
     config = write_yaml(sharded_tree(tmp_path), tmp_path / "config.yaml")
     checkpoints = PathProvider(tmp_path, "run").checkpoint_dir
@@ -144,7 +186,7 @@ def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable(tmp_path
             time.sleep(0.002)
         caught_writing = bool(list(checkpoints.glob(".*.dcp~*.staged")))
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the whole job at once, as a node failure would
+        kill_job(process.pid)
         process.wait(timeout=60)
     assert caught_writing, "the job finished or timed out before a sharded write was seen"
 
