@@ -400,33 +400,20 @@ def make_durable(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
+def _linux_libc_call(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """A libc function that Python's os module lacks, returning an int; None off Linux or where libc has none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        syncfs = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).syncfs
+        function = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    syncfs.argtypes, syncfs.restype = [ctypes.c_int], ctypes.c_int
-    return syncfs
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
 
-_syncfs = _load_syncfs()
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        sync_file_range = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    sync_file_range.restype = ctypes.c_int
-    return sync_file_range
-
-
-_sync_file_range = _load_sync_file_range()
+_syncfs = _linux_libc_call("syncfs", [ctypes.c_int])
+_sync_file_range = _linux_libc_call("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, do not wait for them
 _WRITEBACK_CHUNK = 8 << 20
 
@@ -447,9 +434,10 @@ class _EarlyWriteback:
     def write(self, data: Any) -> int:
         written = self._file.write(data)
         self._written += written
-        if self._written - self._writeback_started >= _WRITEBACK_CHUNK:
+        pending = self._written - self._writeback_started
+        if pending >= _WRITEBACK_CHUNK:
             self._file.flush()
-            _sync_file_range(self._fd, self._writeback_started, self._written - self._writeback_started, _SYNC_FILE_RANGE_WRITE)
+            _sync_file_range(self._fd, self._writeback_started, pending, _SYNC_FILE_RANGE_WRITE)
             self._writeback_started = self._written
         return written
 
