@@ -99,6 +99,68 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
     assert store.staged_leftovers() == []
 
 
+TRAINER = Member("net", "trainer")
+SET = (WEIGHTS, OPTIM, EMA, TRAINER)
+
+
+def test_a_linked_set_is_resumable_under_its_own_name_and_outlives_its_source(store):
+    save_set(store, "latest", 3, 1.0)
+    save_set(store, "E0_U5_S40", 5, 2.0)
+    store.link("E0_U5_S40", "latest", SET)  # e.g. the periodic checkpoint and `latest` of one step
+    store.finish()
+
+    for member in SET:
+        assert store.path(member, "latest").samefile(store.path(member, "E0_U5_S40"))
+    assert (store.info("latest").iteration, store.info("latest").resumable) == (at(5), True)
+    assert store.newest_resumable().tag == "E0_U5_S40"  # a tie: the tag named by its iteration
+
+    store.delete("E0_U5_S40")  # e.g. pruned by keep_last_n
+    store.finish()
+    assert [(info.tag, info.iteration, info.resumable) for info in store.tags()] == [("latest", at(5), True)]
+    assert torch.equal(store.load(WEIGHTS, "latest", expected_iteration=at(5))["state_dict"]["w"], torch.full((4,), 2.0))
+    assert store.staged_leftovers() == []
+
+
+def test_a_link_to_a_set_that_was_not_written_fails_with_its_name_and_keeps_the_previous_set(store):
+    save_set(store, "latest", 3, 1.0)
+    with pytest.raises(CheckpointWriteError, match=r"could not write net_cp=latest_model\.th as a link to net_cp=E0_U5_S40_model\.th"):
+        store.link("E0_U5_S40", "latest", SET)
+        store.finish()
+    store.finish()
+    assert store.staged_leftovers() == []
+    assert (store.info("latest").iteration, store.info("latest").resumable) == (at(3), True)
+
+
+def test_recovery_completes_a_linked_set_under_the_tag_it_was_staged_for(tmp_path):
+    with CheckpointWriter(asynchronous=False) as writer:
+        store = CheckpointStore(tmp_path, "run", writer)
+        save_set(store, "E0_U5_S40", 5, 2.0)
+        store.link("E0_U5_S40", "latest", SET)
+    # a stop in the middle of the commit of `latest`: its weights moved, the rest still staged
+    for member in (OPTIM, EMA, TRAINER):
+        path = tmp_path / member.file_name("latest")
+        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+
+    actions = CheckpointStore(tmp_path, "run").recover()
+
+    assert "completed checkpoint set 'latest' of E0_U5_S40, whose commit a stop had interrupted" in actions
+    store = CheckpointStore(tmp_path, "run")
+    assert [(info.tag, info.resumable) for info in store.tags()] == [("E0_U5_S40", True), ("latest", True)]
+    assert store.load(TRAINER, "latest")["checkpoint_tag"] == "E0_U5_S40"  # the same file: stamped where written
+
+
+def test_a_linked_weights_file_survives_the_replacement_of_its_source(store):
+    store.save("best_model.loss", at(3), {WEIGHTS: {"state_dict": {"w": torch.ones(4)}}})
+    store.link("best_model.loss", "best_model.loss.tolerance=2", [WEIGHTS])
+    store.save("best_model.loss", at(5), {WEIGHTS: {"state_dict": {"w": torch.zeros(4)}}})  # a later best: a new file
+    store.finish()
+
+    tolerance = store.load(WEIGHTS, "best_model.loss.tolerance=2")
+    assert tolerance["training_iteration"] == at(3).to_dict() and torch.equal(tolerance["state_dict"]["w"], torch.ones(4))
+    assert store.load(WEIGHTS, "best_model.loss")["training_iteration"] == at(5).to_dict()
+    assert not any(path.name.startswith(".") for path in store.directory.iterdir() if path.name != ".lock")
+
+
 def test_a_payload_with_values_that_cannot_be_compared_is_written_again(store):
     weights = torch.ones(4)
     payload = {WEIGHTS: {"state_dict": {"w": weights}, "note": [1, 2]}, EMA: {"state_dict": {"w": weights}, "note": weights.numpy()}}

@@ -88,6 +88,18 @@ def test_a_run_resumed_from_the_older_kept_set_ends_as_the_uninterrupted_run(ref
     assert tags(resumed) == ["E4_U16_S4096", "latest", "E5_U20_S5120", "last"]
 
 
+def test_latest_written_as_a_second_name_of_its_periodic_set_resumes_after_that_set_was_pruned(reference, tmp_path):
+    tree = retained_tree(tmp_path)
+    tree["trainer"]["callbacks"][2]["keep_last_n"] = 1
+    paths = train(tree)
+    assert tags(paths) == ["latest", "E5_U20_S5120", "last"]  # `latest` of E4: its periodic set is gone
+    assert CheckpointStore(paths.checkpoint_dir, "run").info("latest").resumable
+
+    train(tree, resume="run", checkpoint="latest")
+
+    assert_same_end(paths, reference)
+
+
 # --------------------------------------------------------------------------------- resume newest
 def test_resume_without_a_tag_takes_the_newest_complete_checkpoint_an_interrupt(reference, tmp_path, write_config):
     signalling = {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 14, "signal_name": "SIGTERM"}

@@ -14,8 +14,10 @@ over payloads and say "save these under that tag"; the store
   and removes everything else that was left half done;
 - writes the bytes of a member once per training iteration: a later save of the same member with
   the same tensors (same memory, not changed in place since) at the same iteration, under another
-  tag, becomes a hard link to the committed file (`latest` and the periodic set of one step, a new
-  best at a checkpoint step); such a file keeps the tag it was first written under in its stamp;
+  tag, becomes a hard link to the committed file (a new best at a checkpoint step); `link` names a
+  whole set again, trainer state included (`latest` and the periodic set of one step); such a file
+  keeps the tag it was first written under in its stamp, and the trainer state lists its set's
+  files by a name pattern (`{tag}`), so that it serves every tag it lies under;
 - lists tags with their iteration and whether they can be resumed, and deletes a tag as a whole
   (a crash during a deletion is finished by the next `recover`).
 
@@ -67,6 +69,7 @@ _MEMBER_NAME = re.compile(
 )
 _STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)(?:" + re.escape(STAGED) + "|" + re.escape(REPLACED) + ")$")
 _set_ids = itertools.count()
+TAG_FIELD = "{tag}"  # in the file names a trainer state lists: the tag the state lies under
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,12 @@ class CheckpointStore:
         is_main = distributed.rank() == 0
         writer.check()  # an earlier write's failure is reported before anything of this set is staged
         staged: list[tuple[Path, Path]] = []
+        listed: list[str] = []  # the set's files, named for any tag (see TAG_FIELD)
         try:
             for member, payload in members.items():
                 final = self.directory / member.file_name(tag, sharded=self.sharded)
                 staged.append((final, _staged_path(final, set_id)))
+                listed.append(member.file_name(TAG_FIELD, sharded=self.sharded))
                 if final.suffix == SHARDED_SUFFIX:
                     _write_sharded(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, is_main)
                 elif is_main:
@@ -197,7 +202,7 @@ class CheckpointStore:
             if trainer_state is not None:
                 final = self.path(Member(trainer_model_name or "model", "trainer"), tag)
                 staged.append((final, _staged_path(final, set_id)))
-                payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": [path.name for path, _ in staged[:-1]]}
+                payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": listed}
                 writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
             # an earlier write's failure reported here leaves this set to the discard below
             writer.call_after_writes(lambda: _commit_or_abort(writer, tag, staged, outcome))
@@ -240,16 +245,33 @@ class CheckpointStore:
         self._written[member] = _Written(iteration, fingerprint, final, outcome)
 
     def link(self, source_tag: str, tag: str, members: Iterable[Member]) -> None:
-        """Make `tag` a second name of `source_tag`'s members once they are committed: the same bytes,
-        written once (their stamped tag stays `source_tag`)."""
+        """Make `tag` a second name of `source_tag`'s `members` once they are committed: the same bytes,
+        written once (their stamped tag stays `source_tag`), staged and committed as one set like a save
+        (the trainer state last, one directory sync). With the trainer state, `tag` is a resumable set:
+        `latest` and the periodic checkpoint of one step, for one write."""
         writer = self._require_writer()
-        for member in members:
-            source = self.directory / member.file_name(source_tag, sharded=self.sharded)
-            if source.suffix == SHARDED_SUFFIX:
-                target = self.directory / member.file_name(tag, sharded=True)
-                writer.call_after_writes(lambda source=source, target=target: _link_folder(source, target))
-            else:
-                writer.link(source, self.directory / member.file_name(tag))
+        set_id = f"{os.getpid():x}-{next(_set_ids)}"
+        sources, staged = [], []
+        for member in sorted(members, key=lambda member: member.part == "trainer"):
+            if member.part == "trainer":
+                self._trainer_tags.add(tag)
+            sources.append(self.directory / member.file_name(source_tag, sharded=self.sharded))
+            final = self.directory / member.file_name(tag, sharded=self.sharded)
+            staged.append((final, _staged_path(final, set_id)))
+        outcome = _SetOutcome()
+        outcome.linked.update(staged_path for _, staged_path in staged)  # links share their source's durable bytes
+
+        def stage_and_commit() -> None:
+            for source, (final, staged_path) in zip(sources, staged):
+                try:
+                    _stage_link(source, staged_path)
+                except OSError as error:
+                    _discard(staged)
+                    reason = error.strerror or error
+                    raise CheckpointWriteError(f"could not write {final.name} as a link to {source.name}: {reason}") from error
+            _commit_or_abort(writer, tag, staged, outcome)
+
+        writer.call_after_writes(stage_and_commit)
 
     def delete(self, tag: str) -> None:
         """Remove every file of `tag` once every earlier save is committed (so never before a newer set
@@ -341,8 +363,9 @@ class CheckpointStore:
         final_trainer = self.directory / match["name"]
         try:
             state = self._read(staged_trainer)
-            tag, iteration = state["checkpoint_tag"], TrainingIteration.from_dict(state["training_iteration"])
-            members = [self.directory / name for name in state["files"]]
+            tag = Member.parse(match["name"])[1]  # the stamp may name another tag: the state may be a link
+            iteration = TrainingIteration.from_dict(state["training_iteration"])
+            members = [self.directory / name for name in _set_files(state, tag)]
         except (CheckpointLoadError, KeyError, TypeError) as error:
             staged_trainer.unlink(missing_ok=True)
             return f"discarded a damaged staged checkpoint set ({staged_trainer.name}: {error})"
@@ -494,7 +517,7 @@ class CheckpointStore:
         try:
             state = self._read(trainer)
             info.iteration = TrainingIteration.from_dict(state["training_iteration"])
-            listed = state["files"]
+            listed = _set_files(state, tag)
         except (CheckpointLoadError, KeyError, TypeError) as error:
             info.problem = f"unreadable trainer state: {error}"
             return info
@@ -577,12 +600,7 @@ def _link_staged(written: _Written, staged: Path) -> None:
     if not written.outcome.committed:
         raise CheckpointWriteError(f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved")
     try:
-        try:
-            os.link(written.path, staged)
-        except OSError:  # no hard links here: a durable copy
-            shutil.copyfile(written.path, staged)
-            with open(staged, "rb+") as file:
-                os.fsync(file.fileno())
+        _link_or_copy(written.path, staged)
     except OSError as error:
         _remove(staged)
         raise CheckpointWriteError(f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}") from error
@@ -657,23 +675,30 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
         raise CheckpointLoadError(f"cannot read sharded checkpoint {folder}: {' '.join(str(error).split())[:500]}") from None
 
 
-def _link_folder(source: Path, target: Path) -> None:
-    """Make folder `target` hold the same files as `source` (hard links; copies where the filesystem
-    has none), appearing whole under its name."""
-    staged = target.with_name(f".{target.name}~{os.getpid():x}-{next(_set_ids)}{STAGED}")
+def _stage_link(source: Path, staged: Path) -> None:
+    """A second name of committed file or folder `source` at `staged`: hard links, durable copies where
+    the filesystem has none."""
+    if not source.is_dir():
+        _link_or_copy(source, staged)
+        return
+    staged.mkdir()
+    for file in source.iterdir():
+        _link_or_copy(file, staged / file.name)
+    sync_directory(staged)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
     try:
-        staged.mkdir()
-        for file in source.iterdir():
-            try:
-                os.link(file, staged / file.name)
-            except OSError:
-                shutil.copy2(file, staged / file.name)
-        sync_directory(staged)
-        _replace(staged, target)
-        sync_directory(target.parent)
-    except OSError as error:
-        _remove(staged)
-        raise CheckpointWriteError(f"could not write checkpoint {target} as a link to {source.name}: {error}") from error
+        os.link(source, target)
+    except OSError:  # no hard links here (a missing source fails the copy too)
+        shutil.copyfile(source, target)
+        with open(target, "rb+") as file:
+            os.fsync(file.fileno())
+
+
+def _set_files(trainer_state: dict[str, Any], tag: str) -> list[str]:
+    """The files of the set a trainer state belongs to, under `tag` (older states list plain names)."""
+    return [name.replace(TAG_FIELD, tag) for name in trainer_state["files"]]
 
 
 def _remove(path: Path) -> None:

@@ -40,6 +40,8 @@ def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_che
     last = torch.load(checkpoint_path(paths, "classifier", "last", "optim"), weights_only=True)
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
     assert last["state_dict"]["state"][0]["step"] == 18
+    for part in ("model", "optim", "trainer"):  # `latest` and the periodic set of one step: one write, two names
+        assert checkpoint_path(paths, "classifier", "latest", part).samefile(checkpoint_path(paths, "classifier", "E1_U16_S2048", part))
 
 
 def test_save_flags_choose_the_parts_of_periodic_and_latest_checkpoints(tmp_path: Path) -> None:
@@ -51,6 +53,8 @@ def test_save_flags_choose_the_parts_of_periodic_and_latest_checkpoints(tmp_path
         + [f"classifier_cp=latest_{part}.th" for part in ("optim", "trainer")]
         + [f"classifier_cp=last_{part}.th" for part in ("model", "optim", "trainer")]
     )
+    # other contents than the periodic set's: a set of its own
+    assert not checkpoint_path(paths, "classifier", "latest", "trainer").samefile(checkpoint_path(paths, "classifier", "E2_U18_S2304", "trainer"))
 
 
 def test_a_checkpoint_callback_that_saves_nothing_is_rejected_before_training(tmp_path: Path) -> None:

@@ -343,25 +343,6 @@ def test_sigkill_never_leaves_a_torn_checkpoint(tmp_path):
     assert tmp_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("asynchronous", [True, False])
-def test_link_names_the_written_file_again_and_survives_its_replacement(tmp_path, asynchronous):
-    best, tolerance = tmp_path / "cp=best_model.th", tmp_path / "cp=best_model.tolerance=2_model.th"
-    with CheckpointWriter(asynchronous=asynchronous) as writer:
-        writer.save(best, {"step": 1, "weights": torch.ones(4)})
-        writer.link(best, tolerance)
-        writer.save(best, {"step": 2, "weights": torch.zeros(4)})  # a later best replaces the name, not the bytes
-    assert load_checkpoint(tolerance)["step"] == 1 and torch.equal(load_checkpoint(tolerance)["weights"], torch.ones(4))
-    assert load_checkpoint(best)["step"] == 2
-    assert tmp_files(tmp_path) == []
-
-
-def test_a_failed_link_is_reported_with_the_file_name(tmp_path):
-    with CheckpointWriter() as writer:
-        writer.link(tmp_path / "missing.th", tmp_path / "copy.th")
-        with pytest.raises(CheckpointWriteError, match="copy.th"):
-            writer.wait()
-
-
 def interrupt_at_line(function, line: int):
     """A trace function raising KeyboardInterrupt when `function` reaches `line`, where a Ctrl-C may land."""
 

@@ -28,7 +28,6 @@ import itertools
 import os
 import pickle
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -228,12 +227,6 @@ class CheckpointWriter:
             if counted:
                 self._queue.put((action,))
 
-    def link(self, source: str | os.PathLike, path: str | os.PathLike) -> None:
-        """Makes ``path`` a second name of ``source`` once every earlier save is written, atomically
-        and without writing the bytes again (a copy where the filesystem has no hard links)."""
-        source, path = Path(source).absolute(), Path(path).absolute()
-        self.call_after_writes(lambda: self._link(source, path))
-
     def replace(self, source: Path, path: Path) -> None:
         """``os.replace(source, path)`` for an action on the writer thread (a set's commit): the file
         ``path`` named is deleted only after the action, so that whoever waits for the commit does not
@@ -243,12 +236,6 @@ class CheckpointWriter:
             os.replace(source, path)
         finally:
             self._free_later(replaced)
-
-    def _link(self, source: Path, path: Path) -> None:
-        try:
-            self._free_later(_link_atomic(source, path))
-        except Exception as e:
-            raise CheckpointWriteError(f"could not write checkpoint {path} as a link to {source.name}: {e}") from e
 
     def check(self) -> None:
         """Raises the first error a background write hit since the last check."""
@@ -457,37 +444,9 @@ def _crc_free_saves() -> contextlib.AbstractContextManager:
     return config.patch("save.compute_crc32", False) if per_thread else contextlib.nullcontext()
 
 
-def _write_atomic(path: Path, payload: dict, sync_directory: bool, fsync: bool) -> Path | None:
-    """Writes to a temporary file, makes it durable, then renames it over ``path``."""
-
-    def fill(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            with _crc_free_saves():
-                torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-
-    return _replace_atomic(path, fill, sync_directory)
-
-
-def _link_atomic(source: Path, path: Path) -> Path | None:
-    """A hard link (or, where links are not supported, a durable copy) of ``source``, renamed over ``path``."""
-
-    def fill(tmp: Path) -> None:
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-
-    return _replace_atomic(path, fill, sync_parent=True)
-
-
-def _replace_atomic(path: Path, fill: Callable[[Path], None], sync_parent: bool) -> Path | None:
-    """Lets ``fill`` create a hidden temporary file next to ``path``, then renames it over ``path``;
-    the temporary file is removed if anything fails.
+def _write_atomic(path: Path, payload: dict, sync_parent: bool, fsync: bool) -> Path | None:
+    """Writes ``payload`` to a hidden temporary file next to ``path``, makes it durable, then renames it
+    over ``path``; the temporary file is removed if anything fails.
 
     The file it replaces keeps a hidden temporary name, returned for the caller to delete once the
     new file is in place, so that releasing its blocks does not delay the new file (a crash leaves
@@ -496,7 +455,12 @@ def _replace_atomic(path: Path, fill: Callable[[Path], None], sync_parent: bool)
     tmp = _tmp_name(path)
     replaced = _second_name(path)
     try:
-        fill(tmp)
+        with open(tmp, "wb") as f:
+            with _crc_free_saves():
+                torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         for leftover in (tmp, replaced):

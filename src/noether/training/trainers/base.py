@@ -28,6 +28,7 @@ from noether.core.callbacks.default import (
     TrainingLossCallbackConfig,
 )
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
+from noether.core.checkpoint_store import Member
 from noether.core.checkpointing import (
     capture_rng_states,
     load_model_weights,
@@ -362,9 +363,19 @@ class BaseTrainer:
         )
 
     def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
+        """Requests of one step with the same contents (the periodic checkpoint and `latest`) hold the
+        same state: the first is written, the others become second names of its files."""
+        store = self.context.checkpoints
+        written: dict[str, tuple[str, list[Member]]] = {}  # contents -> (tag, members) of the set written
         for request in self.pending_checkpoints:
-            then = request.pop("then")
-            self.save_checkpoint(request.pop("tag"), counter, **request)
+            then, tag = request.pop("then"), request.pop("tag")
+            contents = repr(sorted(request.items()))
+            if contents in written and not store.sharded:
+                source_tag, members = written[contents]
+                if self.context.is_main_process:
+                    store.link(source_tag, tag, members)
+            else:
+                written[contents] = (tag, self.save_checkpoint(tag, counter, **request))
             if then is not None and self.context.is_main_process:
                 then()
         self.pending_checkpoints.clear()
@@ -379,9 +390,10 @@ class BaseTrainer:
         model_names: list[str] | None = None,
         save_frozen_weights: bool = False,
         all_ranks: bool = True,
-    ) -> None:
+    ) -> list[Member]:
         """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
-        large state of their own (EMA weights), so that every checkpoint resumes exactly.
+        large state of their own (EMA weights), so that every checkpoint resumes exactly. Returns the
+        members written (none on a rank that writes nothing).
 
         Every rank calls it (`all_ranks`) to contribute its RNG and callback states, except after an
         error that may have hit one rank alone; rank 0 writes.
@@ -391,7 +403,7 @@ class BaseTrainer:
         rank_states = distributed.gather_to_all(local_state) if all_ranks else [local_state]
         sharded = context.checkpoints.sharded and all_ranks  # every rank writes its shards
         if not (context.is_main_process or sharded):
-            return
+            return []
         members = model_members(
             context.model,
             save_weights=save_weights,
@@ -404,6 +416,7 @@ class BaseTrainer:
             members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
         trainer_state = self.trainer_state(rank_states) if context.is_main_process else None
         context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
+        return [*members, Member(context.model.name, "trainer")] if context.is_main_process else list(members)
 
     def callback_states(self) -> dict[str, Any]:
         states = {}
