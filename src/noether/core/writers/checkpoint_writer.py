@@ -179,7 +179,8 @@ class CheckpointWriter:
             raise RuntimeError("CheckpointWriter is closed")
         path = Path(path).absolute()  # the write may happen after the working directory changed
         if not self.asynchronous:
-            self._write(path, payload, sync_directory, fsync)
+            with _crc_free_saves():
+                self._write(path, payload, sync_directory, fsync)
             return
         sources = _unique_tensors(payload)
         size = sum(t.numel() * t.element_size() for t in sources.values())
@@ -291,6 +292,10 @@ class CheckpointWriter:
         return buffer_set
 
     def _run(self) -> None:
+        with _crc_free_saves():  # for every save of this thread's lifetime
+            self._serve()
+
+    def _serve(self) -> None:
         while (job := self._queue.get()) is not None:
             if len(job) == 1:
                 try:
@@ -456,8 +461,7 @@ def _write_atomic(path: Path, payload: dict, sync_parent: bool, fsync: bool) -> 
     replaced = _second_name(path)
     try:
         with open(tmp, "wb") as f:
-            with _crc_free_saves():
-                torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
+            torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
