@@ -141,7 +141,7 @@ def run(rounds: int = 9, epochs: int = 5, device: str = "cpu") -> dict[str, floa
         import pytorch_lightning  # noqa: F401
     except ImportError:
         raise SystemExit("peer_lightning needs PyTorch Lightning: pip install 'noether-trainkit[bench]'") from None
-    logging.getLogger("noether").setLevel(logging.WARNING)
+    logging.getLogger("noether").setLevel(logging.ERROR)  # variants without optimizer saves warn on every run
     for name in ("pytorch_lightning", "lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning")

@@ -365,6 +365,8 @@ class BaseTrainer:
     def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
         """Requests of one step with the same contents (the periodic checkpoint and `latest`) hold the
         same state: the first is written, the others become second names of its files."""
+        if not self.pending_checkpoints:
+            return
         store = self.context.checkpoints
         written: dict[str, tuple[str, list[Member]]] = {}  # contents -> (tag, members) of the set written
         for request in self.pending_checkpoints:
