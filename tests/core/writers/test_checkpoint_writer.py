@@ -113,7 +113,7 @@ def test_payload_is_snapshotted_when_save_returns(tmp_path):
 
 
 def test_repeated_saves_reuse_buffers_and_last_wins(tmp_path):
-    weights = torch.zeros(256, 256)
+    weights = torch.zeros(1024, 512)  # 2 MiB: copied into buffers (smaller payloads are serialized in save)
     path = tmp_path / "cp=latest_model.th"
     with CheckpointWriter(max_pending_bytes=2 * weights.numel() * weights.element_size()) as writer:
         pointers = set()
@@ -134,7 +134,7 @@ def test_repeated_saves_reuse_buffers_and_last_wins(tmp_path):
         assert len(writer._pool) == 1
         assert len(next(iter(writer._pool.values()))) <= 2
     loaded = load_checkpoint(path)
-    assert loaded["step"] == 24 and torch.equal(loaded["weights"], torch.full((256, 256), 24.0))
+    assert loaded["step"] == 24 and torch.equal(loaded["weights"], torch.full((1024, 512), 24.0))
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -158,6 +158,16 @@ def test_failed_write_is_reported_and_keeps_previous_file(tmp_path, asynchronous
         writer.save(not_a_dir / "x.th", {"step": 3})
         writer.wait()
     writer.close()
+
+
+def test_a_small_payload_that_cannot_be_serialized_fails_in_save_and_the_writer_goes_on(tmp_path):
+    path = tmp_path / "cp=latest_trainer.th"
+    with CheckpointWriter() as writer:
+        with pytest.raises(CheckpointWriteError, match=re.escape(str(path))):
+            writer.save(path, {"step": 1, "bad": lambda: None})  # serialized in save: no wait needed to see it
+        writer.save(path, {"step": 2})
+    assert load_checkpoint(path) == {"step": 2}
+    assert tmp_files(tmp_path) == []
 
 
 def test_background_error_surfaces_from_next_save(tmp_path):
@@ -192,7 +202,7 @@ def test_actions_run_after_the_writes_before_them_and_report_errors(tmp_path, as
 
 
 def test_bytes_in_flight_are_bounded(tmp_path):
-    weights = torch.zeros(64, 1024)  # 256 KiB
+    weights = torch.zeros(512, 1024)  # 2 MiB
     with CheckpointWriter(max_pending_bytes=weights.numel() * weights.element_size()) as writer:
         for step in range(6):
             writer.save(tmp_path / f"cp=S{step}_model.th", {"weights": weights})

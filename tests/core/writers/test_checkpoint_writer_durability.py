@@ -142,9 +142,11 @@ def test_a_replaced_file_is_deleted_and_other_names_of_it_keep_the_old_contents(
 
 
 def test_buffer_bytes_reports_the_host_memory_of_the_snapshot_buffers(tmp_path):
-    data = payload(0, size=256)
+    data = payload(0, size=1024)  # 4 MiB
     tensor_bytes = sum(t.numel() * t.element_size() for t in data["state_dict"].values())
     with CheckpointWriter() as writer:
+        writer.save(tmp_path / "cp=latest_trainer.th", payload(1, size=64))  # small: serialized in save, no buffers
+        writer.wait()
         assert writer.buffer_bytes == 0
         for _ in range(3):  # reused, not grown, by saves of the same structure
             writer.save(tmp_path / "cp=latest_model.th", data)

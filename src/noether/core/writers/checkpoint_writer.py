@@ -4,8 +4,9 @@ A checkpoint only ever appears under its final name complete: it is written to a
 file in the same directory, fsync'ed, and renamed over the final name. A crash (even SIGKILL) at any
 moment therefore leaves either the previous file or the new one, never a torn one.
 
-By default the training loop only pays for copying the tensors into reusable host buffers; the
-serialization and the disk write happen on a background thread.
+By default the training loop only pays for copying the tensors into reusable host buffers (for a
+payload of at most 1 MB of CPU tensors: for serializing it); the serialization and the disk write
+happen on a background thread.
 
 A set of files can share one durability barrier instead of one fsync each: write them with
 ``save(..., fsync=False)`` under names that nothing reads yet, call ``make_durable`` on all of them,
@@ -24,6 +25,7 @@ import contextvars
 import copy
 import ctypes
 import ctypes.util
+import io
 import itertools
 import os
 import pickle
@@ -53,6 +55,13 @@ _tmp_counter = itertools.count()
 _POOL_STRUCTURES = 8
 
 _ZIP_MAGIC = b"PK\x03\x04"
+
+# A payload with at most this many bytes of CPU tensors is serialized by `save` itself and the writer
+# thread only writes the bytes. torch.save pickles in Python, holding the GIL: on the writer thread
+# that work runs by turns with the training loop's own Python anyway, and for small payloads (model
+# and optimizer state of small models, trainer state) it costs about what the snapshot copy and its
+# bookkeeping cost. Larger payloads are copied into reused buffers and serialized on the writer thread.
+_SERIALIZED_HERE_BYTES = 1 << 20
 
 
 class CheckpointLoadError(Exception):
@@ -131,7 +140,9 @@ class CheckpointWriter:
 
     Every file is written atomically (see the module docstring). With ``asynchronous=True``,
     ``save`` copies the tensors into host buffers that are reused by later saves of a payload with
-    the same tensor structure, and a single background thread writes the files in submission order.
+    the same tensor structure (a small CPU payload it serializes instead, see ``_SERIALIZED_HERE_BYTES``;
+    a payload that cannot be serialized then fails in ``save``), and a single background thread
+    writes the files in submission order.
     At most ``max_pending_bytes`` of tensor data are in flight (a larger single payload goes alone);
     a further ``save`` waits, which bounds the host memory the buffers take. ``call_after_writes``
     queues an action behind the pending writes (e.g. renaming a complete set of files into place).
@@ -194,8 +205,11 @@ class CheckpointWriter:
                     self._cond.wait()
                 # one statement without calls: no signal handler runs between counting and noting it
                 self._pending, self._pending_bytes, counted = self._pending + 1, self._pending_bytes + size, True
-            buffers = self._take_buffers(list(sources.values()))
-            snapshot, copied = _snapshot(payload, sources, buffers.tensors, self._copy_streams)
+            if size <= _SERIALIZED_HERE_BYTES and not any(tensor.is_cuda for tensor in sources.values()):
+                snapshot, copied = _serialized(path, payload), []  # the file's bytes: the writer only writes them
+            else:
+                buffers = self._take_buffers(list(sources.values()))
+                snapshot, copied = _snapshot(payload, sources, buffers.tensors, self._copy_streams)
             job = (path, snapshot, buffers, size, sync_directory, fsync, copied)
         finally:
             if counted:
@@ -350,7 +364,7 @@ class CheckpointWriter:
             self._pending_bytes -= size
             self._cond.notify_all()
 
-    def _write(self, path: Path, payload: dict, sync_directory: bool, fsync: bool) -> None:
+    def _write(self, path: Path, payload: dict | memoryview, sync_directory: bool, fsync: bool) -> None:
         try:
             if path.parent not in self._swept_dirs:
                 _remove_stale_tmp_files(path.parent)
@@ -449,9 +463,20 @@ def _crc_free_saves() -> contextlib.AbstractContextManager:
     return config.patch("save.compute_crc32", False) if per_thread else contextlib.nullcontext()
 
 
-def _write_atomic(path: Path, payload: dict, sync_parent: bool, fsync: bool) -> Path | None:
-    """Writes ``payload`` to a hidden temporary file next to ``path``, makes it durable, then renames it
-    over ``path``; the temporary file is removed if anything fails.
+def _serialized(path: Path, payload: dict) -> memoryview:
+    """The bytes torch.save writes for ``payload`` (without the CRC, like every file of the writer)."""
+    buffer = io.BytesIO()
+    try:
+        with _crc_free_saves():
+            torch.save(payload, buffer)
+    except Exception as e:
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
+    return buffer.getbuffer()
+
+
+def _write_atomic(path: Path, payload: dict | memoryview, sync_parent: bool, fsync: bool) -> Path | None:
+    """Writes ``payload`` (or its bytes, already serialized) to a hidden temporary file next to ``path``,
+    makes it durable, then renames it over ``path``; the temporary file is removed if anything fails.
 
     The file it replaces keeps a hidden temporary name, returned for the caller to delete once the
     new file is in place, so that releasing its blocks does not delay the new file (a crash leaves
@@ -461,7 +486,10 @@ def _write_atomic(path: Path, payload: dict, sync_parent: bool, fsync: bool) -> 
     replaced = _second_name(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
+            if isinstance(payload, memoryview):
+                f.write(payload)
+            else:
+                torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
