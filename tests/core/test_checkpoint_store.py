@@ -12,6 +12,8 @@ from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter
 
 WEIGHTS, OPTIM, EMA = Member("net", "model"), Member("net", "optim"), Member("net", "model", 0.99)
+TRAINER = Member("net", "trainer")
+SET = (WEIGHTS, OPTIM, EMA, TRAINER)
 
 
 def at(update: int) -> TrainingIteration:
@@ -31,6 +33,13 @@ def store(request, tmp_path: Path):
 
 def save_set(store: CheckpointStore, tag: str, update: int, value: float) -> None:
     store.save(tag, at(update), members(value), {"note": value}, trainer_model_name="net")
+
+
+def stage_again(directory: Path, tag: str, staged_members: tuple[Member, ...], set_id: str = "abc-1") -> None:
+    """Put committed members of `tag` back under staged names, as a stop in the middle of a commit leaves them."""
+    for member in staged_members:
+        path = directory / member.file_name(tag)
+        path.rename(directory / f".{path.name}~{set_id}.staged")
 
 
 def test_a_set_is_stamped_listed_and_resumable(store):
@@ -84,8 +93,7 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
         linked = store.path(member, "latest")
         assert linked.samefile(store.path(member, "E0_U5_S40"))
         assert store.load(member, "latest")["checkpoint_tag"] == "E0_U5_S40"  # stamped where first written
-    trainer = Member("net", "trainer")
-    assert not store.path(trainer, "latest").samefile(store.path(trainer, "E0_U5_S40"))
+    assert not store.path(TRAINER, "latest").samefile(store.path(TRAINER, "E0_U5_S40"))
     assert store.info("latest").resumable and store.staged_leftovers() == []
 
     weights.add_(1.0)  # changed in place at the same iteration: new bytes
@@ -97,10 +105,6 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
     assert store.path(EMA, "latest").samefile(store.path(EMA, "E0_U5_S40"))  # unchanged: still one file
     assert store.load(EMA, "E0_U6_S48")["checkpoint_tag"] == "E0_U6_S48"
     assert store.staged_leftovers() == []
-
-
-TRAINER = Member("net", "trainer")
-SET = (WEIGHTS, OPTIM, EMA, TRAINER)
 
 
 def test_a_linked_set_is_resumable_under_its_own_name_and_outlives_its_source(store):
@@ -137,9 +141,7 @@ def test_recovery_completes_a_linked_set_under_the_tag_it_was_staged_for(tmp_pat
         save_set(store, "E0_U5_S40", 5, 2.0)
         store.link("E0_U5_S40", "latest", SET)
     # a stop in the middle of the commit of `latest`: its weights moved, the rest still staged
-    for member in (OPTIM, EMA, TRAINER):
-        path = tmp_path / member.file_name("latest")
-        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+    stage_again(tmp_path, "latest", (OPTIM, EMA, TRAINER))
 
     actions = CheckpointStore(tmp_path, "run").recover()
 
@@ -198,9 +200,7 @@ def test_recovery_completes_a_set_whose_linked_member_was_already_moved(tmp_path
         store.save("E0_U5_S40", at(5), payloads, {"note": 2}, trainer_model_name="net")
         store.save("latest", at(5), payloads, {"note": 2}, trainer_model_name="net")
     # a stop in the middle of the commit of `latest`: its linked weights moved, the rest still staged
-    for member in (OPTIM, EMA, Member("net", "trainer")):
-        path = tmp_path / member.file_name("latest")
-        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+    stage_again(tmp_path, "latest", (OPTIM, EMA, TRAINER))
 
     actions = CheckpointStore(tmp_path, "run").recover()
 
@@ -216,13 +216,9 @@ def test_recovery_completes_a_set_whose_commit_had_begun_and_discards_one_not_ye
         save_set(store, "latest", 3, 1.0)
         save_set(store, "E0_U5_S40", 5, 2.0)
     # a stop in the middle of the commit of `latest`: its weights already moved, the rest still staged
-    for member in (OPTIM, EMA, Member("net", "trainer")):
-        path = tmp_path / member.file_name("latest")
-        path.rename(tmp_path / f".{path.name}~abc-1.staged")
+    stage_again(tmp_path, "latest", (OPTIM, EMA, TRAINER))
     # and one of E0_U5_S40 written completely but not committed (not yet made durable)
-    for member in (WEIGHTS, OPTIM, EMA, Member("net", "trainer")):
-        path = tmp_path / member.file_name("E0_U5_S40")
-        path.rename(tmp_path / f".{path.name}~abc-2.staged")
+    stage_again(tmp_path, "E0_U5_S40", SET, set_id="abc-2")
 
     actions = CheckpointStore(tmp_path, "run").recover()
 
@@ -240,10 +236,10 @@ def test_recovery_refuses_a_member_left_by_an_older_save(tmp_path):
         store = CheckpointStore(tmp_path, "run", writer)
         save_set(store, "latest", 3, 1.0)
         save_set(store, "E0_U5_S40", 5, 2.0)
-    new = {m: tmp_path / m.file_name("E0_U5_S40") for m in (WEIGHTS, EMA, Member("net", "trainer"))}
-    trainer_state = torch.load(new[Member("net", "trainer")], weights_only=True)
+    new = {m: tmp_path / m.file_name("E0_U5_S40") for m in (WEIGHTS, EMA, TRAINER)}
+    trainer_state = torch.load(new[TRAINER], weights_only=True)
     trainer_state.update(checkpoint_tag="latest", files=[m.file_name("latest") for m in (WEIGHTS, OPTIM, EMA)])
-    torch.save(trainer_state, tmp_path / f".{Member('net', 'trainer').file_name('latest')}~abc-3.staged")
+    torch.save(trainer_state, tmp_path / f".{TRAINER.file_name('latest')}~abc-3.staged")
     for member in (WEIGHTS, EMA):
         new[member].rename(tmp_path / f".{member.file_name('latest')}~abc-3.staged")
 
@@ -286,7 +282,7 @@ def test_a_deletion_interrupted_by_a_crash_is_finished_by_recovery(tmp_path):
         save_set(store, "E0_U2_S16", 2, 1.0)
         save_set(store, "E0_U4_S32", 4, 2.0)
     # the first step of a deletion: its trainer state renamed to the marker; then the crash
-    trainer = tmp_path / Member("net", "trainer").file_name("E0_U2_S16")
+    trainer = tmp_path / TRAINER.file_name("E0_U2_S16")
     trainer.rename(tmp_path / f".{trainer.name}.deleting")
     assert not CheckpointStore(tmp_path, "run").info("E0_U2_S16").resumable
 
