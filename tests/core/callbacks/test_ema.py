@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from noether.core.checkpoint_store import CheckpointStore
 from noether.core.config import ConfigError
 from noether.core.providers.path import PathProvider
 from noether.core.utils.training.iteration import TrainingIteration
@@ -189,6 +190,31 @@ def test_children_run_on_their_own_schedule_on_the_ema_weights_and_leave_the_liv
     assert ema_files == sorted(ema_file(run_dir, f, t).name for f in FACTORS for t in (tag(3, 27), "latest", "last"))
     assert load(ema_file(run_dir, 0.9, "latest"))["training_iteration"]["epoch"] == 3
     assert load(ema_file(run_dir, 0.9, "last"))["training_iteration"]["epoch"] == 4
+
+
+@pytest.mark.parametrize("ema_listed_first", [True, False])
+def test_ema_weights_due_at_a_trainer_checkpoint_are_written_once_in_that_set(tmp_path, monkeypatch, ema_listed_first):
+    """The EMA's own save and the trainer's checkpoint of one step hold the same EMA weights: the trainer's set
+    writes them, the EMA's own save adds no set, in either order of the callbacks."""
+    saved_sets: list[tuple[str, bool]] = []  # (tag, with trainer state) of every set the store was asked to save
+    save = CheckpointStore.save
+
+    def recording_save(store, tag, iteration, members, trainer_state=None, **kwargs):
+        saved_sets.append((tag, trainer_state is not None))
+        return save(store, tag, iteration, members, trainer_state, **kwargs)
+
+    monkeypatch.setattr(CheckpointStore, "save", recording_save)
+    ema = {"kind": EMA, "every_n_epochs": 1, "target_factors": FACTORS, "save_weights": True, "save_latest_weights": True}
+    checkpoints = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 2, "save_latest_weights": True}
+    run_dir = train(tiny_config(tmp_path, max_epochs=2, callbacks=[ema, checkpoints] if ema_listed_first else [checkpoints, ema])).run_dir
+
+    # epoch 1: the EMA's own sets; epoch 2: the trainer's sets alone, then `last`
+    assert saved_sets == [(tag(1, 9), False), ("latest", False), (tag(2, 18), True), ("latest", True), ("last", True)]
+    trainer_files = load(checkpoint_path(run_paths(run_dir), "classifier", tag(2, 18), "trainer"))["files"]
+    for factor in FACTORS:
+        assert ema_file(run_dir, factor, "{tag}").name in trainer_files
+        for update in (9, 18):
+            assert load(ema_file(run_dir, factor, tag(update // 9, update)))["training_iteration"]["update"] == update
 
 
 def resume_config(output_path: Path, *, extra_callbacks: list[dict] = (), extra_children: list[dict] = ()) -> dict[str, Any]:

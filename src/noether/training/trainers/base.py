@@ -113,6 +113,7 @@ class BaseTrainer:
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self.pending_checkpoints: list[dict[str, Any]] = []
+        self.pending_weight_saves: list[Callable[[set[str]], None]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
 
     # ----------------------------------------------------------------------------- the step
@@ -362,15 +363,24 @@ class BaseTrainer:
             }
         )
 
+    def request_weights_save(self, save: Callable[[set[str]], None]) -> None:
+        """Run `save` at the end of the current step, after the step's checkpoint requests, with the tags
+        those were saved under: a callback's own weights-only save (an EMA) under one of them is already
+        in that set, and is not written a second time."""
+        self.pending_weight_saves.append(save)
+
     def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
         """Requests of one step with the same contents (the periodic checkpoint and `latest`) hold the
-        same state: the first is written, the others become second names of its files."""
-        if not self.pending_checkpoints:
+        same state: the first is written, the others become second names of its files. Weights-only
+        saves of callbacks come after them."""
+        if not (self.pending_checkpoints or self.pending_weight_saves):
             return
         store = self.context.checkpoints
         written: dict[str, tuple[str, list[Member]]] = {}  # contents -> (tag, members) of the set written
+        saved_tags: set[str] = set()
         for request in self.pending_checkpoints:
             then, tag = request.pop("then"), request.pop("tag")
+            saved_tags.add(tag)
             contents = repr(sorted(request.items()))
             if contents in written and not store.sharded:
                 source_tag, members = written[contents]
@@ -381,6 +391,9 @@ class BaseTrainer:
             if then is not None and self.context.is_main_process:
                 then()
         self.pending_checkpoints.clear()
+        weight_saves, self.pending_weight_saves = self.pending_weight_saves, []
+        for save in weight_saves:
+            save(saved_tags)
 
     def save_checkpoint(
         self,

@@ -110,13 +110,13 @@ class EmaCallback(PeriodicCallback):
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.config.save_weights:
-            self._save(str(update_counter.cur_iteration), update_counter)
+            self._request_save(str(update_counter.cur_iteration), update_counter)
         if self.config.save_latest_weights:
-            self._save("latest", update_counter)
+            self._request_save("latest", update_counter)
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.config.save_last_weights:
-            self._save("last", update_counter)
+            self._request_save("last", update_counter)
         for child in self.get_children():
             child.after_training(update_counter=update_counter, **kwargs)
 
@@ -187,12 +187,18 @@ class EmaCallback(PeriodicCallback):
         model_name = self.context.model.name if path is None else f"{self.context.model.name}.{path}"
         return Member(model_name, "model", factor)
 
-    def _save(self, tag: str, update_counter: UpdateCounter) -> None:
-        """Write every EMA under `tag` on its own schedule. A tag that holds the trainer's checkpoint sets
-        (whose EMA files are part of them and must match the rest) is left to the trainer."""
-        if not (self.context.is_main_process or self.context.checkpoints.sharded):
+    def _request_save(self, tag: str, update_counter: UpdateCounter) -> None:
+        """Write every EMA under `tag` on its own schedule, at the end of the step: after the trainer's
+        checkpoint sets of the step, whose EMA files are the same weights."""
+        iteration = update_counter.cur_iteration
+        self.context.trainer.request_weights_save(lambda trainer_tags: self._save(tag, iteration, trainer_tags))
+
+    def _save(self, tag: str, iteration: TrainingIteration, trainer_tags: set[str]) -> None:
+        """A tag that holds the trainer's checkpoint sets (whose EMA files are part of them and must match
+        the rest) is left to the trainer: a set it saved in this step holds these very weights."""
+        if tag in trainer_tags or not (self.context.is_main_process or self.context.checkpoints.sharded):
             return
-        if not self.context.checkpoints.save(tag, update_counter.cur_iteration, self._members()) and tag not in self._skipped_tags:
+        if not self.context.checkpoints.save(tag, iteration, self._members()) and tag not in self._skipped_tags:
             self._skipped_tags.add(tag)
             self.logger.info(
                 f"EMA weights under '{tag}' are saved with the trainer's checkpoint '{tag}' only "
