@@ -9,6 +9,9 @@ with optimizer state every epoch, a `latest` checkpoint and an EMA of the weight
 - Lightning: ModelCheckpoint on `val_loss` (best), ModelCheckpoint every epoch with `save_last`
   (periodic and latest, optimizer state included) and EMAWeightAveraging.
 
+A hand-written PyTorch loop doing the same work (training, a validation pass every epoch, no
+checkpoints) runs in the same rounds: the floor any trainer of this job can reach.
+
 Time per update is the steady-state time, from the end of the first epoch to the end of the last
 update, read off a clock at the end of every update (this project: the `UpdateClock` probe of
 training_throughput.py; Lightning: `on_train_batch_end`), so start-up is left out and every
@@ -75,6 +78,35 @@ def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str
     return steady_seconds_per_update(trainer.callbacks[-1].times, trainer.batching.updates_per_epoch)
 
 
+def time_plain_loop(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
+    """The job as a user would write it by hand: the floor for both frameworks' bare variant."""
+    tree = quickstart_tree(output, epochs, [])
+    model_options = {key: value for key, value in tree["model"].items() if key not in ("kind", "name", "optimizer")}
+    optimizer_options = {key: value for key, value in tree["model"]["optimizer"].items() if key not in ("kind", "schedule")}
+    batch_size = tree["trainer"]["effective_batch_size"]
+    torch.manual_seed(0)
+    model = DigitsClassifier(DigitsClassifierConfig(**model_options)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), **optimizer_options)
+    train = DataLoader(DigitsDataset(DigitsDatasetConfig(split="train")), batch_size=batch_size, shuffle=True, drop_last=True)
+    val = DataLoader(DigitsDataset(DigitsDatasetConfig(split="val")), batch_size=batch_size)
+    times = []
+    for _ in range(epochs):
+        model.train()
+        for batch in train:
+            loss = F.cross_entropy(model(batch["x"].to(device)), batch["y"].to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+        model.eval()
+        with torch.no_grad():
+            val_loss = sum(F.cross_entropy(model(b["x"].to(device)), b["y"].to(device), reduction="sum") for b in val) / len(val.dataset)
+        float(val_loss)  # read, as a logger would
+    return steady_seconds_per_update(times, len(train))
+
+
 def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
     """The same model, optimizer, data and validation as a LightningModule; steady-state seconds per update of `Trainer.fit`."""
     import pytorch_lightning as pl
@@ -129,6 +161,7 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
 
 
 VARIANTS = {
+    ("plain_loop", "bare"): lambda out, e, rid, device: time_plain_loop(out, e, False, rid, device),
     ("noether", "bare"): lambda out, e, rid, device: time_noether(out, e, False, rid, device),
     ("noether", "full"): lambda out, e, rid, device: time_noether(out, e, True, rid, device),
     ("lightning", "bare"): lambda out, e, rid, device: time_lightning(out, e, False, rid, device),
@@ -160,6 +193,8 @@ def run(rounds: int = 9, epochs: int = 5, device: str = "cpu") -> dict[str, floa
     def paired(numerator: tuple[str, str], denominator: tuple[str, str]) -> float:
         return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
+    results["bare_plain_loop_vs_lightning"] = paired(("plain_loop", "bare"), ("lightning", "bare"))
+    results["bare_noether_vs_plain_loop"] = paired(("noether", "bare"), ("plain_loop", "bare"))
     for framework in ("noether", "lightning"):
         results[f"{framework}_full_vs_bare"] = paired((framework, "full"), (framework, "bare"))
     for stack in ("bare", "full"):
@@ -178,7 +213,10 @@ def table(results: dict[str, Any]) -> str:
         f"{results['lightning_bare_ms_per_update']:.2f} | {results['lightning_full_ms_per_update']:.2f} | {results['lightning_full_vs_bare']:.2f} |",
         f"| this project | {results['noether_bare_ms_per_update']:.2f} | {results['noether_full_ms_per_update']:.2f} | "
         f"{results['noether_full_vs_bare']:.2f} |",
+        f"| hand-written PyTorch loop (no checkpoints) | {results['plain_loop_bare_ms_per_update']:.2f} | | |",
         f"| this project / Lightning | {results['bare_noether_vs_lightning']:.2f} | {results['full_noether_vs_lightning']:.2f} | |",
+        f"| hand-written loop / Lightning (the floor of the row above) | {results['bare_plain_loop_vs_lightning']:.2f} | | |",
+        f"| this project / hand-written loop | {results['bare_noether_vs_plain_loop']:.2f} | | |",
     ]
     return "\n".join(lines)
 

@@ -49,6 +49,8 @@ ROWS = [
     ("quickstart job, Lightning: full / bare", "peer_lightning", "lightning_full_vs_bare", None, ""),
     ("quickstart job, bare: this project / Lightning", "peer_lightning", "bare_noether_vs_lightning", 0.5, "<="),
     ("quickstart job, full: this project / Lightning", "peer_lightning", "full_noether_vs_lightning", 0.5, "<="),
+    ("quickstart job, bare: hand-written loop / Lightning (the floor)", "peer_lightning", "bare_plain_loop_vs_lightning", None, ""),
+    ("quickstart job, bare: this project / hand-written loop", "peer_lightning", "bare_noether_vs_plain_loop", None, ""),
     ("FSDP params+optim+EMA per rank: 2 processes / 1", "fsdp_memory", "state_two_over_one", 0.55, "<="),
 ]
 

@@ -2,13 +2,18 @@
 
 Wall-clock ratios on a shared 2-core VM move by 10% from run to run, too much to tell a 3%
 overhead apart. Valgrind's callgrind counts the instructions every thread of the process executes,
-the same on every run. Each variant of `training_throughput.py` runs single-threaded
+the same on every run. Each variant runs single-threaded
 (OMP_NUM_THREADS=1) under callgrind for `--epochs` and for twice as many epochs; the difference,
 divided by the extra updates, is what one steady-state update costs, start-up and imports left out.
 
 It counts work, not time: cache misses, waits on the disk and the writer thread's fsyncs do not
 show. Slow (valgrind runs code about 50x slower): about 15 minutes on 2 cores for the default
 variants; not part of `make bench`.
+
+The `quickstart_*` variants count the job of peer_lightning.py (the hand-written loop, this project
+and Lightning, bare and full), so that its ratios can be read without the machine's noise:
+
+    python benchmarks/update_instructions.py --variants quickstart_plain_loop quickstart_bare quickstart_lightning_bare
 
     python benchmarks/update_instructions.py [--epochs 2] [--variants bare_loop trainer_defaults]
 """
@@ -22,24 +27,49 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import training_throughput
 
+
+def _throughput(timer: Callable[..., float], callbacks: list[dict[str, Any]]) -> Callable[[Path, int], Any]:
+    return lambda output, epochs: timer(training_throughput.config_tree(output, "example", epochs, callbacks), "counted")
+
+
+def _peer(timer_name: str, full: bool) -> Callable[[Path, int], Any]:
+    def run_peer(output: Path, epochs: int) -> Any:
+        import peer_lightning
+
+        for name in ("pytorch_lightning", "lightning", "lightning.pytorch"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+        return getattr(peer_lightning, timer_name)(output, epochs, full, "counted", "cpu")
+
+    return run_peer
+
+
 VARIANTS = {
-    "bare_loop": (training_throughput.time_bare_loop, []),
-    "trainer_defaults": (training_throughput.time_trainer, []),
-    "trainer_full_stack": (training_throughput.time_trainer, training_throughput.FULL_STACK),
+    "bare_loop": _throughput(training_throughput.time_bare_loop, []),
+    "trainer_defaults": _throughput(training_throughput.time_trainer, []),
+    "trainer_full_stack": _throughput(training_throughput.time_trainer, training_throughput.FULL_STACK),
+    # the quickstart job of peer_lightning.py (a validation pass every epoch); Lightning's need the [bench] extra
+    "quickstart_plain_loop": _peer("time_plain_loop", full=False),
+    "quickstart_bare": _peer("time_noether", full=False),
+    "quickstart_full": _peer("time_noether", full=True),
+    "quickstart_lightning_bare": _peer("time_lightning", full=False),
+    "quickstart_lightning_full": _peer("time_lightning", full=True),
 }
 
 
 def run_variant(name: str, epochs: int) -> None:
     """In the child process under valgrind: one run of `name`."""
     logging.getLogger("noether").setLevel(logging.ERROR)  # variants without optimizer saves warn on every run
-    timer, callbacks = VARIANTS[name]
     with tempfile.TemporaryDirectory() as output:
-        timer(training_throughput.config_tree(Path(output), "example", epochs, callbacks), name)
+        VARIANTS[name](Path(output), epochs)
 
 
 def count_instructions(name: str, epochs: int, directory: Path) -> int:
