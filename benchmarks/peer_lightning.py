@@ -78,17 +78,25 @@ def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str
     return steady_seconds_per_update(trainer.callbacks[-1].times, trainer.batching.updates_per_epoch)
 
 
-def time_plain_loop(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
-    """The job as a user would write it by hand: the floor for both frameworks' bare variant."""
+def hand_built_job(output: Path, epochs: int) -> tuple[dict[str, Any], dict[str, Any], DataLoader, DataLoader]:
+    """The quickstart job's model and optimizer options and its training and validation loaders, for the
+    variants that build the job by hand (the plain loop, Lightning)."""
     tree = quickstart_tree(output, epochs, [])
     model_options = {key: value for key, value in tree["model"].items() if key not in ("kind", "name", "optimizer")}
     optimizer_options = {key: value for key, value in tree["model"]["optimizer"].items() if key not in ("kind", "schedule")}
     batch_size = tree["trainer"]["effective_batch_size"]
+    train = DataLoader(DigitsDataset(DigitsDatasetConfig(split="train")), batch_size=batch_size, shuffle=True, drop_last=True)
+    val = DataLoader(DigitsDataset(DigitsDatasetConfig(split="val")), batch_size=batch_size)
+    return model_options, optimizer_options, train, val
+
+
+def time_plain_loop(output: Path, epochs: int, full: bool, run_id: str, device: str) -> float:
+    """The job as a user would write it by hand: the floor for both frameworks' bare variant (`full` is
+    there for the common signature; the loop writes no checkpoints)."""
+    model_options, optimizer_options, train, val = hand_built_job(output, epochs)
     torch.manual_seed(0)
     model = DigitsClassifier(DigitsClassifierConfig(**model_options)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), **optimizer_options)
-    train = DataLoader(DigitsDataset(DigitsDatasetConfig(split="train")), batch_size=batch_size, shuffle=True, drop_last=True)
-    val = DataLoader(DigitsDataset(DigitsDatasetConfig(split="val")), batch_size=batch_size)
     times = []
     for _ in range(epochs):
         model.train()
@@ -112,10 +120,7 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 
-    tree = quickstart_tree(output, epochs, [])
-    model_options = {key: value for key, value in tree["model"].items() if key not in ("kind", "name", "optimizer")}
-    optimizer_options = {key: value for key, value in tree["model"]["optimizer"].items() if key not in ("kind", "schedule")}
-    batch_size = tree["trainer"]["effective_batch_size"]
+    model_options, optimizer_options, train, val = hand_built_job(output, epochs)
 
     class DigitsModule(pl.LightningModule):
         def __init__(self) -> None:
@@ -134,8 +139,6 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
             return torch.optim.AdamW(self.parameters(), **optimizer_options)
 
     torch.manual_seed(0)
-    train = DataLoader(DigitsDataset(DigitsDatasetConfig(split="train")), batch_size=batch_size, shuffle=True, drop_last=True)
-    val = DataLoader(DigitsDataset(DigitsDatasetConfig(split="val")), batch_size=batch_size)
     class Clock(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
