@@ -74,7 +74,7 @@ def time_noether(output: Path, epochs: int, full: bool, run_id: str, device: str
     trainer = build_trainer(config, paths, log_writer)
     trainer.train()
     log_writer.close()
-    trainer.context.checkpoints.writer.close()
+    trainer.context.checkpoints.close()
     return steady_seconds_per_update(trainer.callbacks[-1].times, trainer.batching.updates_per_epoch)
 
 

@@ -96,7 +96,7 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> float:
     clock = trainer.callbacks[-1]
     trainer.train()
     log_writer.close()
-    trainer.context.checkpoints.writer.close()
+    trainer.context.checkpoints.close()
     return steady_seconds_per_update(clock.times, trainer.batching.updates_per_epoch)
 
 

@@ -45,7 +45,7 @@ def stage_again(directory: Path, tag: str, staged_members: tuple[Member, ...], s
 def test_a_set_is_stamped_listed_and_resumable(store):
     save_set(store, "E0_U3_S24", 3, 1.0)
     save_set(store, "latest", 5, 2.0)
-    store.finish()
+    store.wait()
 
     assert sorted(p.name for p in store.directory.iterdir() if p.name != ".lock") == sorted(
         f"net{ema}_cp={tag}_{part}.th" for tag in ("E0_U3_S24", "latest") for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
@@ -59,14 +59,14 @@ def test_a_set_is_stamped_listed_and_resumable(store):
 
 def test_a_set_whose_member_cannot_be_written_is_aborted_and_the_previous_set_stays(store, monkeypatch):
     save_set(store, "latest", 3, 1.0)
-    store.finish()
+    store.wait()
     unpicklable = members(2.0)
     unpicklable[OPTIM] = {"state_dict": {"step": lambda: None}}  # torch.save cannot pickle it
 
     with pytest.raises(CheckpointWriteError, match=r"net_cp=latest_optim\.th"):
         store.save("latest", at(5), unpicklable, {"note": 2.0}, trainer_model_name="net")
-        store.finish()
-    store.finish()  # whichever way the error surfaced, the abort is done on the writer thread
+        store.wait()
+    store.wait()  # whichever way the error surfaced, the abort is done on the writer thread
     assert store.staged_leftovers() == []
     assert store.iteration("latest") == at(3)
     for member in (WEIGHTS, OPTIM, EMA):
@@ -77,7 +77,7 @@ def test_a_weights_only_save_never_replaces_members_of_a_trainer_set(store):
     save_set(store, "latest", 3, 1.0)
     assert not store.save("latest", at(7), {EMA: {"state_dict": {"w": torch.zeros(4)}}})
     assert store.save("E0_U7_S56", at(7), {EMA: {"state_dict": {"w": torch.zeros(4)}}})
-    store.finish()
+    store.wait()
     assert store.load(EMA, "latest")["training_iteration"] == at(3).to_dict()
     assert not store.info("E0_U7_S56").resumable  # weights only: nothing to resume from
 
@@ -87,7 +87,7 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
     payloads = {WEIGHTS: {"state_dict": {"w": weights}}, OPTIM: {"state_dict": {"step": 5.0}}, EMA: {"state_dict": {"w": ema}}}
     store.save("E0_U5_S40", at(5), payloads, {"note": 1}, trainer_model_name="net")
     store.save("latest", at(5), payloads, {"note": 1}, trainer_model_name="net")
-    store.finish()
+    store.wait()
 
     for member in (WEIGHTS, OPTIM, EMA):
         linked = store.path(member, "latest")
@@ -99,7 +99,7 @@ def test_the_bytes_of_one_iteration_are_written_once_and_linked_under_later_tags
     weights.add_(1.0)  # changed in place at the same iteration: new bytes
     store.save("latest", at(5), payloads, {"note": 2}, trainer_model_name="net")
     store.save("E0_U6_S48", at(6), {EMA: payloads[EMA]})  # another iteration: written anew
-    store.finish()
+    store.wait()
     assert not store.path(WEIGHTS, "latest").samefile(store.path(WEIGHTS, "E0_U5_S40"))
     assert torch.equal(store.load(WEIGHTS, "latest")["state_dict"]["w"], torch.full((4,), 2.0))
     assert store.path(EMA, "latest").samefile(store.path(EMA, "E0_U5_S40"))  # unchanged: still one file
@@ -111,7 +111,7 @@ def test_a_linked_set_is_resumable_under_its_own_name_and_outlives_its_source(st
     save_set(store, "latest", 3, 1.0)
     save_set(store, "E0_U5_S40", 5, 2.0)
     store.link("E0_U5_S40", "latest", SET)  # e.g. the periodic checkpoint and `latest` of one step
-    store.finish()
+    store.wait()
 
     for member in SET:
         assert store.path(member, "latest").samefile(store.path(member, "E0_U5_S40"))
@@ -119,7 +119,7 @@ def test_a_linked_set_is_resumable_under_its_own_name_and_outlives_its_source(st
     assert store.newest_resumable().tag == "E0_U5_S40"  # a tie: the tag named by its iteration
 
     store.delete("E0_U5_S40")  # e.g. pruned by keep_last_n
-    store.finish()
+    store.wait()
     assert [(info.tag, info.iteration, info.resumable) for info in store.tags()] == [("latest", at(5), True)]
     assert torch.equal(store.load(WEIGHTS, "latest", expected_iteration=at(5))["state_dict"]["w"], torch.full((4,), 2.0))
     assert store.staged_leftovers() == []
@@ -129,8 +129,8 @@ def test_a_link_to_a_set_that_was_not_written_fails_with_its_name_and_keeps_the_
     save_set(store, "latest", 3, 1.0)
     with pytest.raises(CheckpointWriteError, match=r"could not write net_cp=latest_model\.th as a link to net_cp=E0_U5_S40_model\.th"):
         store.link("E0_U5_S40", "latest", SET)
-        store.finish()
-    store.finish()
+        store.wait()
+    store.wait()
     assert store.staged_leftovers() == []
     assert (store.info("latest").iteration, store.info("latest").resumable) == (at(3), True)
 
@@ -155,7 +155,7 @@ def test_a_linked_weights_file_survives_the_replacement_of_its_source(store):
     store.save("best_model.loss", at(3), {WEIGHTS: {"state_dict": {"w": torch.ones(4)}}})
     store.link("best_model.loss", "best_model.loss.tolerance=2", [WEIGHTS])
     store.save("best_model.loss", at(5), {WEIGHTS: {"state_dict": {"w": torch.zeros(4)}}})  # a later best: a new file
-    store.finish()
+    store.wait()
 
     tolerance = store.load(WEIGHTS, "best_model.loss.tolerance=2")
     assert tolerance["training_iteration"] == at(3).to_dict() and torch.equal(tolerance["state_dict"]["w"], torch.ones(4))
@@ -169,25 +169,25 @@ def test_a_payload_with_values_that_cannot_be_compared_is_written_again(store):
     store.save("E0_U5_S40", at(5), payload)
     payload[EMA] = {**payload[EMA], "note": weights.numpy().copy()}  # equal values: comparing them would raise
     store.save("E0_U5_S40.copy", at(5), payload)
-    store.finish()
+    store.wait()
     assert store.path(WEIGHTS, "E0_U5_S40.copy").samefile(store.path(WEIGHTS, "E0_U5_S40"))
     assert not store.path(EMA, "E0_U5_S40.copy").samefile(store.path(EMA, "E0_U5_S40"))  # an array is not compared
 
 
 def test_a_save_that_would_link_to_a_failed_set_fails_too_and_keeps_the_previous_set(store):
     save_set(store, "latest", 3, 1.0)
-    store.finish()
+    store.wait()
     weights = torch.full((4,), 2.0)
     failing = {WEIGHTS: {"state_dict": {"w": weights}}, OPTIM: {"state_dict": {"step": lambda: None}}}  # cannot be pickled
     with pytest.raises(CheckpointWriteError):
         store.save("E0_U5_S40", at(5), failing, {"note": 2}, trainer_model_name="net")
-        store.finish()
-    store.finish()
+        store.wait()
+    store.wait()
 
     with pytest.raises(CheckpointWriteError, match="which was not saved"):
         store.save("latest", at(5), {WEIGHTS: {"state_dict": {"w": weights}}}, {"note": 2}, trainer_model_name="net")
-        store.finish()
-    store.finish()
+        store.wait()
+    store.wait()
     assert store.staged_leftovers() == []
     assert [info.tag for info in store.tags()] == ["latest"]
     assert store.iteration("latest") == at(3)
@@ -258,7 +258,7 @@ def test_prune_keeps_the_newest_sets_and_deletes_older_ones_whole(store):
         save_set(store, tag, update, float(update))
     save_set(store, "latest", 8, 8.0)
     store.prune(tags, keep=2)
-    store.finish()
+    store.wait()
     assert [info.tag for info in store.tags()] == [tags[2], tags[3], "latest"]
 
 
@@ -270,9 +270,9 @@ def test_prune_does_not_count_a_set_that_failed(store):
     with pytest.raises(CheckpointWriteError):
         store.save(tags[1], at(4), broken, {"note": 4.0}, trainer_model_name="net")
         store.prune(tags, keep=1)
-        store.finish()
+        store.wait()
     store.prune(tags, keep=1)
-    store.finish()
+    store.wait()
     assert [info.tag for info in store.tags()] == [tags[0]]
 
 
@@ -296,7 +296,7 @@ def test_tags_written_after_an_iteration_are_set_aside(store):
     save_set(store, "E0_U2_S16", 2, 1.0)
     save_set(store, "E0_U4_S32", 4, 2.0)
     store.save("best_model.loss", at(4), {WEIGHTS: {"state_dict": {"w": torch.zeros(4)}}})
-    store.finish()
+    store.wait()
 
     assert store.set_aside_after(at(2)) == ["E0_U4_S32", "best_model.loss"]
 
@@ -306,7 +306,7 @@ def test_tags_written_after_an_iteration_are_set_aside(store):
 
 def test_a_member_of_the_wrong_kind_is_named(store, tmp_path):
     save_set(store, "latest", 3, 1.0)
-    store.finish()
+    store.wait()
     (tmp_path / OPTIM.file_name("latest")).replace(tmp_path / EMA.file_name("latest"))
     torch.save({"training_iteration": at(3).to_dict()}, tmp_path / EMA.file_name("latest"))
     with pytest.raises(CheckpointLoadError, match=r"net_ema=0\.99_cp=latest_model\.th is not the EMA 0\.99 weights of net written by noether \(no 'state_dict'\)"):

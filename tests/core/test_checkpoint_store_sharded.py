@@ -41,7 +41,7 @@ def save_set(store: CheckpointStore, tag: str, update: int, value: float) -> Non
 
 def test_weights_optimizer_and_ema_are_folders_that_read_back_whole(store):
     save_set(store, "latest", 5, 2.0)
-    store.finish()
+    store.wait()
 
     names = sorted(path.name for path in store.directory.iterdir() if path.name != ".lock")
     assert names == ["net_cp=latest_model.dcp", "net_cp=latest_optim.dcp", "net_cp=latest_trainer.th", "net_ema=0.99_cp=latest_model.dcp"]
@@ -58,7 +58,7 @@ def test_weights_optimizer_and_ema_are_folders_that_read_back_whole(store):
 
 def test_a_folder_loads_in_place_into_a_template(store):
     save_set(store, "latest", 5, 3.0)
-    store.finish()
+    store.wait()
     template = {"w": torch.zeros(4)}
 
     payload = store.load_into(EMA, "latest", template, expected_iteration=at(5))
@@ -69,7 +69,7 @@ def test_a_folder_loads_in_place_into_a_template(store):
 def test_a_newer_set_replaces_the_folders_of_a_tag(store):
     save_set(store, "latest", 5, 1.0)
     save_set(store, "latest", 7, 2.0)
-    store.finish()
+    store.wait()
 
     assert torch.equal(store.load(WEIGHTS, "latest", expected_iteration=at(7))["state_dict"]["w"], torch.full((4,), 2.0))
     assert store.staged_leftovers() == [] and not list(store.directory.glob(".*replaced"))
@@ -77,7 +77,7 @@ def test_a_newer_set_replaces_the_folders_of_a_tag(store):
 
 def test_recover_puts_back_a_folder_moved_aside_by_a_commit_that_stopped(store):
     save_set(store, "latest", 5, 1.0)
-    store.finish()
+    store.wait()
     final = store.path(WEIGHTS, "latest")
     os.replace(final, final.with_name(f".{final.name}~1a-0.replaced"))  # a commit stopped right after moving it aside
 
@@ -90,7 +90,7 @@ def test_recover_puts_back_a_folder_moved_aside_by_a_commit_that_stopped(store):
 
 def test_recover_removes_half_written_folders_and_keeps_the_committed_set(store):
     save_set(store, "latest", 5, 1.0)
-    store.finish()
+    store.wait()
     half_written = store.directory / ".net_cp=latest_model.dcp~1a-3.staged"
     half_written.mkdir()
     (half_written / "__0_0.distcp").write_bytes(b"shards of rank 0, no metadata yet")
@@ -104,7 +104,7 @@ def test_recover_removes_half_written_folders_and_keeps_the_committed_set(store)
 def test_a_linked_folder_holds_the_same_files_and_deletion_removes_a_tag_whole(store):
     store.save("best", at(5), {WEIGHTS: members(4.0)[WEIGHTS]})
     store.link("best", "best.tolerance=2", [WEIGHTS])
-    store.finish()
+    store.wait()
 
     source, link = store.path(WEIGHTS, "best"), store.path(WEIGHTS, "best.tolerance=2")
     assert link.is_dir() and sorted(p.name for p in link.iterdir()) == sorted(p.name for p in source.iterdir())
@@ -112,5 +112,5 @@ def test_a_linked_folder_holds_the_same_files_and_deletion_removes_a_tag_whole(s
     assert torch.equal(store.load(WEIGHTS, "best.tolerance=2")["state_dict"]["w"], torch.full((4,), 4.0))
 
     store.delete("best")
-    store.finish()
+    store.wait()
     assert not source.exists() and link.is_dir()

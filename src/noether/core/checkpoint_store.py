@@ -46,6 +46,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from noether.core import distributed
+from noether.core.utils.formatting import one_line, path_size
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import (
     CheckpointLoadError,
@@ -115,7 +116,7 @@ class CheckpointInfo:
 
     @property
     def size(self) -> int:
-        return sum(_size(path) for path in self.files.values())
+        return sum(path_size(path) for path in self.files.values())
 
 
 def stamp(tag: str, iteration: TrainingIteration, run_id: str) -> dict[str, Any]:
@@ -139,7 +140,7 @@ class CheckpointStore:
     def __init__(self, directory: Path, run_id: str, writer: CheckpointWriter | None = None, *, sharded: bool = False) -> None:
         self.directory = Path(directory)
         self.run_id = run_id
-        self.writer = writer
+        self._writer = writer
         self.sharded = sharded
         self._trainer_tags: set[str] = set()  # tags this process saved (or will save) a trainer set under
         self._trainer_tags_on_disk: set[str] | None = None  # from one listing, until the directory changes
@@ -280,10 +281,11 @@ class CheckpointStore:
         self._written = {member: written for member, written in self._written.items() if written.path != self.directory / member.file_name(tag)}
         self._require_writer().call_after_writes(lambda: self._delete_now(tag))
 
-    def prune(self, tags: list[str], keep: int) -> None:
+    def prune(self, tags: list[str], keep: int, protected: Iterable[str] = ()) -> None:
         """Once every earlier save is committed, delete those of `tags` older than the `keep` newest
-        resumable ones. Decided on the writer thread: a set whose write failed is not on disk, so it
-        never counts towards `keep`, and the sets it would have replaced stay."""
+        resumable ones, except `protected` tags. Decided on the writer thread: a set whose write failed
+        is not on disk, so it never counts towards `keep`, and the sets it would have replaced stay."""
+        protected = frozenset(protected)
 
         def prune_now() -> None:
             infos = [info for info in map(self.info, tags) if info.files and info.iteration is not None]
@@ -291,14 +293,23 @@ class CheckpointStore:
             if len(kept) < keep:
                 return
             for info in infos:
-                if info.iteration < kept[0].iteration:
+                if info.iteration < kept[0].iteration and info.tag not in protected:
                     self._delete_now(info.tag)
 
         self._require_writer().call_after_writes(prune_now)
 
-    def finish(self) -> None:
+    def check(self) -> None:
+        """Raise the first failure of a background write, if any, without waiting."""
+        self._require_writer().check()
+
+    def wait(self) -> None:
         """Wait until every set is written and committed (raises the first write error)."""
         self._require_writer().wait()
+
+    def close(self) -> None:
+        """Wait for every write and stop the writer (a read-only store has none to stop)."""
+        if self._writer is not None:
+            self._writer.close()
 
     def holds_trainer_set(self, tag: str) -> bool:
         if self._trainer_tags_on_disk is None:
@@ -307,9 +318,9 @@ class CheckpointStore:
         return tag in self._trainer_tags or tag in self._trainer_tags_on_disk
 
     def _require_writer(self) -> CheckpointWriter:
-        if self.writer is None:
+        if self._writer is None:
             raise RuntimeError("this CheckpointStore was opened for reading only")
-        return self.writer
+        return self._writer
 
     def _delete_now(self, tag: str) -> None:
         self._trainer_tags_on_disk = None
@@ -437,7 +448,7 @@ class CheckpointStore:
         try:
             dcp.load({"state_dict": state_dict}, checkpoint_id=path, no_dist=not distributed.is_distributed())
         except Exception as error:  # noqa: BLE001 - named as the checkpoint it concerns
-            reason = " ".join(str(error).split())[:500]
+            reason = one_line(error, 500)
             raise CheckpointLoadError(f"{path} does not fit this model: {reason}") from None
         payload["state_dict"] = state_dict
         return self._checked(payload, path, member, tag, expected_iteration)
@@ -672,7 +683,7 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             return _load_state_dict_from_keys(checkpoint_id=folder)["state_dict"]
     except Exception as error:  # noqa: BLE001 - named as the checkpoint it concerns
-        raise CheckpointLoadError(f"cannot read sharded checkpoint {folder}: {' '.join(str(error).split())[:500]}") from None
+        raise CheckpointLoadError(f"cannot read sharded checkpoint {folder}: {one_line(error, 500)}") from None
 
 
 def _stage_link(source: Path, staged: Path) -> None:
@@ -706,13 +717,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(_size(file) for file in path.iterdir())
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-

@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from noether.core import fsdp
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.models.base import Model, ModelBase, select_models
+from noether.core.utils.formatting import one_line
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
@@ -103,7 +104,7 @@ def _load_into(target: torch.nn.Module | torch.optim.Optimizer, state_dict: Any,
     try:
         target.load_state_dict(state_dict)
     except (RuntimeError, ValueError, KeyError, TypeError) as error:
-        reason = " ".join(str(error).split())
+        reason = one_line(error)
         raise CheckpointLoadError(f"{path} does not fit this {type(target).__name__}: {reason}") from None
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+from noether.core.utils.formatting import one_line
 
 CONFIG_SUFFIX = "Config"
 
@@ -225,7 +226,7 @@ def _describe_yaml_error(error: yaml.YAMLError) -> str:
     """PyYAML's multi-line report as one line: the problem and where it is."""
     problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
     if problem is None or mark is None:
-        return " ".join(str(error).split())
+        return one_line(error)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 

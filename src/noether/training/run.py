@@ -19,6 +19,7 @@ from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
+from noether.core.checkpoint_manager import CheckpointManager
 from noether.core.checkpoint_store import CheckpointStore
 from noether.core.config import ConfigError, Seed, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
@@ -132,14 +133,17 @@ def build_trainer(
     setup = setup or distributed.DistributedSetup(rank=0, world_size=1, device=config.device)
     seed_everything(config.seed)
     data = DataContainer({key: build(dataset_config) for key, dataset_config in config.datasets.items()})
+    model = build_model(config.model)
+    writer = CheckpointWriter(asynchronous=config.async_checkpoints)
+    store = CheckpointStore(paths.checkpoint_dir, paths.run_id, writer, sharded=config.trainer.parallelism == "fsdp")
     context = CallbackContext(
         trainer=None,  # set by the trainer itself
-        model=build_model(config.model),
+        model=model,
         data=data,
         paths=paths,
         log_writer=log_writer,
         metric_properties=MetricPropertyProvider(config.metric_higher_is_better),
-        checkpoints=CheckpointStore(paths.checkpoint_dir, paths.run_id, CheckpointWriter(asynchronous=config.async_checkpoints)),
+        checkpoints=CheckpointManager(store, model, log_writer, rank=setup.rank, world_size=setup.world_size),
         rank=setup.rank,
         world_size=setup.world_size,
     )
@@ -194,7 +198,6 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             log_writer.keep_first_rows(0)
             log_writer.resumed_at(0)
         trainer = build_trainer(config, paths, log_writer, setup)
-        writer = trainer.context.checkpoints.writer
         try:
             trainer.train(resume_tag=resume_tag, skip_if_finished=resume == AUTO, on_start=write_config)
         except CheckpointWriteError as error:
@@ -202,7 +205,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"
             raise CheckpointWriteError(f"{error}; the checkpoint the run can resume from: {where}") from None
         finally:
-            writer.close()
+            trainer.context.checkpoints.close()
     finally:
         if log_writer is not None:
             log_writer.close()
@@ -283,7 +286,7 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
         try:
             trainer.evaluate(checkpoint)
         finally:
-            trainer.context.checkpoints.writer.close()
+            trainer.context.checkpoints.close()
             log_writer.close()
         return log_writer.summary
     finally:

@@ -82,7 +82,7 @@ def train_in_process(tree: dict[str, Any]) -> BaseTrainer:
     try:
         trainer.train()
     finally:
-        trainer.context.checkpoints.writer.close()
+        trainer.context.checkpoints.close()
     return trainer
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from noether.core.config import ConfigError
-from noether.core.initializers import apply_initializers
+from noether.core.models.base import apply_initializers
 from noether.core.models.base import build_model
 from noether.training.run import parse_run_config, train
 from tests.conftest import run_cli, tiny_config

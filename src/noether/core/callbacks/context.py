@@ -2,28 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
 
 if TYPE_CHECKING:
-    from noether.core.checkpoint_store import CheckpointStore
+    from noether.core.checkpoint_manager import CheckpointManager
     from noether.core.models import ModelBase
     from noether.core.providers.metric_property import MetricPropertyProvider
     from noether.core.providers.path import PathProvider
     from noether.core.writers.log_writer import LogWriter
     from noether.data.container import DataContainer
-    from noether.training.trainers.base import BaseTrainer
+
+
+class TrainerView(Protocol):
+    """What callbacks may use of the trainer that runs them (defined here, so that core does not
+    depend on the training package)."""
+
+    device: torch.device
+    seed: int
+    num_workers: int
+    micro_batch_size: int
+    callbacks: list[Any]
+    """The configured callbacks (CallbackBase) in dispatch order, children not included."""
+    stop_requested: str | None
+    """Why the run is stopping (a signal's name), once it is."""
+
+    def move_to_device(self, batch: Any) -> Any: ...
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def evaluation_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
 class CallbackContext:
-    trainer: BaseTrainer
+    trainer: TrainerView
     model: ModelBase
     data: DataContainer
     paths: PathProvider
     log_writer: LogWriter
     metric_properties: MetricPropertyProvider
-    checkpoints: CheckpointStore
+    checkpoints: CheckpointManager
+    """Where callbacks ask for checkpoint saves and read what they keep in checkpoints."""
     rank: int = 0
     world_size: int = 1
 

@@ -8,32 +8,26 @@ from typing import Any, Literal
 import torch
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig
+from noether.core.callbacks.schedule import Schedule
 from noether.core.utils.training.counter import UpdateCounter
 
 IntervalType = Literal["epoch", "update", "sample", "eval"]
 
 
 class PeriodicCallback(CallbackBase):
-    """Runs `periodic_callback` every n epochs, updates or samples, and on `at_eval`.
-
-    A sample interval fires after the update during which the sample count crosses a multiple
-    of `every_n_samples`, so intervals that are not a multiple of the batch size still fire
-    once per interval.
-    """
+    """Runs `periodic_callback` on its schedule (every n epochs, updates or samples) and on `at_eval`."""
 
     config: CallBackBaseConfig
 
+    def __init__(self, callback_config: CallBackBaseConfig, context: Any) -> None:
+        super().__init__(callback_config, context)
+        self.schedule = Schedule.of(callback_config)
+
     def is_due_after_update(self, update_counter: UpdateCounter) -> bool:
-        if self.config.every_n_updates is not None:
-            return update_counter.update % self.config.every_n_updates == 0
-        if self.config.every_n_samples is not None:
-            previous_sample = update_counter.sample - update_counter.effective_batch_size
-            return previous_sample // self.config.every_n_samples < update_counter.sample // self.config.every_n_samples
-        return False
+        return self.schedule.due_after_update(update_counter.update, update_counter.sample, update_counter.effective_batch_size)
 
     def is_due_after_epoch(self, update_counter: UpdateCounter) -> bool:
-        every_n_epochs = self.config.every_n_epochs
-        return every_n_epochs is not None and update_counter.is_full_epoch and update_counter.epoch % every_n_epochs == 0
+        return self.schedule.due_after_epoch(update_counter.epoch, update_counter.is_full_epoch)
 
     @property
     def update_interval_type(self) -> IntervalType:

@@ -1,4 +1,4 @@
-from noether.core.initializers.base import Initializer, InitializerConfig, apply_initializers
+from noether.core.initializers.base import Initializer, InitializerConfig
 from noether.core.initializers.previous_run import PreviousRunInitializer, PreviousRunInitializerConfig
 
-__all__ = ["Initializer", "InitializerConfig", "PreviousRunInitializer", "PreviousRunInitializerConfig", "apply_initializers"]
+__all__ = ["Initializer", "InitializerConfig", "PreviousRunInitializer", "PreviousRunInitializerConfig"]

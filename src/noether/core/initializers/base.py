@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from noether.core.config import ConfigError, RegistryConfig, build
+from torch import nn
 
-if TYPE_CHECKING:
-    from noether.core.models.base import ModelBase
+from noether.core.config import RegistryConfig
 
 
 class InitializerConfig(RegistryConfig):
@@ -20,22 +18,6 @@ class Initializer:
         self.config = initializer_config
         self.output_path = output_path
 
-    def initialize(self, model: ModelBase) -> None:
+    def initialize(self, model: nn.Module) -> None:
+        """Set the weights of `model` (a ModelBase: its `name` and `config` are there to read)."""
         raise NotImplementedError
-
-
-def apply_initializers(model: ModelBase, output_path: Path) -> None:
-    """Run the initializers of the model and of each submodel, outer ones first, in the order listed.
-
-    An initializer's error names where it is configured, like any config error.
-    """
-    from noether.core.models.base import ModelBase
-
-    for module in model.modules():
-        if not isinstance(module, ModelBase):
-            continue
-        for index, initializer_config in enumerate(module.config.initializers):
-            try:
-                build(initializer_config, output_path).initialize(module)
-            except ConfigError as error:
-                raise ConfigError(f"model '{module.name}' initializers[{index}]: {error}") from None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import field_validator
 from torch import nn
 
-from noether.core.config import RegistryConfig, build, by_kind
+from noether.core.config import ConfigError, RegistryConfig, build, by_kind
 from noether.core.initializers.base import InitializerConfig
 from noether.core.models.optimizer import OptimizerConfig
 
@@ -144,3 +145,18 @@ def build_model(model_config: ModelBaseConfig, **kwargs: Any) -> ModelBase:
     if not isinstance(model, ModelBase):
         raise TypeError(f"{model_config.kind} does not build a ModelBase")
     return model
+
+
+def apply_initializers(model: ModelBase, output_path: Path) -> None:
+    """Run the initializers of the model and of each submodel, outer ones first, in the order listed.
+
+    An initializer's error names where it is configured, like any config error.
+    """
+    for module in model.modules():
+        if not isinstance(module, ModelBase):
+            continue
+        for index, initializer_config in enumerate(module.config.initializers):
+            try:
+                build(initializer_config, output_path).initialize(module)
+            except ConfigError as error:
+                raise ConfigError(f"model '{module.name}' initializers[{index}]: {error}") from None

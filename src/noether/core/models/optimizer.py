@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from noether.core.config import import_object
+from noether.core.utils.formatting import one_line
 
 
 class ScheduleConfig(BaseModel):
@@ -83,7 +84,7 @@ class OptimizerConfig(BaseModel):
         try:
             self.build([torch.nn.Parameter(torch.zeros(1))])
         except (ValueError, TypeError) as error:
-            raise ValueError(f"{self.kind} rejects these settings: {' '.join(str(error).split())}") from None
+            raise ValueError(f"{self.kind} rejects these settings: {one_line(error)}") from None
         return self
 
     def build(self, parameters: Any) -> torch.optim.Optimizer:

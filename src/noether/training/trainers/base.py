@@ -7,6 +7,7 @@ gradient accumulation, mixed precision, callbacks, checkpoints, resume and signa
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import Callable, Iterator
@@ -29,16 +30,9 @@ from noether.core.callbacks.default import (
 )
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpoint_store import Member
-from noether.core.checkpointing import (
-    capture_rng_states,
-    load_model_weights,
-    load_trainer_state,
-    model_members,
-    restore_rng_states,
-)
+from noether.core.checkpointing import capture_rng_states, restore_rng_states
 from noether.core.config import ConfigError, RegistryConfig, build, by_kind
-from noether.core.initializers import apply_initializers
-from noether.core.models.base import ModelBase
+from noether.core.models.base import ModelBase, apply_initializers
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
@@ -95,7 +89,6 @@ class BaseTrainer:
         self.device = torch.device(device)
         self.num_workers = trainer_config.num_workers
         context.trainer = self
-        context.checkpoints.sharded = trainer_config.parallelism == "fsdp"
         self.batching = TrainingBatching(
             dataset_size=len(context.data.get(TRAIN_KEY)),
             effective_batch_size=trainer_config.effective_batch_size,
@@ -112,9 +105,8 @@ class BaseTrainer:
         self.stop_requested: str | None = None
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
-        self.pending_checkpoints: list[dict[str, Any]] = []
-        self.pending_weight_saves: list[Callable[[set[str]], None]] = []
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
+        self._register_checkpoint_state()
 
     # ----------------------------------------------------------------------------- the step
     def train_step(self, model: torch.nn.Module, batch: Any) -> dict[str, torch.Tensor]:
@@ -150,6 +142,7 @@ class BaseTrainer:
         finished (a relaunch of a finished job) ends at once instead of finishing again.
         `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
+        checkpoints = self.context.checkpoints
         if self.config.parallelism == "fsdp":  # before the optimizers: sharding replaces the parameters
             fsdp.shard_model(model, precision=self.config.precision, shard_classes=self.config.shard_module_classes)
         counter = self.create_update_counter(TrainingIteration())
@@ -157,8 +150,8 @@ class BaseTrainer:
         if resume_tag is None:
             apply_initializers(model, self.context.paths.output_path)
         else:
-            counter = self.load_checkpoint(resume_tag)
-            if skip_if_finished and counter.is_finished and self._has_finished(counter):
+            counter = self._resume(resume_tag)
+            if skip_if_finished and counter.is_finished and self.context.checkpoints.has_finished(counter.cur_iteration):
                 logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {counter.cur_iteration}): nothing left to do")
                 return counter
         if on_start is not None:
@@ -186,30 +179,27 @@ class BaseTrainer:
                     if counter.is_full_epoch:
                         self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     self.context.log_writer.flush(counter)
-                    self._write_pending_checkpoints(counter)
-                    self.context.checkpoints.writer.check()
+                    checkpoints.flush(counter)
+                    checkpoints.check()
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
                     if stop_agreed and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
                 if stop_agreed and not counter.is_finished:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
-                    self.save_checkpoint(f"{counter.cur_iteration}.signal_interrupt", counter)
+                    checkpoints.save_interrupt(counter)
             except BaseException as error:
-                self._save_on_failure(counter, error)
+                boundary = self._update_boundary_rng  # set while an update is under way: forget its partial draws
+                undo_partial_update = None if boundary is None else functools.partial(_restore_torch_rng_states, boundary)
+                checkpoints.save_on_failure(counter, error, before_update=undo_partial_update)
                 raise
 
             # signals from here on only ask for what happens anyway: the final checkpoints, complete
             self.finishing = True
             self._dispatch("after_training", update_counter=counter)
             self.context.log_writer.flush(counter)
-            self._write_pending_checkpoints(counter)
-            self.context.checkpoints.finish()
+            checkpoints.flush(counter)
+            checkpoints.wait()
         return counter
-
-    def _has_finished(self, counter: UpdateCounter) -> bool:
-        """`last` is written once after_training is done: a stop before it leaves after_training to do again."""
-        last = self.context.checkpoints.info("last")
-        return last.resumable and last.iteration == counter.cur_iteration
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
         """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself
@@ -339,99 +329,15 @@ class BaseTrainer:
         return self._receivers_by_hook[key]
 
     # ----------------------------------------------------------------------------- checkpoints
-    def request_checkpoint(
-        self,
-        tag: str,
-        *,
-        save_weights: bool,
-        save_optim: bool,
-        model_names: list[str] | None,
-        save_frozen_weights: bool = False,
-        then: Callable[[], None] | None = None,
-    ) -> None:
-        """Save at the end of the current step, once every callback has run and metrics are flushed,
-        so that a resume from `tag` continues exactly after this step; `then` runs right after the
-        save is queued, on the main process (e.g. to queue the deletion of older checkpoints)."""
-        self.pending_checkpoints.append(
-            {
-                "tag": tag,
-                "save_weights": save_weights,
-                "save_optim": save_optim,
-                "model_names": model_names,
-                "save_frozen_weights": save_frozen_weights,
-                "then": then,
-            }
-        )
-
-    def request_weights_save(self, save: Callable[[set[str]], None]) -> None:
-        """Run `save` at the end of the current step, after the step's checkpoint requests, with the tags
-        those were saved under: a callback's own weights-only save (an EMA) under one of them is already
-        in that set, and is not written a second time."""
-        self.pending_weight_saves.append(save)
-
-    def _write_pending_checkpoints(self, counter: UpdateCounter) -> None:
-        """Requests of one step with the same contents (the periodic checkpoint and `latest`) hold the
-        same state: the first is written, the others become second names of its files. Weights-only
-        saves of callbacks come after them."""
-        if not (self.pending_checkpoints or self.pending_weight_saves):
-            return
-        store = self.context.checkpoints
-        written: dict[str, tuple[str, list[Member]]] = {}  # contents -> (tag, members) of the set written
-        saved_tags: set[str] = set()
-        for request in self.pending_checkpoints:
-            then, tag = request.pop("then"), request.pop("tag")
-            saved_tags.add(tag)
-            contents = repr(sorted(request.items()))
-            if contents in written and not store.sharded:
-                source_tag, members = written[contents]
-                if self.context.is_main_process:
-                    store.link(source_tag, tag, members)
-            else:
-                written[contents] = (tag, self.save_checkpoint(tag, counter, **request))
-            if then is not None and self.context.is_main_process:
-                then()
-        self.pending_checkpoints.clear()
-        weight_saves, self.pending_weight_saves = self.pending_weight_saves, []
-        for save in weight_saves:
-            save(saved_tags)
-
-    def save_checkpoint(
-        self,
-        tag: str,
-        counter: UpdateCounter,
-        *,
-        save_weights: bool = True,
-        save_optim: bool = True,
-        model_names: list[str] | None = None,
-        save_frozen_weights: bool = False,
-        all_ranks: bool = True,
-    ) -> list[Member]:
-        """Weights, optimizer state and trainer state under `tag`, and the files of callbacks that keep
-        large state of their own (EMA weights), so that every checkpoint resumes exactly. Returns the
-        members written (none on a rank that writes nothing).
-
-        Every rank calls it (`all_ranks`) to contribute its RNG and callback states, except after an
-        error that may have hit one rank alone; rank 0 writes.
-        """
-        context = self.context
-        local_state = {"rng_states": capture_rng_states(), "callbacks": self.callback_states()}
-        rank_states = distributed.gather_to_all(local_state) if all_ranks else [local_state]
-        sharded = context.checkpoints.sharded and all_ranks  # every rank writes its shards
-        if not (context.is_main_process or sharded):
-            return []
-        members = model_members(
-            context.model,
-            save_weights=save_weights,
-            save_optim=save_optim,
-            model_names=model_names,
-            save_frozen_weights=save_frozen_weights,
-            sharded=context.checkpoints.sharded,
-        )
-        for callback in self.all_callbacks():
-            members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
-        trainer_state = self.trainer_state(rank_states) if context.is_main_process else None
-        context.checkpoints.save(tag, counter.cur_iteration, members, trainer_state, trainer_model_name=context.model.name)
-        return [*members, Member(context.model.name, "trainer")] if context.is_main_process else list(members)
+    def _register_checkpoint_state(self) -> None:
+        """What a trainer state holds, each part with how it is restored (see CheckpointManager.register)."""
+        checkpoints = self.context.checkpoints
+        checkpoints.register("callbacks", self.callback_states, self._load_callback_states, per_rank=True)
+        checkpoints.register("rng_states", capture_rng_states, lambda saved, tag: restore_rng_states(saved), per_rank=True)
+        checkpoints.register("grad_scaler", self.grad_scaler.state_dict, lambda saved, tag: self.grad_scaler.load_state_dict(saved))
+        checkpoints.register("metrics_rows", lambda: self.context.log_writer.rows_written)
+        checkpoints.register("effective_batch_size", lambda: self.config.effective_batch_size, check=self._check_batch_size)
+        checkpoints.register_members(self._callback_members)
 
     def callback_states(self) -> dict[str, Any]:
         states = {}
@@ -441,49 +347,8 @@ class BaseTrainer:
                 states[callback.state_key] = state
         return states
 
-    def trainer_state(self, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
-        """What a resume needs besides weights and optimizer state; RNG and callback states per rank."""
-        return {
-            "callbacks": [state["callbacks"] for state in rank_states],
-            "rng_states": [state["rng_states"] for state in rank_states],
-            "grad_scaler": self.grad_scaler.state_dict(),
-            "metrics_rows": self.context.log_writer.rows_written,
-            "effective_batch_size": self.config.effective_batch_size,
-        }
-
-    def load_checkpoint(self, tag: str) -> UpdateCounter:
-        """Restore weights, optimizer and trainer state saved under `tag`; returns the counter to continue from.
-
-        The sampler needs no state of its own: its order depends only on seed and epoch, so the
-        counter says where it continues.
-        """
-        store = self.context.checkpoints
-        state = load_trainer_state(store, self.context.model.name, tag)
-        saved_batch_size = state.get("effective_batch_size", self.config.effective_batch_size)
-        if saved_batch_size != self.config.effective_batch_size:
-            # epochs, the data order and the learning-rate schedule all count in updates of this size
-            raise CheckpointLoadError(
-                f"cannot resume checkpoint '{tag}' with trainer.effective_batch_size {self.config.effective_batch_size}: "
-                f"it was trained with {saved_batch_size}"
-            )
-        iteration = TrainingIteration.from_dict(state["training_iteration"])
-        optimizers = {name: leaf.optimizer for name, leaf in self.context.model.named_models().items() if leaf.optimizer is not None}
-        configured = {name: [_hyperparameters(group) for group in optimizer.param_groups] for name, optimizer in optimizers.items()}
-        load_model_weights(self.context.model, store, tag, load_optim=True, expected_iteration=iteration)
-        _apply_configured_hyperparameters(optimizers, configured)
-        counter = self.create_update_counter(iteration)
-        if counter.update > counter.end_update:
-            limits = ", ".join(f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name))
-            raise NothingLeftToTrainError(
-                f"checkpoint '{tag}' was written at {iteration}, past the end of training ({limits}): "
-                "nothing left to train; raise the limit to train on"
-            )
-        saved_ranks = len(state["rng_states"])
-        if saved_ranks != self.context.world_size:
-            logger.warning(f"checkpoint '{tag}' was written by {saved_ranks} process(es), this run has {self.context.world_size}: "
-                           "random and callback states are taken from rank 0, so the run will not continue exactly")
-        rank = self.context.rank if self.context.rank < saved_ranks else 0
-        saved_states = dict(state["callbacks"][rank])
+    def _load_callback_states(self, saved: dict[str, Any], tag: str) -> None:
+        saved_states = dict(saved)
         for callback in self.all_callbacks():
             if callback.state_dict() is None:
                 continue
@@ -493,48 +358,51 @@ class BaseTrainer:
                 logger.warning(f"checkpoint '{tag}' has no state for callback '{callback.state_key}'; it starts fresh")
         for orphan in saved_states:
             logger.warning(f"checkpoint '{tag}' has state for callback '{orphan}', which this run does not have; it is ignored")
-        restore_rng_states(state["rng_states"][rank])
-        self.grad_scaler.load_state_dict(state["grad_scaler"])
-        if self.context.is_main_process:
-            # whatever was logged or saved after this checkpoint belongs to a history this run abandons
-            self.context.log_writer.keep_first_rows(state["metrics_rows"])
-            self.context.log_writer.resumed_at(iteration.update)
-            for moved in store.set_aside_after(iteration):
-                logger.warning(f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/")
+
+    def _callback_members(self, tag: str, counter: UpdateCounter) -> dict[Member, dict[str, Any]]:
+        members: dict[Member, dict[str, Any]] = {}
+        for callback in self.all_callbacks():
+            members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
+        return members
+
+    def _check_batch_size(self, saved_batch_size: int | None, tag: str) -> None:
+        """Epochs, the data order and the learning-rate schedule all count in updates of this size."""
+        if saved_batch_size is not None and saved_batch_size != self.config.effective_batch_size:
+            raise CheckpointLoadError(
+                f"cannot resume checkpoint '{tag}' with trainer.effective_batch_size {self.config.effective_batch_size}: "
+                f"it was trained with {saved_batch_size}"
+            )
+
+    def _resume(self, tag: str) -> UpdateCounter:
+        """Restore the run saved under `tag`; returns the counter to continue from.
+
+        The sampler needs no state of its own: its order depends only on seed and epoch, so the
+        counter says where it continues.
+        """
+
+        def check_iteration(iteration: TrainingIteration) -> None:
+            if iteration.update > self.create_update_counter(iteration).end_update:
+                limits = ", ".join(f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name))
+                raise NothingLeftToTrainError(
+                    f"checkpoint '{tag}' was written at {iteration}, past the end of training ({limits}): "
+                    "nothing left to train; raise the limit to train on"
+                )
+
+        counter = self.create_update_counter(self.context.checkpoints.resume(tag, check_iteration))
         logger.info(f"resumed from checkpoint '{tag}' at {counter.cur_iteration}")
         return counter
-
-    def _save_on_failure(self, counter: UpdateCounter, error: BaseException) -> None:
-        """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then let the error propagate."""
-        try:
-            if self.context.checkpoints.sharded and distributed.is_distributed():
-                # the error may have hit one rank alone, and shards are written by every rank together
-                logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
-            elif not isinstance(error, KeyboardInterrupt):
-                if self._update_boundary_rng is not None:  # failed mid-update: forget its partial draws
-                    _restore_torch_rng_states(self._update_boundary_rng)
-                tag = f"{counter.cur_iteration}.error"
-                self.save_checkpoint(tag, counter, all_ranks=False)
-                if self.context.is_main_process:
-                    logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
-            self.context.checkpoints.finish()
-        except Exception as save_error:  # noqa: BLE001 - the original error matters more
-            logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, tag: str) -> UpdateCounter:
         """Load checkpoint `tag` into the model and run every callback's `at_eval`."""
-        store = self.context.checkpoints
         model = self.context.model.to(self.device)
         model.initialize_optimizers(0)
-        iteration = store.iteration(tag)
-        load_model_weights(model, store, tag, load_optim=False, expected_iteration=iteration)
-        counter = self.create_update_counter(iteration)
+        counter = self.create_update_counter(self.context.checkpoints.load_weights(tag))
         model.eval()
         self._dispatch("resume_from_checkpoint", checkpoint_tag=tag, update_counter=counter)
         self._dispatch("at_eval", update_counter=counter, periodic_only=True)
         self.context.log_writer.flush(counter)
-        self.context.checkpoints.writer.wait()
+        self.context.checkpoints.wait()
         return counter
 
     # ----------------------------------------------------------------------------- plumbing
@@ -576,22 +444,6 @@ class BaseTrainer:
                 signal.signal(signal_number, handler)
 
 
-def _hyperparameters(param_group: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in param_group.items() if key != "params"}
-
-
-def _apply_configured_hyperparameters(optimizers: dict[str, torch.optim.Optimizer], configured: dict[str, list[dict[str, Any]]]) -> None:
-    """The config's optimizer hyperparameters over the checkpoint's, so that config.yaml says what runs.
-    The learning rate follows the configured schedule at every update anyway."""
-    for name, optimizer in optimizers.items():
-        for group, wanted in zip(optimizer.param_groups, configured[name]):
-            wanted = {key: value for key, value in wanted.items() if key != "lr"}
-            changed = [f"{key} {group[key]} -> {value}" for key, value in wanted.items() if group.get(key) != value]
-            group.update(wanted)
-            if changed:
-                logger.info(f"optimizer of {name}: the config's {', '.join(changed)} replaces the checkpoint's")
-
-
 def _torch_rng_states(device: torch.device) -> tuple:
     """torch's global generator states (a few kB): cheap enough to take before every update."""
     return torch.get_rng_state(), torch.cuda.get_rng_state_all() if device.type == "cuda" else None
@@ -611,7 +463,7 @@ def _does_nothing(callback: CallbackBase, hook: str) -> bool:
     if hook in PER_STEP_HOOKS:
         return inherited
     if hook == "after_update":
-        never_due = callback.config.every_n_updates is None and callback.config.every_n_samples is None
+        never_due = not callback.schedule.fires_after_updates
         return inherited and never_due and type(callback).is_due_after_update is PeriodicCallback.is_due_after_update
     return False
 

@@ -9,7 +9,7 @@ from pydantic import NonNegativeInt, field_validator
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
-from noether.core.checkpointing import model_members
+from noether.core.checkpoint_manager import SaveRequest
 from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
@@ -110,7 +110,7 @@ class BestCheckpointCallback(PeriodicCallback):
         if self._is_better(value):
             self.best_metric_value = value
             self.tolerance_counter = 0
-            self._save(update_counter)
+            self._save()
             self._evaluate_children(update_counter)
             return
         self.tolerance_counter += 1
@@ -168,19 +168,18 @@ class BestCheckpointCallback(PeriodicCallback):
     def _is_better(self, value: float) -> bool:
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
 
-    def _save(self, update_counter: UpdateCounter) -> None:
-        """Write the new best, and link it under every tolerance not yet exceeded: the same bytes,
-        written once (their stamped `checkpoint_tag` is the best tag they were written under)."""
-        store = self.context.checkpoints
-        if not (self.context.is_main_process or store.sharded):
-            return  # sharded weights are written by every rank
-        members = model_members(self.context.model, model_names=self.model_names, save_frozen_weights=self.save_frozen_weights)
-        store.save(self.best_tag, update_counter.cur_iteration, members)
-        if not self.context.is_main_process:
-            return
-        for tolerance in self.tolerances:
-            if not self.tolerances_is_exceeded[tolerance]:
-                store.link(self.best_tag, self.tolerance_tag(tolerance), members)
+    def _save(self) -> None:
+        """Ask for the new best at the end of the step, with every tolerance not yet exceeded as a second
+        name of the same files (written once; their stamped `checkpoint_tag` is the best tag)."""
+        open_tolerances = tuple(self.tolerance_tag(t) for t in self.tolerances if not self.tolerances_is_exceeded[t])
+        self.context.checkpoints.request(
+            SaveRequest(
+                self.best_tag,
+                model_names=None if self.model_names is None else tuple(self.model_names),
+                save_frozen_weights=self.save_frozen_weights,
+                aliases=open_tolerances,
+            )
+        )
 
     def _evaluate_children(self, update_counter: UpdateCounter) -> None:
         for child in self.eval_callbacks:

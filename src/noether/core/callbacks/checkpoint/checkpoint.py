@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import PositiveInt, model_validator
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
+from noether.core.checkpoint_manager import SaveRequest
+from noether.core.checkpoint_store import iteration_of_tag
 from noether.core.config import ConfigError
 from noether.core.models.base import select_models
+from noether.core.utils.formatting import format_bytes
 from noether.core.utils.training.counter import UpdateCounter
 
 ADAM_LIKE_STATE_PER_PARAMETER = 2  # exp_avg and exp_avg_sq: the common case, used for the size estimate
@@ -40,10 +42,11 @@ class CheckpointCallbackConfig(CallBackBaseConfig):
 
 
 class CheckpointCallback(PeriodicCallback):
-    """Asks the trainer to checkpoint at the end of the step, so a resume continues right after it.
+    """Asks for a resumable checkpoint at the end of the step, so a resume continues right after it.
 
     With `keep_last_n`, each new periodic set is followed by the deletion of the sets it outnumbers,
-    done by the checkpoint store only once the new set is committed.
+    done by the checkpoint store only once the new set is committed, and never of a set another
+    CheckpointCallback keeps (two callbacks saving at one step share its tag).
     """
 
     config: CheckpointCallbackConfig
@@ -52,6 +55,8 @@ class CheckpointCallback(PeriodicCallback):
         super().__init__(callback_config, context)
         self.periodic_tags: list[str] = []
         """The periodic checkpoints written and not yet deleted (the newest keep_last_n + 1 at most)."""
+        self._epoch_length_and_batch: tuple[int, int] | None = None
+        context.checkpoints.add_retention_owner(self)
 
     def logged_metric_prefixes(self) -> list[str]:
         return []
@@ -61,22 +66,11 @@ class CheckpointCallback(PeriodicCallback):
             select_models(self.context.model, self.config.model_names)
         except ValueError as error:  # an unknown model name: fail now, not at the first save
             raise ConfigError(f"{self.state_key}.model_names: {error}") from None
-        weights, optim = self._checkpoint_bytes()
-        config = self.config
-        per_periodic = weights * config.save_weights + optim * config.save_optim
-        per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
-        last = weights + optim * (config.save_optim or config.save_latest_optim)
-        invocations = self._remaining_invocations(update_counter)
-        total = per_periodic * invocations + per_latest + last
-        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + per_latest + last
-        self.logger.info(
-            f"one checkpoint: weights {_size(weights)}, optimizer state ~{_size(optim)}; "
-            f"this run will write ~{_size(total)} of checkpoints"
-            + (f" and keep ~{_size(kept)} of them (keep_last_n={config.keep_last_n})" if config.keep_last_n else "")
-        )
-        if config.keep_last_n and self.periodic_tags and self.context.is_main_process:
+        self._epoch_length_and_batch = update_counter.updates_per_epoch, update_counter.effective_batch_size
+        self._log_forecast(update_counter)
+        if self.config.keep_last_n and self.periodic_tags:
             # a deletion the stopped run had not done yet
-            self.context.checkpoints.prune(list(self.periodic_tags), config.keep_last_n)
+            self.context.checkpoints.prune(self, self.periodic_tags, self.config.keep_last_n)
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval":
@@ -84,13 +78,24 @@ class CheckpointCallback(PeriodicCallback):
         config = self.config
         if config.save_weights or config.save_optim:
             tag = str(update_counter.cur_iteration)
-            self._request(tag, save_weights=config.save_weights, save_optim=config.save_optim, then=self._prune if config.keep_last_n else None)
             self.periodic_tags = [*self.periodic_tags, tag][-(config.keep_last_n or 0) - 1 :]
+            prune = (self, tuple(self.periodic_tags), config.keep_last_n) if config.keep_last_n else None
+            self._request(tag, weights=config.save_weights, optim=config.save_optim, prune=prune)
         if config.save_latest_weights or config.save_latest_optim:
-            self._request("latest", save_weights=config.save_latest_weights, save_optim=config.save_latest_optim)
+            self._request("latest", weights=config.save_latest_weights, optim=config.save_latest_optim)
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        self._request("last", save_weights=True, save_optim=self.config.save_optim or self.config.save_latest_optim)
+        self._request("last", weights=True, optim=self.config.save_optim or self.config.save_latest_optim)
+
+    def keeps(self, tag: str) -> bool:
+        """Whether this callback keeps periodic set `tag`: one of its newest keep_last_n, or, without
+        keep_last_n, any set its schedule made."""
+        if self.config.keep_last_n:
+            return tag in self.periodic_tags[-self.config.keep_last_n :]
+        iteration = iteration_of_tag(tag)
+        if iteration is None or self._epoch_length_and_batch is None:
+            return False
+        return self.schedule.fired_at(iteration, *self._epoch_length_and_batch)
 
     def state_dict(self) -> dict[str, Any] | None:
         return {"periodic_tags": self.periodic_tags} if self.config.keep_last_n else None
@@ -98,19 +103,35 @@ class CheckpointCallback(PeriodicCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.periodic_tags = list(state_dict["periodic_tags"])
 
-    def _prune(self) -> None:
-        self.context.checkpoints.prune(list(self.periodic_tags), self.config.keep_last_n)
-
-    def _request(self, tag: str, *, save_weights: bool, save_optim: bool, then: Callable[[], None] | None = None) -> None:
-        # a frozen submodel named in `model_names` is one the user asked for
+    def _request(self, tag: str, *, weights: bool, optim: bool, prune: Any = None) -> None:
         model_names = self.config.model_names
-        self.context.trainer.request_checkpoint(
-            tag,
-            save_weights=save_weights,
-            save_optim=save_optim,
-            model_names=model_names,
-            save_frozen_weights=model_names is not None,
-            then=then,
+        self.context.checkpoints.request(
+            SaveRequest(
+                tag,
+                weights=weights,
+                optim=optim,
+                resumable=True,
+                model_names=None if model_names is None else tuple(model_names),
+                save_frozen_weights=model_names is not None,  # a frozen submodel named in `model_names` is one the user asked for
+                prune=prune,
+            )
+        )
+
+    def _log_forecast(self, update_counter: UpdateCounter) -> None:
+        weights, optim = self._checkpoint_bytes()
+        config = self.config
+        per_periodic = weights * config.save_weights + optim * config.save_optim
+        per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
+        last = weights + optim * (config.save_optim or config.save_latest_optim)
+        invocations = self.schedule.invocations_between(
+            update_counter.update, update_counter.end_update, update_counter.updates_per_epoch, update_counter.effective_batch_size
+        )
+        total = per_periodic * invocations + per_latest + last
+        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + per_latest + last
+        self.logger.info(
+            f"one checkpoint: weights {format_bytes(weights)}, optimizer state ~{format_bytes(optim)}; "
+            f"this run will write ~{format_bytes(total)} of checkpoints"
+            + (f" and keep ~{format_bytes(kept)} of them (keep_last_n={config.keep_last_n})" if config.keep_last_n else "")
         )
 
     def _checkpoint_bytes(self) -> tuple[int, int]:
@@ -123,23 +144,3 @@ class CheckpointCallback(PeriodicCallback):
                 trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
                 optim += ADAM_LIKE_STATE_PER_PARAMETER * trainable
         return weights, optim
-
-    def _remaining_invocations(self, update_counter: UpdateCounter) -> int:
-        """How often this callback fires from the counter's position to the end of training."""
-        config = self.config
-        start, end = update_counter.update, update_counter.end_update
-        if config.every_n_epochs is not None:
-            per_epoch = update_counter.updates_per_epoch
-            return end // per_epoch // config.every_n_epochs - start // per_epoch // config.every_n_epochs
-        if config.every_n_updates is not None:
-            return end // config.every_n_updates - start // config.every_n_updates
-        batch = update_counter.effective_batch_size
-        return end * batch // config.every_n_samples - start * batch // config.every_n_samples
-
-
-def _size(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            break
-        size /= 1000
-    return f"{size:.1f} {unit}"

@@ -9,13 +9,13 @@ from pydantic import field_validator
 
 from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback
+from noether.core.checkpoint_manager import SaveRequest
 from noether.core.checkpoint_store import Member
 from noether.core.checkpointing import weights_payload
 from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import ModelBase
 from noether.core.models.ema import ModuleEma
 from noether.core.utils.training.counter import UpdateCounter
-from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
 
@@ -64,7 +64,6 @@ class EmaCallback(PeriodicCallback):
         self.model_paths = callback_config.model_paths or [None]
         self._check_model_paths()
         self.emas: dict[str | None, ModuleEma] = {}
-        self._skipped_tags: set[str] = set()
         self.eval_callbacks: dict[float, list[CallbackBase]] = {
             factor: [
                 build(_child_config_for_factor(child_config, factor), context.with_log_prefix(f"ema={factor}/"))
@@ -110,13 +109,13 @@ class EmaCallback(PeriodicCallback):
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.config.save_weights:
-            self._request_save(str(update_counter.cur_iteration), update_counter)
+            self._request_save(str(update_counter.cur_iteration))
         if self.config.save_latest_weights:
-            self._request_save("latest", update_counter)
+            self._request_save("latest")
 
     def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.config.save_last_weights:
-            self._request_save("last", update_counter)
+            self._request_save("last")
         for child in self.get_children():
             child.after_training(update_counter=update_counter, **kwargs)
 
@@ -130,14 +129,14 @@ class EmaCallback(PeriodicCallback):
         """
         self._build_emas()
         iteration = update_counter.cur_iteration
-        store = self.context.checkpoints
+        checkpoints = self.context.checkpoints
+        tags = list(dict.fromkeys([checkpoint_tag, str(iteration)]))
         for path, ema in self.emas.items():
             for factor in self.target_factors:
                 member = self._member(path, factor)
-                tags = [tag for tag in dict.fromkeys([checkpoint_tag, str(iteration)]) if store.exists(member, tag)]
-                found = self._state_written_at(member, tags, iteration, ema.state_dict(factor))
+                found = checkpoints.find_member_state(member, tags, iteration, ema.state_dict(factor))
                 if found is None:
-                    looked_for = ", ".join(store.path(member, tag).name for tag in dict.fromkeys([checkpoint_tag, str(iteration)]))
+                    looked_for = ", ".join(checkpoints.member_path(member, tag).name for tag in tags)
                     self.logger.warning(
                         f"no EMA weights written at {iteration} (looked for {looked_for}); EMA {factor} restarts from "
                         "the live weights, so it differs from an uninterrupted run's"
@@ -147,7 +146,9 @@ class EmaCallback(PeriodicCallback):
                 try:
                     ema.load_state_dict(factor, state_dict)
                 except (ValueError, TypeError) as error:
-                    raise CheckpointLoadError(f"{store.path(member, tag)} does not fit EMA {factor} of this model: {error}") from None
+                    raise CheckpointLoadError(
+                        f"{checkpoints.member_path(member, tag)} does not fit EMA {factor} of this model: {error}"
+                    ) from None
 
     # ----------------------------------------------------------------------------- internals
     def _build_emas(self) -> None:
@@ -187,23 +188,10 @@ class EmaCallback(PeriodicCallback):
         model_name = self.context.model.name if path is None else f"{self.context.model.name}.{path}"
         return Member(model_name, "model", factor)
 
-    def _request_save(self, tag: str, update_counter: UpdateCounter) -> None:
-        """Write every EMA under `tag` on its own schedule, at the end of the step: after the trainer's
-        checkpoint sets of the step, whose EMA files are the same weights."""
-        iteration = update_counter.cur_iteration
-        self.context.trainer.request_weights_save(lambda trainer_tags: self._save(tag, iteration, trainer_tags))
-
-    def _save(self, tag: str, iteration: TrainingIteration, trainer_tags: set[str]) -> None:
-        """A tag that holds the trainer's checkpoint sets (whose EMA files are part of them and must match
-        the rest) is left to the trainer: a set it saved in this step holds these very weights."""
-        if tag in trainer_tags or not (self.context.is_main_process or self.context.checkpoints.sharded):
-            return
-        if not self.context.checkpoints.save(tag, iteration, self._members()) and tag not in self._skipped_tags:
-            self._skipped_tags.add(tag)
-            self.logger.info(
-                f"EMA weights under '{tag}' are saved with the trainer's checkpoint '{tag}' only "
-                "(another save there would leave that checkpoint with an EMA of another iteration)"
-            )
+    def _request_save(self, tag: str) -> None:
+        """EMA weights on their own schedule, written at the end of the step; under a tag where the step
+        also saves a resumable set, that set holds them already."""
+        self.context.checkpoints.request(SaveRequest(tag, weights=False, own_members=self._members))
 
     def _members(self) -> dict[Member, dict[str, Any]]:
         members = {}
@@ -215,22 +203,6 @@ class EmaCallback(PeriodicCallback):
                     weights_payload(module, state_dict) if isinstance(module, ModelBase) else {"state_dict": state_dict}
                 )
         return members
-
-    def _state_written_at(
-        self, member: Member, tags: list[str], iteration: TrainingIteration, template: dict[str, Any]
-    ) -> tuple[str, Any] | None:
-        """The first of `tags` written at `iteration`, with its EMA state (a sharded one read into `template`)."""
-        store = self.context.checkpoints
-        for tag in tags:
-            if store.is_sharded(member, tag):
-                if store.written_at(member, tag) != iteration:
-                    continue  # read into the EMA's own tensors only when it is the one to resume
-                payload = store.load_into(member, tag, template)
-            else:
-                payload = store.load(member, tag)
-            if TrainingIteration.from_dict(payload["training_iteration"]) == iteration:
-                return tag, payload["state_dict"]
-        return None
 
 
 def _child_config_for_factor(child_config: CallBackBaseConfig, factor: float) -> CallBackBaseConfig:
