@@ -32,9 +32,9 @@ from typing import Any, Protocol
 import torch
 
 from noether.core import distributed
-from noether.core.checkpoint_store import CheckpointStore, Member
+from noether.core.checkpoint_store import NOT_RESUMABLE, CheckpointStore, Member
 from noether.core.checkpointing import load_model_weights, load_trainer_state, model_members
-from noether.core.models.base import ModelBase
+from noether.core.models.base import ModelBase, select_models
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
@@ -249,8 +249,13 @@ class CheckpointManager:
         )
         members.update(self._members_of_callbacks(request.tag, counter))
         trainer_state = self._trainer_state(per_rank) if self.is_main_process else None
+        if trainer_state is not None and not request.optim and self._has_optimizer(request):
+            trainer_state[NOT_RESUMABLE] = "no optimizer state (saved without it): training cannot continue from it"
         self.store.save(request.tag, counter.cur_iteration, members, trainer_state, trainer_model_name=self.model.name)
         return [*members, Member(self.model.name, "trainer")] if self.is_main_process else list(members)
+
+    def _has_optimizer(self, request: SaveRequest) -> bool:
+        return any(leaf.optimizer is not None for leaf in select_models(self.model, _names(request)).values())
 
     def _save_own_members(self, request: SaveRequest, iteration: TrainingIteration) -> None:
         """A callback's own weights never replace those of a tag that holds a resumable set (they must
@@ -310,10 +315,13 @@ class CheckpointManager:
                 saved = state.get(name)
                 part.load(saved[rank] if part.per_rank else saved, tag)
         if self.is_main_process:
-            self.log_writer.keep_first_rows(state["metrics_rows"])
-            self.log_writer.resumed_at(iteration.update)
+            # checkpoints first: a stop between the two steps leaves `tag` the newest checkpoint, so the
+            # next start resumes from it and cuts the metrics then (the other way round, it would find the
+            # abandoned history's `last` and take the run for finished, its metrics already cut)
             for moved in self.store.set_aside_after(iteration):
                 logger.warning(f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/")
+            self.log_writer.keep_first_rows(state["metrics_rows"])
+            self.log_writer.resumed_at(iteration.update)
         return iteration
 
     def load_weights(self, tag: str) -> TrainingIteration:
@@ -343,6 +351,10 @@ class CheckpointManager:
 
     def member_path(self, member: Member, tag: str) -> Any:
         return self.store.path(member, tag)
+
+    def iteration(self, tag: str) -> TrainingIteration:
+        """The iteration checkpoint `tag` was written at, read without loading it."""
+        return self.store.iteration(tag)
 
     def has_finished(self, iteration: TrainingIteration) -> bool:
         """`last` is written once after_training is done: a stop before it leaves after_training to do again."""

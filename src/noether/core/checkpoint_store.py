@@ -71,6 +71,7 @@ _MEMBER_NAME = re.compile(
 _STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)(?:" + re.escape(STAGED) + "|" + re.escape(REPLACED) + ")$")
 _set_ids = itertools.count()
 TAG_FIELD = "{tag}"  # in the file names a trainer state lists: the tag the state lies under
+NOT_RESUMABLE = "not_resumable"  # in a trainer state whose set training cannot continue from: why not
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,10 @@ class CheckpointInfo:
     files: dict[Member, Path] = field(default_factory=dict)
     iteration: TrainingIteration | None = None
     resumable: bool = False
+    complete: bool = False
+    """A trainer set with every file it lists (resumable unless it was saved without what a resume needs)."""
     problem: str | None = None
-    """Why the tag cannot be resumed or used (None when it can, or when it holds weights only)."""
+    """Why the tag cannot be used (None when it can, also when it holds weights only)."""
 
     @property
     def size(self) -> int:
@@ -283,13 +286,13 @@ class CheckpointStore:
 
     def prune(self, tags: list[str], keep: int, protected: Iterable[str] = ()) -> None:
         """Once every earlier save is committed, delete those of `tags` older than the `keep` newest
-        resumable ones, except `protected` tags. Decided on the writer thread: a set whose write failed
+        complete ones, except `protected` tags. Decided on the writer thread: a set whose write failed
         is not on disk, so it never counts towards `keep`, and the sets it would have replaced stay."""
         protected = frozenset(protected)
 
         def prune_now() -> None:
             infos = [info for info in map(self.info, tags) if info.files and info.iteration is not None]
-            kept = sorted((info for info in infos if info.resumable), key=lambda info: info.iteration)[-keep:]
+            kept = sorted((info for info in infos if info.complete), key=lambda info: info.iteration)[-keep:]
             if len(kept) < keep:
                 return
             for info in infos:
@@ -404,21 +407,33 @@ class CheckpointStore:
 
     def set_aside_after(self, iteration: TrainingIteration) -> list[str]:
         """Move every tag written after `iteration` (another history, abandoned by a resume from an
-        earlier checkpoint) into `abandoned_after_{iteration}/`, so that none is taken for this run's
-        best, latest or newest checkpoint. Returns the tags moved."""
+        earlier checkpoint) into `abandoned_after_{iteration}/` (`.2`, `.3`, ... when a branch from the
+        same checkpoint was set aside before: an abandoned history is never overwritten), so that none is
+        taken for this run's best, latest or newest checkpoint. Returns the tags moved."""
         moved = []
         self._trainer_tags_on_disk = None
+        target = None
         for info in self.tags():
             if info.iteration is None or info.iteration <= iteration:
                 continue
-            target = self.directory / f"abandoned_after_{iteration}"
-            target.mkdir(exist_ok=True)
+            if target is None:
+                target = self._new_folder(f"abandoned_after_{iteration}")
             for path in info.files.values():
                 os.replace(path, target / path.name)
             moved.append(info.tag)
         if moved:
             sync_directory(self.directory)
         return moved
+
+    def _new_folder(self, name: str) -> Path:
+        for attempt in itertools.count(1):
+            folder = self.directory / (name if attempt == 1 else f"{name}.{attempt}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+        raise AssertionError("unreachable")
 
     # ----------------------------------------------------------------------------- reading
     def exists(self, member: Member, tag: str) -> bool:
@@ -533,8 +548,9 @@ class CheckpointStore:
             info.problem = f"unreadable trainer state: {error}"
             return info
         missing = [name for name in listed if not (self.directory / name).exists()]
+        info.complete = not missing
         info.problem = f"missing {', '.join(missing)}" if missing else None
-        info.resumable = not missing
+        info.resumable = info.complete and not state.get(NOT_RESUMABLE)
         return info
 
     def _members_on_disk(self, tag: str) -> dict[Member, Path]:

@@ -70,16 +70,18 @@ def load_model_weights(
     """
     for name, leaf in model.named_models().items():
         weights = Member(name, "model")
+        payload = None
         if store.is_sharded(weights, tag):
-            state = store.load_into(weights, tag, leaf.state_dict(), expected_iteration=expected_iteration)["state_dict"]
-            _load_into(leaf, state, store.path(weights, tag))
+            payload = store.load_into(weights, tag, leaf.state_dict(), expected_iteration=expected_iteration)
+            _load_into(leaf, payload["state_dict"], store.path(weights, tag))
         elif store.exists(weights, tag) or not leaf.is_frozen:
-            state = store.load(weights, tag, expected_iteration=expected_iteration)["state_dict"]
+            payload = store.load(weights, tag, expected_iteration=expected_iteration)
             if fsdp.sharded_modules(leaf):  # a whole state dict into a sharded model: each rank keeps its part
-                set_model_state_dict(leaf, state, options=StateDictOptions(full_state_dict=True))
+                set_model_state_dict(leaf, payload["state_dict"], options=StateDictOptions(full_state_dict=True))
             else:
-                _load_into(leaf, state, store.path(weights, tag))
+                _load_into(leaf, payload["state_dict"], store.path(weights, tag))
         if load_optim and leaf.optimizer is not None:
+            _check_optimizer_class(name, leaf, payload, tag)
             optim = Member(name, "optim")
             if not store.exists(optim, tag):
                 raise CheckpointLoadError(
@@ -97,6 +99,17 @@ def load_model_weights(
                 )
             else:
                 _load_into(leaf.optimizer, store.load(optim, tag, expected_iteration=expected_iteration)["state_dict"], store.path(optim, tag))
+
+
+def _check_optimizer_class(name: str, leaf: Model, weights_payload: dict[str, Any] | None, tag: str) -> None:
+    """Optimizer state carries over only to an optimizer of the class that wrote it."""
+    saved = ((weights_payload or {}).get("model_config") or {}).get("optimizer") or {}
+    configured = leaf.config.optimizer.kind if leaf.config.optimizer is not None else None
+    if saved.get("kind") is not None and configured is not None and saved["kind"] != configured:
+        raise CheckpointLoadError(
+            f"checkpoint '{tag}' holds the optimizer state of {saved['kind']} for {name}, but the config's optimizer "
+            f"is {configured}: resume with {saved['kind']}, or start a new run from these weights (PreviousRunInitializer)"
+        )
 
 
 def _load_into(target: torch.nn.Module | torch.optim.Optimizer, state_dict: Any, path: Any) -> None:

@@ -7,6 +7,7 @@ import random
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.context import CallbackContext
 from noether.core.callbacks.periodic import PeriodicDataIteratorCallbackConfig
 from noether.core.checkpoint_manager import CheckpointManager
-from noether.core.checkpoint_store import CheckpointStore
+from noether.core.checkpoint_store import CheckpointInfo, CheckpointStore
 from noether.core.config import ConfigError, Seed, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
 from noether.core.providers.metric_property import MetricPropertyProvider
@@ -183,6 +184,8 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
         configure_logging(paths.log_file, is_main)
         store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
         resume_tag = _on_main(is_main, lambda: _choose_checkpoint(store, resume, checkpoint))
+        if isinstance(resume_tag, _Finished):
+            return paths
         resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
         resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
         trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers] if is_main else []
@@ -199,7 +202,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             log_writer.resumed_at(0)
         trainer = build_trainer(config, paths, log_writer, setup)
         try:
-            trainer.train(resume_tag=resume_tag, skip_if_finished=resume == AUTO, on_start=write_config)
+            trainer.train(resume_tag=resume_tag, on_start=write_config)
         except CheckpointWriteError as error:
             newest = store.newest_resumable()
             where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"
@@ -235,11 +238,21 @@ def _claim(paths: PathProvider, lock: RunLock) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _choose_checkpoint(store: CheckpointStore, resume: str | None, checkpoint: str | None) -> str | None:
+@dataclass(frozen=True)
+class _Finished:
+    """The run has finished and holds no checkpoint training could continue from: nothing to do."""
+
+
+def _choose_checkpoint(store: CheckpointStore, resume: str | None, checkpoint: str | None) -> str | _Finished | None:
     """Finish what a stopped run left half done, then pick the checkpoint to resume from (None: start fresh)."""
     for action in store.recover():
         logger.info(action)
     newest = store.newest_resumable()
+    if resume is not None and checkpoint is None and _ends_after(store.info("last"), newest):
+        logger.info(
+            f"run {store.run_id} has finished: its checkpoint 'last' holds no optimizer state to continue from; nothing left to do"
+        )
+        return _Finished()
     if resume is None or (resume == AUTO and newest is None):
         leftovers = store.tags()
         if resume is None and (leftovers or store.directory.parent.joinpath("metrics.jsonl").exists()):
@@ -254,6 +267,13 @@ def _choose_checkpoint(store: CheckpointStore, resume: str | None, checkpoint: s
         raise ConfigError(f"run {store.directory.parent} has no complete checkpoint to resume from")
     logger.info(f"resuming from the newest complete checkpoint '{newest.tag}' ({newest.iteration})")
     return newest.tag
+
+
+def _ends_after(last: CheckpointInfo, newest: CheckpointInfo | None) -> bool:
+    """`last` (written once training ended) that cannot be resumed, and no resumable checkpoint as new as it."""
+    if not last.files or last.resumable or last.iteration is None:
+        return False
+    return newest is None or newest.iteration < last.iteration
 
 
 def _on_main(is_main: bool, step: Callable[[], Any]) -> Any:

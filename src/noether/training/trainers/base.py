@@ -135,11 +135,9 @@ class BaseTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------- the loop
-    def train(
-        self, resume_tag: str | None = None, *, skip_if_finished: bool = False, on_start: Callable[[], None] | None = None
-    ) -> UpdateCounter:
-        """Train from scratch or from checkpoint `resume_tag`. With `skip_if_finished`, a run that has
-        finished (a relaunch of a finished job) ends at once instead of finishing again.
+    def train(self, resume_tag: str | None = None, *, on_start: Callable[[], None] | None = None) -> UpdateCounter:
+        """Train from scratch or from checkpoint `resume_tag`. A resume of a run that has finished (a
+        relaunch of a finished job) ends at once, before anything of the run is read back or changed.
         `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
         checkpoints = self.context.checkpoints
@@ -150,10 +148,11 @@ class BaseTrainer:
         if resume_tag is None:
             apply_initializers(model, self.context.paths.output_path)
         else:
+            finished = self._finished_at(resume_tag)
+            if finished is not None:
+                logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {finished.cur_iteration}): nothing left to do")
+                return finished
             counter = self._resume(resume_tag)
-            if skip_if_finished and counter.is_finished and self.context.checkpoints.has_finished(counter.cur_iteration):
-                logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {counter.cur_iteration}): nothing left to do")
-                return counter
         if on_start is not None:
             on_start()
         trainer_model = self.wrap_for_training(model)
@@ -372,6 +371,17 @@ class BaseTrainer:
                 f"cannot resume checkpoint '{tag}' with trainer.effective_batch_size {self.config.effective_batch_size}: "
                 f"it was trained with {saved_batch_size}"
             )
+
+    def _finished_at(self, tag: str) -> UpdateCounter | None:
+        """The counter at the end of training when checkpoint `tag` is there and `last` marks the run as
+        finished; None otherwise (a checkpoint that cannot be read is left to the resume to report)."""
+        checkpoints = self.context.checkpoints
+        with contextlib.suppress(CheckpointLoadError):
+            counter = self.create_update_counter(checkpoints.iteration(tag))
+            at_the_end = counter.is_finished and counter.update <= counter.end_update  # past it: the resume refuses
+            if at_the_end and checkpoints.has_finished(counter.cur_iteration):
+                return counter
+        return None
 
     def _resume(self, tag: str) -> UpdateCounter:
         """Restore the run saved under `tag`; returns the counter to continue from.

@@ -90,6 +90,8 @@ class CheckpointCallback(PeriodicCallback):
     def keeps(self, tag: str) -> bool:
         """Whether this callback keeps periodic set `tag`: one of its newest keep_last_n, or, without
         keep_last_n, any set its schedule made."""
+        if not (self.config.save_weights or self.config.save_optim):
+            return False  # it writes `latest` only
         if self.config.keep_last_n:
             return tag in self.periodic_tags[-self.config.keep_last_n :]
         iteration = iteration_of_tag(tag)
