@@ -3,7 +3,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench crashtest clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 # one worker per core; a test file's tests share a worker (and their module fixtures)
 test: $(STAMP)
 	$(PYTHON) -m pytest -q -n auto --dist loadfile
+
+# a run stopped before each of its file operations in turn resumes exactly (make test samples a few)
+crashtest: $(STAMP)
+	NOETHER_CRASHTEST=all $(PYTHON) -m pytest -q -s tests/training/test_crash_points.py
 
 bench: $(STAMP)
 	$(PYTHON) benchmarks/run_all.py

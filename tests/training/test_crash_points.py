@@ -1,0 +1,110 @@
+"""A run stopped right before any one of its file operations (tests/support/crash_at.py) leaves every checkpoint
+that exists loadable, `noether-ckpt verify` passing (or naming an interrupted commit the next start completes),
+and `--resume auto` ending exactly as the run never stopped: the same final weights, optimizer state, EMA and
+metrics.jsonl.
+
+The representative run writes periodic sets with `keep_last_n` deletions, `latest` as a second name of the
+periodic set, best models with tolerance links, EMA weights and `last`. `make test` stops it at a few points;
+`make crashtest` (NOETHER_CRASHTEST=all) at every one of them and prints how many held.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
+
+SAMPLED_POINTS = 3
+CALLBACKS = [
+    {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
+    {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [0, 1]},
+    {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
+    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "keep_last_n": 1, "save_latest_weights": True, "save_latest_optim": True},
+]
+FINAL_FILES = ("classifier_cp=last_model.th", "classifier_cp=last_optim.th", "classifier_ema=0.9_cp=last_model.th")
+
+
+def write_config(directory: Path) -> Path:
+    tree = tiny_config(directory / "outputs", max_epochs=3, callbacks=CALLBACKS)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def train_stopped_at(config: Path, kill_at: int, count_file: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**cli_env(), "NOETHER_CRASH_ROOT": str(config.parent / "outputs" / "run"), "NOETHER_CRASH_AT": str(kill_at)}
+    if count_file is not None:
+        env["NOETHER_CRASH_COUNT_FILE"] = str(count_file)
+    command = [sys.executable, "-m", "tests.support.crash_at", str(config), "--resume", "auto"]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, int]:
+    """The uninterrupted run, and how many file operations it makes."""
+    directory = tmp_path_factory.mktemp("reference")
+    config = write_config(directory)
+    result = train_stopped_at(config, 0, count_file=directory / "count")
+    assert result.returncode == 0, result.stderr
+    return directory / "outputs" / "run", int((directory / "count").read_text())
+
+
+def problems_after_stop(reference_run: Path, directory: Path, kill_at: int) -> list[str]:
+    """What breaks a promise after a stop before operation `kill_at` (empty when every promise held)."""
+    config = write_config(directory)
+    run_dir = directory / "outputs" / "run"
+    stopped = train_stopped_at(config, kill_at)
+    if stopped.returncode != 137:
+        return [f"the run was not stopped (exit {stopped.returncode}): {stopped.stderr.strip()[-300:]}"]
+    problems = []
+    for path in sorted(run_dir.glob("checkpoints/*.th")):
+        try:
+            torch.load(path, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - each unloadable file is one finding
+            problems.append(f"{path.name} does not load: {error}")
+    if run_dir.joinpath("config.yaml").exists():
+        verify = run_cli("noether-ckpt", "verify", str(run_dir), cwd=directory, check=False)
+        if verify.returncode not in (0, 3):
+            problems.append(f"verify exit {verify.returncode}: {(verify.stdout + verify.stderr).strip()[-300:]}")
+    resumed = run_cli("noether-train", str(config), "--resume", "auto", cwd=directory, check=False)
+    if resumed.returncode != 0:
+        return [*problems, f"--resume auto failed ({resumed.returncode}): {resumed.stderr.strip()[-300:]}"]
+    for name in FINAL_FILES:
+        expected = torch.load(reference_run / "checkpoints" / name, weights_only=True)["state_dict"]
+        actual = torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+        if repr(actual) != repr(expected):
+            problems.append(f"{name} differs from the uninterrupted run's")
+    if (run_dir / "metrics.jsonl").read_text() != (reference_run / "metrics.jsonl").read_text():
+        problems.append("metrics.jsonl differs from the uninterrupted run's")
+    return problems
+
+
+def points(count: int) -> list[int]:
+    if os.environ.get("NOETHER_CRASHTEST") == "all":
+        return list(range(1, count + 1))
+    return sorted(random.Random(count).sample(range(1, count + 1), SAMPLED_POINTS))
+
+
+def test_a_stop_before_any_file_operation_resumes_exactly(reference, tmp_path):
+    reference_run, count = reference
+    assert count > 50  # the run did count its operations
+    failures = {}
+    chosen = points(count)
+    for kill_at in chosen:
+        directory = tmp_path / f"stop{kill_at}"
+        directory.mkdir()
+        problems = problems_after_stop(reference_run, directory, kill_at)
+        if problems:
+            failures[kill_at] = problems
+        shutil.rmtree(directory)
+    print(f"\n{len(chosen) - len(failures)} of {len(chosen)} stop points held ({count} file operations in the run)")
+    assert not failures, "\n".join(f"stop before operation {k}: {'; '.join(p)}" for k, p in failures.items())
