@@ -352,6 +352,10 @@ class CheckpointManager:
     def member_path(self, member: Member, tag: str) -> Any:
         return self.store.path(member, tag)
 
+    def saved_part(self, tag: str, name: str) -> Any:
+        """One part of the trainer state saved under `tag` (None when it has none), without loading the rest."""
+        return load_trainer_state(self.store, self.model.name, tag).get(name)
+
     def iteration(self, tag: str) -> TrainingIteration:
         """The iteration checkpoint `tag` was written at, read without loading it."""
         return self.store.iteration(tag)

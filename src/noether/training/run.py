@@ -202,7 +202,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             log_writer.resumed_at(0)
         trainer = build_trainer(config, paths, log_writer, setup)
         try:
-            trainer.train(resume_tag=resume_tag, on_start=write_config)
+            trainer.train(resume_tag=resume_tag, skip_if_finished=checkpoint is None, on_start=write_config)
         except CheckpointWriteError as error:
             newest = store.newest_resumable()
             where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"

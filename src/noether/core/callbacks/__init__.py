@@ -7,6 +7,12 @@ from noether.core.callbacks.checkpoint import (
     EmaCallback,
     EmaCallbackConfig,
 )
+from noether.core.callbacks.early_stopping import (
+    FixedEarlyStopper,
+    FixedEarlyStopperConfig,
+    MetricEarlyStopper,
+    MetricEarlyStopperConfig,
+)
 from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
 
 __all__ = [
@@ -18,6 +24,10 @@ __all__ = [
     "CheckpointCallbackConfig",
     "EmaCallback",
     "EmaCallbackConfig",
+    "FixedEarlyStopper",
+    "FixedEarlyStopperConfig",
+    "MetricEarlyStopper",
+    "MetricEarlyStopperConfig",
     "PeriodicCallback",
     "PeriodicDataIteratorCallback",
 ]

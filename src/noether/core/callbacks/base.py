@@ -9,7 +9,7 @@ from pydantic import PositiveInt, model_validator
 
 from noether.core.callbacks.context import CallbackContext
 from noether.core.checkpoint_store import Member
-from noether.core.config import RegistryConfig
+from noether.core.config import ConfigError, RegistryConfig
 from noether.core.utils.training.counter import UpdateCounter
 
 SCHEDULE_FIELDS = ("every_n_epochs", "every_n_updates", "every_n_samples")
@@ -45,6 +45,49 @@ def nested_metric_prefixes(children: list[CallbackBase], prefix: str) -> list[st
             return None
         prefixes += [prefix + key for key in logged]
     return prefixes
+
+
+def logged_value(callback: CallbackBase, metric_key: str) -> float:
+    """The value of `metric_key` logged at this step by a callback that ran before `callback`."""
+    log_cache = callback.context.log_writer.log_cache
+    if metric_key not in log_cache:
+        logged = ", ".join(sorted(log_cache)) or "nothing"
+        raise KeyError(
+            f"{callback.state_key}: metric '{metric_key}' was not logged at this step (logged: {logged}); "
+            "it must come from a callback listed before this one that runs at the same or a higher frequency"
+        )
+    return float(log_cache[metric_key])
+
+
+def check_metric_logged_before(callback: CallbackBase, metric_key: str) -> None:
+    """Fail at start-up when no callback listed before `callback` can log `metric_key`, which it reads
+    at the same step (a callback that cannot say what it logs defers that check to the first read)."""
+    callbacks = callback.context.trainer.callbacks
+    if callback not in callbacks:
+        return  # nested in another callback, which decides when it runs
+    position = callbacks.index(callback)
+    prefixes: list[str] = []
+    for other in callbacks[:position]:
+        logged = other.logged_metric_prefixes()
+        if logged is None:
+            return
+        prefixes += logged
+    if any(metric_key.startswith(prefix) for prefix in prefixes):
+        return
+    later = [
+        other.state_key
+        for other in callbacks[position + 1 :]
+        if any(metric_key.startswith(prefix) for prefix in other.logged_metric_prefixes() or [])
+    ]
+    hint = (
+        f"{later[0]} logs it but is listed after this callback; move it before"
+        if later
+        else "add one that does (e.g. an OfflineLossCallback) before this callback"
+    )
+    raise ConfigError(
+        f"{callback.state_key}.metric_key: no callback listed before it logs '{metric_key}' "
+        f"(they log: {', '.join(f'{p}*' for p in prefixes)}); {hint}"
+    )
 
 
 class CallbackBase:

@@ -29,6 +29,10 @@ class TrainerView(Protocol):
     """The configured callbacks (CallbackBase) in dispatch order, children not included."""
     stop_requested: str | None
     """Why the run is stopping (a signal's name), once it is."""
+    grad_norm: torch.Tensor | None
+    """The total gradient norm of the last update (with trainer.max_grad_norm), on the device."""
+
+    def stop_early(self, reason: str) -> None: ...
 
     def move_to_device(self, batch: Any) -> Any: ...
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
-from pydantic import NonNegativeInt, PositiveInt, model_validator
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch.utils.data import DataLoader
 
 from noether.core import distributed, fsdp
@@ -69,6 +69,8 @@ class BaseTrainerConfig(RegistryConfig):
     """Under `fsdp`: the module classes sharded as units (e.g. a transformer block); default: each direct child."""
     num_workers: NonNegativeInt = 0
     log_every_n_updates: PositiveInt | None = None
+    max_grad_norm: PositiveFloat | None = None
+    """Clip the gradients of all trained parameters to this total norm before each optimizer step (logged as `grad_norm`)."""
     callbacks: list[by_kind(CallBackBaseConfig)] = []
 
     @model_validator(mode="after")
@@ -103,6 +105,10 @@ class BaseTrainer:
         self.grad_scaler = torch.amp.GradScaler(self.device.type, enabled=trainer_config.precision == "float16")
         self.callbacks = self._build_callbacks()
         self.stop_requested: str | None = None
+        self.early_stop: str | None = None
+        """Why a callback ended training before its limit (a run stopped so has finished)."""
+        self.grad_norm: torch.Tensor | None = None
+        """The total gradient norm of the last update, before clipping (with max_grad_norm)."""
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -135,10 +141,13 @@ class BaseTrainer:
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------- the loop
-    def train(self, resume_tag: str | None = None, *, on_start: Callable[[], None] | None = None) -> UpdateCounter:
-        """Train from scratch or from checkpoint `resume_tag`. A resume of a run that has finished (a
-        relaunch of a finished job) ends at once, before anything of the run is read back or changed.
-        `on_start` runs once the run is set up (its checkpoint loaded, on a resume), before the first update."""
+    def train(
+        self, resume_tag: str | None = None, *, skip_if_finished: bool = False, on_start: Callable[[], None] | None = None
+    ) -> UpdateCounter:
+        """Train from scratch or from checkpoint `resume_tag`. With `skip_if_finished` (a resume that did not
+        name its checkpoint, e.g. a relaunch of a finished job), a run that has finished ends at once, before
+        anything of it is read back or changed. `on_start` runs once the run is set up (its checkpoint
+        loaded, on a resume), before the first update."""
         model = self.context.model.to(self.device)
         checkpoints = self.context.checkpoints
         if self.config.parallelism == "fsdp":  # before the optimizers: sharding replaces the parameters
@@ -148,7 +157,7 @@ class BaseTrainer:
         if resume_tag is None:
             apply_initializers(model, self.context.paths.output_path)
         else:
-            finished = self._finished_at(resume_tag)
+            finished = self._finished_at(resume_tag) if skip_if_finished else None
             if finished is not None:
                 logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {finished.cur_iteration}): nothing left to do")
                 return finished
@@ -171,7 +180,7 @@ class BaseTrainer:
             # another runs the next update
             stop_agreed = False
             try:
-                while not counter.is_finished and not stop_agreed:
+                while not counter.is_finished and not stop_agreed and self.early_stop is None:
                     self._train_update(model, trainer_model, data_iter, counter)
                     self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
@@ -183,7 +192,7 @@ class BaseTrainer:
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
                     if stop_agreed and self.stop_requested is None:
                         self.stop_requested = "a signal to another process"
-                if stop_agreed and not counter.is_finished:
+                if stop_agreed and not counter.is_finished and self.early_stop is None:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     checkpoints.save_interrupt(counter)
             except BaseException as error:
@@ -235,12 +244,32 @@ class BaseTrainer:
                 loss = losses["total"] if weight == 1.0 else losses["total"] * weight
                 (self.grad_scaler.scale(loss) if scaling else loss).backward()
             self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
+        if self.config.max_grad_norm is not None:
+            self._clip_gradients(model, unscale=scaling)
         model.optimizer_step(self.grad_scaler if scaling else None)
         if scaling:
             self.grad_scaler.update()
         model.optimizer_zero_grad()
         counter.add_update()
         self._update_boundary_rng = None
+
+    def _clip_gradients(self, model: ModelBase, *, unscale: bool) -> None:
+        """Clip to max_grad_norm over every trained parameter: after the gradients of all processes are
+        combined (DDP) and over all shards (FSDP's DTensor gradients), so every rank clips alike. No
+        host-device synchronization: the norm stays a tensor until it is logged."""
+        if unscale:
+            for leaf in model.named_models().values():
+                if leaf.optimizer is not None:
+                    self.grad_scaler.unscale_(leaf.optimizer)
+        parameters = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm, foreach=True)
+        self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def stop_early(self, reason: str) -> None:
+        """End training after this step, as its limit would (`after_training`, `last`); for early stoppers."""
+        if self.early_stop is None:
+            self.early_stop = reason
+            logger.info(f"stopping early: {reason}")
 
     def _no_gradient_sync(self, trainer_model: torch.nn.Module) -> contextlib.AbstractContextManager:
         return fsdp.no_gradient_sync(trainer_model) if self.config.parallelism == "fsdp" else trainer_model.no_sync()
@@ -336,6 +365,7 @@ class BaseTrainer:
         checkpoints.register("grad_scaler", self.grad_scaler.state_dict, lambda saved, tag: self.grad_scaler.load_state_dict(saved))
         checkpoints.register("metrics_rows", lambda: self.context.log_writer.rows_written)
         checkpoints.register("effective_batch_size", lambda: self.config.effective_batch_size, check=self._check_batch_size)
+        checkpoints.register("early_stop", lambda: self.early_stop, self._load_early_stop)
         checkpoints.register_members(self._callback_members)
 
     def callback_states(self) -> dict[str, Any]:
@@ -364,6 +394,9 @@ class BaseTrainer:
             members.update(callback.checkpoint_members(checkpoint_tag=tag, update_counter=counter))
         return members
 
+    def _load_early_stop(self, reason: str | None, tag: str) -> None:
+        self.early_stop = reason
+
     def _check_batch_size(self, saved_batch_size: int | None, tag: str) -> None:
         """Epochs, the data order and the learning-rate schedule all count in updates of this size."""
         if saved_batch_size is not None and saved_batch_size != self.config.effective_batch_size:
@@ -373,13 +406,15 @@ class BaseTrainer:
             )
 
     def _finished_at(self, tag: str) -> UpdateCounter | None:
-        """The counter at the end of training when checkpoint `tag` is there and `last` marks the run as
-        finished; None otherwise (a checkpoint that cannot be read is left to the resume to report)."""
+        """The counter at the end of training (its limit, or an early stop) when checkpoint `tag` is there
+        and `last` marks the run as finished; None otherwise (a checkpoint that cannot be read is left to
+        the resume to report)."""
         checkpoints = self.context.checkpoints
         with contextlib.suppress(CheckpointLoadError):
             counter = self.create_update_counter(checkpoints.iteration(tag))
             at_the_end = counter.is_finished and counter.update <= counter.end_update  # past it: the resume refuses
-            if at_the_end and checkpoints.has_finished(counter.cur_iteration):
+            stopped_early = checkpoints.saved_part(tag, "early_stop") is not None
+            if (at_the_end or stopped_early) and checkpoints.has_finished(counter.cur_iteration):
                 return counter
         return None
 

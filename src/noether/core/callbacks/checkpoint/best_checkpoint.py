@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import NonNegativeInt, field_validator
 
-from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, nested_metric_prefixes
+from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, check_metric_logged_before, logged_value, nested_metric_prefixes
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpoint_manager import SaveRequest
 from noether.core.config import ConfigError, build, by_kind
@@ -106,7 +106,7 @@ class BestCheckpointCallback(PeriodicCallback):
         if interval_type == "eval":
             self._evaluate_children(update_counter)
             return
-        value = self._current_metric_value()
+        value = logged_value(self, self.metric_key)
         if self._is_better(value):
             self.best_metric_value = value
             self.tolerance_counter = 0
@@ -155,16 +155,6 @@ class BestCheckpointCallback(PeriodicCallback):
         self.best_value_at_tolerance = {int(t): value for t, value in state_dict["best_value_at_tolerance"].items()}
 
     # -------------------------------------------------------------------------------------------
-    def _current_metric_value(self) -> float:
-        log_cache = self.context.log_writer.log_cache
-        if self.metric_key not in log_cache:
-            logged = ", ".join(sorted(log_cache)) or "nothing"
-            raise KeyError(
-                f"{self.state_key}: metric '{self.metric_key}' was not logged at this step (logged: {logged}); "
-                "it must come from a callback listed before this one that runs at the same or a higher frequency"
-            )
-        return float(log_cache[self.metric_key])
-
     def _is_better(self, value: float) -> bool:
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
 
@@ -199,25 +189,4 @@ class BestCheckpointCallback(PeriodicCallback):
                     f"{other.state_key} and {self.state_key} both watch '{self.metric_key}' and would overwrite each "
                     f"other's {self.best_tag} files; keep one"
                 )
-        prefixes: list[str] = []
-        for callback in callbacks[:position]:
-            logged = callback.logged_metric_prefixes()
-            if logged is None:
-                return
-            prefixes += logged
-        if any(self.metric_key.startswith(prefix) for prefix in prefixes):
-            return
-        later = [
-            callback.state_key
-            for callback in callbacks[position + 1 :]
-            if any(self.metric_key.startswith(prefix) for prefix in callback.logged_metric_prefixes() or [])
-        ]
-        hint = (
-            f"{later[0]} logs it but is listed after this callback; move it before"
-            if later
-            else "add one that does (e.g. an OfflineLossCallback) before this callback"
-        )
-        raise ConfigError(
-            f"{self.state_key}.metric_key: no callback listed before it logs '{self.metric_key}' "
-            f"(they log: {', '.join(f'{p}*' for p in prefixes)}); {hint}"
-        )
+        check_metric_logged_before(self, self.metric_key)
