@@ -26,20 +26,14 @@ def make_unrelated_folder(folder: Path) -> Path:
     return folder
 
 
-def test_a_bare_id_is_the_run_under_output_path_even_with_a_folder_of_that_name_in_the_working_directory(tmp_path, monkeypatch):
+def test_a_bare_id_is_the_run_under_output_path_before_a_folder_of_that_name_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_unrelated_folder(tmp_path / "run")
     make_run(tmp_path / "outputs" / "run")
-
-    paths = PathProvider.for_existing_run("run", "outputs")
-
-    assert paths.run_dir.resolve() == tmp_path / "outputs" / "run"
-
-
-def test_a_run_directory_given_by_its_path_or_found_in_the_working_directory_is_taken(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
     make_run(tmp_path / "elsewhere" / "run")
 
+    assert PathProvider.for_existing_run("run", "outputs").run_dir.resolve() == tmp_path / "outputs" / "run"
+    # a path names the run directory itself; a bare id that is a run only in the working directory is that run
     assert PathProvider.for_existing_run(str(tmp_path / "elsewhere" / "run"), "outputs").run_dir == tmp_path / "elsewhere" / "run"
     assert PathProvider.for_existing_run("elsewhere/run", "outputs").run_dir.resolve() == tmp_path / "elsewhere" / "run"
     monkeypatch.chdir(tmp_path / "elsewhere")
