@@ -78,7 +78,7 @@ def ckpt_main(argv: list[str] | None = None) -> int:
     _add_run_arguments(commands.add_parser("list", help="one line per checkpoint tag"))
     verify = commands.add_parser(
         "verify",
-        help="load every checkpoint file and check its stamps",
+        help="load every checkpoint file and check its stamps (exit 1: damage, 3: an interrupted commit)",
         description="Load every checkpoint file of RUN and check that the files of each tag agree. Exit codes: "
         f"0 all sound; {VERIFY_DAMAGED} a file is damaged or does not belong with its tag (one line names each); "
         f"{VERIFY_INTERRUPTED} all sound but a set's commit was interrupted by a stop (one line per set): "

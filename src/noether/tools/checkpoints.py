@@ -65,7 +65,12 @@ def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
         table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    committing = {path for commit in interrupted_commits(store) for path in commit.staged}
     for leftover in store.staged_leftovers():
+        if leftover in committing:
+            size = format_size(disk_size(leftover))
+            lines.append(f"{leftover.name}  {size}  staged by an interrupted commit (the next run completes it)")
+            continue
         what = "staged, never committed" if leftover.name.endswith(STAGED) else "left by an interrupted deletion"
         lines.append(f"{leftover.name}  {format_size(disk_size(leftover))}  not usable: {what} (the next run removes it)")
     return lines

@@ -36,7 +36,13 @@ def source(tmp_path_factory):
 def fine_tuned_model(output_path, renames: list[dict[str, str]]):
     tree = tiny_config(output_path)
     tree["model"]["initializers"] = [
-        {"kind": INITIALIZER, "run_id": "source", "model_name": "classifier", "checkpoint_tag": "last", "patterns_to_rename": renames}
+        {
+            "kind": INITIALIZER,
+            "run_id": "source",
+            "model_name": "classifier",
+            "checkpoint_tag": "last",
+            "patterns_to_rename": renames,
+        }
     ]
     return build_model(parse_run_config(tree).model)
 
@@ -44,7 +50,12 @@ def fine_tuned_model(output_path, renames: list[dict[str, str]]):
 @pytest.mark.parametrize(
     ("renames", "first", "second", "target"),
     [
-        ([{"src": "layers.0.", "dst": "stem."}, {"src": "layers.3.", "dst": "stem."}], "layers.0.weight", "layers.3.weight", "stem.weight"),
+        (
+            [{"src": "layers.0.", "dst": "stem."}, {"src": "layers.3.", "dst": "stem."}],
+            "layers.0.weight",
+            "layers.3.weight",
+            "stem.weight",
+        ),
         ([{"src": "layers.0.", "dst": "layers.6."}], "layers.0.weight", "layers.6.weight", "layers.6.weight"),
     ],
     ids=["two-sources-one-destination", "renamed-onto-a-kept-key"],

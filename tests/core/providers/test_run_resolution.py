@@ -82,5 +82,7 @@ def test_a_run_id_with_a_nul_byte_is_one_line(tmp_path, write_config):
     result = run_cli("noether-train", str(config), cwd=tmp_path, check=False)
 
     assert result.returncode == 2
-    assert result.stderr == "noether-train: error: run_id: 'a\\x00b' contains a NUL byte, which no file name can hold; pick another run_id\n"
+    assert result.stderr == (
+        "noether-train: error: run_id: 'a\\x00b' contains a NUL byte, which no file name can hold; pick another run_id\n"
+    )
     assert not (tmp_path / "outputs").exists()

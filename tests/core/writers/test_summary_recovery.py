@@ -49,7 +49,10 @@ STRACED = textwrap.dedent(
     paths.create()
     writer = LogWriter(paths.metrics_file, paths.summary_file)
     writer.add_scalar("loss", 1.0)
-    writer.flush(UpdateCounter(start_iteration=TrainingIteration(), end_iteration=TrainingIteration(epoch=1), updates_per_epoch=1, effective_batch_size=1))
+    counter = UpdateCounter(
+        start_iteration=TrainingIteration(), end_iteration=TrainingIteration(epoch=1), updates_per_epoch=1, effective_batch_size=1
+    )
+    writer.flush(counter)
     writer.close()
     paths.create()  # a second start of the same run creates nothing
     """
