@@ -15,6 +15,9 @@ from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
 from noether.tools.checkpoints import RunToolError
 
+VERIFY_DAMAGED = 1
+VERIFY_INTERRUPTED = 3
+"""`noether-ckpt verify` exit codes (2: bad input, like every user error)."""
 USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError, RunToolError)
 
 
@@ -73,7 +76,15 @@ def ckpt_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-ckpt", description="List, verify or export the checkpoints of a run.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_arguments(commands.add_parser("list", help="one line per checkpoint tag"))
-    _add_run_arguments(commands.add_parser("verify", help="load every checkpoint file and check its stamps"))
+    verify = commands.add_parser(
+        "verify",
+        help="load every checkpoint file and check its stamps (exit 1: damage, 3: an interrupted commit)",
+        description="Load every checkpoint file of RUN and check that the files of each tag agree. Exit codes: "
+        f"0 all sound; {VERIFY_DAMAGED} a file is damaged or does not belong with its tag (one line names each); "
+        f"{VERIFY_INTERRUPTED} all sound but a set's commit was interrupted by a stop (one line per set): "
+        "not damage, the next start of the run (--resume) completes it; 2 bad input.",
+    )
+    _add_run_arguments(verify)
     export = commands.add_parser("export", help="write a checkpoint's weights as .safetensors or a plain state_dict .pt")
     _add_run_arguments(export)
     export.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. best_model.loss.val.total")
@@ -83,10 +94,10 @@ def ckpt_main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     from noether.tools import checkpoints
 
-    verify_failed = False
+    verify_status = 0
 
     def run_command() -> None:
-        nonlocal verify_failed
+        nonlocal verify_status
         paths, store = checkpoints.open_run(arguments.run, arguments.output_path)
         if arguments.command == "list":
             print("\n".join(checkpoints.list_checkpoints(paths, store)) or f"no checkpoints in {store.directory}")
@@ -96,15 +107,17 @@ def ckpt_main(argv: list[str] | None = None) -> int:
             )
             print(written)
         else:
-            problems, leftovers = checkpoints.verify_checkpoints(store)
-            for line in [*problems, *leftovers]:
+            problems, leftovers, interrupted = checkpoints.verify_checkpoints(store)
+            for line in [*problems, *(commit.describe() for commit in interrupted), *leftovers]:
                 print(line)
-            verify_failed = bool(problems)
+            verify_status = VERIFY_DAMAGED if problems else VERIFY_INTERRUPTED if interrupted else 0
             if not problems:
                 infos = store.tags()
-                print(f"ok: all {sum(len(info.files) for info in infos)} files of {len(infos)} checkpoints load and agree")
+                but = f", apart from the {len(interrupted)} interrupted commit(s) above (the next start completes them)"
+                but = but if interrupted else ""
+                print(f"ok: all {sum(len(info.files) for info in infos)} files of {len(infos)} checkpoints load and agree{but}")
 
-    return _report_user_errors(parser.prog, run_command) or int(verify_failed)
+    return _report_user_errors(parser.prog, run_command) or verify_status
 
 
 def plot_main(argv: list[str] | None = None) -> int:

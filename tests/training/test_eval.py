@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +46,7 @@ def test_eval_of_an_unknown_checkpoint_fails_in_one_line(trained, write_config, 
 
     result = run_cli("noether-eval", str(config), "--run", str(paths.run_dir), "--checkpoint", "E5_U1_S1", cwd=tmp_path, check=False)
 
-    assert result.returncode != 0
+    assert result.returncode == 2  # the CLI's exit code for bad input
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"noether-eval: error: no checkpoint 'E5_U1_S1' in {paths.checkpoint_dir}; its checkpoints: E1_U9_S1152, ")
 
@@ -64,8 +66,7 @@ def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(tr
 
     read_only = tmp_path / "read-only"
     read_only.mkdir()
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(copy), str(read_only)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only view here")
+    mount_read_only(copy, read_only)
     try:
         result = run_cli("noether-eval", str(config), "--run", str(read_only), "--checkpoint", "E2_U18_S2304", cwd=tmp_path)
     finally:
@@ -73,3 +74,17 @@ def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(tr
     assert "is read-only: evaluation results are printed, not saved" in result.stdout
     assert any(line.startswith("loss/val/total: ") for line in result.stdout.splitlines())
     assert not (copy / "eval" / "E2_U18_S2304.jsonl").exists()
+
+
+def mount_read_only(source: Path, target: Path) -> None:
+    """`source` seen read-only at `target` (a bind mount, remounted read-only), or a failed test saying why: tests
+    and CI run as root, and a directory without write permission is no read-only run for root."""
+    for command in (["mount", "--bind", str(source), str(target)], ["mount", "-o", "remount,bind,ro", str(target)]):
+        mounted = subprocess.run(command, capture_output=True, text=True)
+        if mounted.returncode != 0:
+            subprocess.run(["umount", str(target)], capture_output=True, check=False)
+            why = f"{' '.join(command)}: {mounted.stderr.strip()}"
+            pytest.fail(f"cannot mount a read-only view of a run (run the tests as root): {why}")
+    if os.access(target, os.W_OK):
+        subprocess.run(["umount", str(target)], check=False)
+        pytest.fail(f"{target} was mounted read-only but is writable")

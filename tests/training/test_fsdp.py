@@ -174,21 +174,28 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
 
 
-def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable(tmp_path):
+def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable_and_resumes_exactly(two_processes, tmp_path):
+    """Killed (SIGKILL, every process) while a sharded folder is staged, after the first complete set: every folder
+    loads, and `--resume` ends as the uninterrupted run of the same config, bit for bit."""
     config = write_yaml(sharded_tree(tmp_path), tmp_path / "config.yaml")
-    checkpoints = PathProvider(tmp_path, "run").checkpoint_dir
+    paths = PathProvider(tmp_path, "run")
+    checkpoints = paths.checkpoint_dir
+    first_set_done = checkpoints / f"classifier_cp={RESUMED_TAG}_trainer.th"  # a set's trainer state is committed last
     process = subprocess.Popen(
         torchrun_command(config), cwd=tmp_path, env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
+        while not first_set_done.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
         while not list(checkpoints.glob(".*.dcp~*.staged")) and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.002)
-        caught_writing = bool(list(checkpoints.glob(".*.dcp~*.staged")))
+        caught_writing = [path.name for path in checkpoints.glob(".*.dcp~*.staged")]
     finally:
         kill_job(process.pid)
         process.wait(timeout=60)
-    assert caught_writing, "the job finished or timed out before a sharded write was seen"
+    assert first_set_done.exists() and caught_writing, "the job ended or timed out before a sharded write after its first set"
+    assert process.returncode == -signal.SIGKILL, process.returncode  # torchrun itself was killed, not finished
 
     store = CheckpointStore(checkpoints, "run")
     store.recover()
@@ -196,6 +203,15 @@ def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable(tmp_path
     for folder in checkpoints.glob("*.dcp"):
         member, tag = Member.parse(folder.name)
         assert "state_dict" in store.load(member, tag)
+    assert store.newest_resumable() is not None, caught_writing
+
+    resumed = run_torchrun(config, "--resume", "run")
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from the newest complete checkpoint" in resumed.stdout
+    assert_identical(weights(paths), weights(two_processes))
+    assert_identical(weights(paths, ema_factor=0.9), weights(two_processes, ema_factor=0.9))
+    assert paths.metrics_file.read_text() == two_processes.metrics_file.read_text()
 
 
 def test_a_sharded_checkpoint_is_evaluated_in_one_process(two_processes, tmp_path):

@@ -4,9 +4,10 @@ after SIGKILL, one owner per run directory, a full disk, and the errors of a bad
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -124,29 +125,102 @@ def test_overrides_may_follow_the_resume_options(reference, tmp_path, write_conf
 
 
 # --------------------------------------------------------------------------------- requeue
-def test_resume_auto_after_sigkills_at_random_moments_ends_as_a_run_never_stopped(tmp_path):
-    """The same command relaunched after each kill, as a requeued cluster job would; the first kills land
-    before any checkpoint exists."""
-    tree = retained_tree(tmp_path)
-    tree["trainer"]["callbacks"].append({"kind": "tests.support.callbacks.SlowUpdates", "seconds": 0.05})  # ~1 s of training
-    moments = random.Random(1)
-    server = ForkServer(tmp_path / "processes.log")
+def newest_logged_update(metrics_file: Path) -> int:
+    """The update of the newest whole line of metrics.jsonl; 0 when there is none."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in reversed(metrics_file.read_text().splitlines()):
+            with contextlib.suppress(ValueError):
+                return json.loads(line)["update"]
+    return 0
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """Every file under `directory` (hidden ones included) by relative path: its SHA-256; folders as 'folder'."""
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+# when each killed launch is killed: once its own metrics line of that update is written (or, "resumed", once it has
+# loaded its checkpoint, before its first update), then after a random delay shorter than the update that follows
+KILLS = [1, 3, 6, "resumed", 11, 16]
+SLOW_UPDATE_SECONDS = 0.1
+
+
+def test_resume_auto_after_sigkills_mid_run_ends_as_a_run_never_stopped(tmp_path):
+    """The same command relaunched after each SIGKILL, as a requeued cluster job would. Each kill waits for the
+    launch to get somewhere (a metrics line of a new update, or its checkpoint loaded) instead of a fixed time, so
+    on any machine every killed launch dies mid-run; the first lands before any checkpoint exists."""
+    tree = retained_tree(tmp_path, log_every_n_updates=1)
+    tree["trainer"]["callbacks"].append({"kind": "tests.support.callbacks.SlowUpdates", "seconds": SLOW_UPDATE_SECONDS})
+    paths = PathProvider(tmp_path, "run")
+    store = CheckpointStore(paths.checkpoint_dir, "run")
+    output = tmp_path / "processes.log"
+    delays = random.Random(1)
+    server = ForkServer(output)
+
+    def launch() -> tuple[int, int]:
+        offset = output.stat().st_size if output.exists() else 0
+        return server.start(tree, resume="auto"), offset
+
+    def said(offset: int) -> str:
+        return output.read_bytes()[offset:].decode(errors="replace")
+
+    def got_to(target: int | None, offset: int) -> bool:
+        """The launch logged update `target`; None: it loaded its checkpoint."""
+        return "resumed from checkpoint" in said(offset) if target is None else newest_logged_update(paths.metrics_file) >= target
+
     try:
-        for _ in range(8):
-            pid = server.start(tree, resume="auto")
-            time.sleep(moments.uniform(0.0, 1.0))
-            with contextlib.suppress(ProcessLookupError):  # it may have finished a short remainder
+        reached = 0
+        for number, moment in enumerate(KILLS, 1):
+            pid, offset = launch()
+            target = None if moment == "resumed" else max(moment, reached + 1)  # an update it logs itself
+            deadline = time.monotonic() + 120
+            while not got_to(target, offset):
+                alive = Path(f"/proc/{pid}").exists() and time.monotonic() < deadline
+                assert alive, f"launch {number} ended or timed out before it got to {moment!r}:\n{said(offset)[-3000:]}"
+                time.sleep(0.002)
+            time.sleep(delays.uniform(0.0, 0.8 * SLOW_UPDATE_SECONDS))
+            try:
                 os.kill(pid, signal.SIGKILL)
-            server.ended()
-        server.start(tree, resume="auto")
-        assert server.ended() == 0, server.log_tail()
-        server.start(tree, resume="auto")  # a relaunch of the finished job changes nothing
-        assert server.ended() == 0, server.log_tail()
+            except ProcessLookupError:
+                pytest.fail(f"launch {number} ended ({server.ended()}) before its kill at {moment!r}:\n{said(offset)[-3000:]}")
+            assert server.ended() == -signal.SIGKILL, f"launch {number} was not ended by the kill:\n{said(offset)[-3000:]}"
+            assert not store.info("last").resumable, f"launch {number} had finished the run before its kill"
+            assert "nothing left to do" not in said(offset)
+            if number == 1:
+                assert store.newest_resumable() is None, "the first kill was meant to land before the first checkpoint"
+            if number > 3:  # the third reached update 6: the set of update 4 is on disk since
+                assert "resuming from the newest complete checkpoint" in said(offset), f"launch {number} was no requeue"
+            reached = newest_logged_update(paths.metrics_file)
+
+        pid, offset = launch()
+        assert server.ended() == 0, said(offset)[-3000:]
+        assert "resuming from the newest complete checkpoint" in said(offset)  # the launch that finishes is a requeue too
+        assert store.info("last").resumable
+
+        before = file_digests(paths.run_dir)
+        log_before = paths.log_file.read_text()
+        pid, offset = launch()  # a relaunch of the finished job changes nothing
+        assert server.ended() == 0, said(offset)[-3000:]
+        after = file_digests(paths.run_dir)
+        log_after = paths.log_file.read_text()
+
         server.start({**tree, "run_id": "reference"}, resume=None)  # with the same threads as the killed ones
         assert server.ended() == 0, server.log_tail()
     finally:
         server.close()
-    paths = PathProvider(tmp_path, "run")
+
+    # every file as it was, byte for byte; but `.lock` names its newest holder (the relaunch's process) and log.txt
+    # gets the relaunch's own lines appended, which say it had nothing to do
+    for exempt in (".lock", "log.txt"):
+        del before[exempt], after[exempt]
+    assert after == before
+    assert log_after.startswith(log_before)
+    appended = log_after[len(log_before):].splitlines()
+    assert "run run has finished (checkpoint 'last' at E5_U20_S5120): nothing left to do" in appended[-1], appended
+
     assert_same_end(paths, PathProvider(tmp_path, "reference"))
     # (`latest` may be older than in the reference: a kill between the commits of two sets of one step
     # leaves the second to the next time it is due)
@@ -206,45 +280,53 @@ def test_resume_with_max_epochs_below_the_checkpoint_is_refused(reference, tmp_p
 
 
 # --------------------------------------------------------------------------------- disk full
+def mount_tmpfs(mount_point: Path, size: str) -> None:
+    """A tmpfs of `size` at `mount_point`, or a failed test saying why: tests and CI run as root, and a file-size
+    limit instead of a full disk would test another error (EFBIG) than the one a full disk gives (ENOSPC)."""
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)]
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a {size} tmpfs for the full-disk test (run the tests as root): {mounted.stderr.strip()}")
+    if mount_point.stat().st_dev == mount_point.parent.stat().st_dev:
+        pytest.fail(f"`{' '.join(command)}` succeeded but mounted nothing at {mount_point}")
+
+
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MB filesystem (tmpfs) when this process may mount one, else a 3 MB file-size limit."""
+    """A 3 MB filesystem (tmpfs)."""
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True).returncode == 0
-    yield mount_point, mounted
-    if mounted:
+    mount_tmpfs(mount_point, "3m")
+    try:
+        yield mount_point
+    finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 def test_a_full_disk_keeps_every_checkpoint_whole_and_the_run_resumes_after_space_is_freed(small_disk, tmp_path, write_config):
-    mount_point, mounted = small_disk
-    tree = tiny_config(mount_point, max_epochs=None, max_updates=16, effective_batch_size=64, log_every_n_updates=2, callbacks=[
+    tree = tiny_config(small_disk, max_epochs=None, max_updates=16, effective_batch_size=64, log_every_n_updates=2, callbacks=[
         {"kind": CHECKPOINT, "every_n_updates": 2, "save_latest_weights": True, "save_latest_optim": True},
     ])
     tree["model"].update(hidden_dim=192, depth=2)  # ~0.5 MB of weights and AdamW state a set
     config = write_config(tree)
 
-    limit = None if mounted else (lambda: (signal.signal(signal.SIGXFSZ, signal.SIG_IGN), resource.setrlimit(resource.RLIMIT_FSIZE, (600_000, 600_000))))
-    result = subprocess.run([cli_command("noether-train"), str(config)], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    result = run_cli("noether-train", str(config), cwd=tmp_path, check=False)
 
     assert result.returncode == 2, result.stdout + result.stderr
     [line] = result.stderr.strip().splitlines()
-    reason = "No space left on device" if mounted else "File too large"
-    assert line.startswith("noether-train: error: could not write checkpoint ") and reason in line, line
+    assert line.startswith("noether-train: error: could not write checkpoint ") and "No space left on device" in line, line
     assert "the checkpoint the run can resume from: '" in line
-    store = CheckpointStore(mount_point / "run" / "checkpoints", "run")
+    store = CheckpointStore(small_disk / "run" / "checkpoints", "run")
     assert store.staged_leftovers() == []
     for info in store.tags():
         for path in info.files.values():
             torch.load(path, weights_only=True)
         assert info.resumable, info.tag
 
-    if mounted:  # free space: the same filesystem, grown
-        subprocess.run(["mount", "-o", "remount,size=64m", str(mount_point)], check=True)
-        run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path)
-    else:
-        run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path)
+    # free space: the same filesystem, grown
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    run_cli("noether-train", str(config), "--resume", "run", cwd=tmp_path)
     reference = train({**tree, "output_path": str(tmp_path / "reference")})
-    assert all(torch.equal(a, b) for a, b in zip(last_state(PathProvider(mount_point, "run")).values(), last_state(reference).values()))
-    assert (mount_point / "run" / "metrics.jsonl").read_text() == reference.metrics_file.read_text()
+    resumed, expected = last_state(PathProvider(small_disk, "run")), last_state(reference)
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[key], expected[key]) for key in expected)
+    assert (small_disk / "run" / "metrics.jsonl").read_text() == reference.metrics_file.read_text()

@@ -7,19 +7,38 @@ decides what to show and how to write it out.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import socket
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from noether.core.checkpoint_store import STAGED, CheckpointInfo, CheckpointStore, Member, iteration_of_tag
+from noether.core.checkpoint_store import (
+    _STAGED_NAME,
+    STAGED,
+    SUFFIX,
+    CheckpointInfo,
+    CheckpointStore,
+    Member,
+    _set_files,
+    _staged_path,
+    iteration_of_tag,
+)
 from noether.core.config import load_yaml
 from noether.core.providers.path import PathProvider
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, load_checkpoint, sync_directory
 
 PART_NAMES = {"model": "weights", "optim": "optimizer", "trainer": "trainer"}
+HOST = socket.gethostname()
+EXPORT_STAGING = re.compile(r"^\.(?P<name>.+)~export~(?P<host>[^~]+)~(?P<pid>\d+)\.tmp$")
+"""`.{file}~export~{host}~{pid}.tmp/`: the folder an export writes in before its file is renamed into place."""
 
 
 class RunToolError(Exception):
@@ -46,7 +65,12 @@ def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
         table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    committing = {path for commit in interrupted_commits(store) for path in commit.staged}
     for leftover in store.staged_leftovers():
+        if leftover in committing:
+            size = format_size(disk_size(leftover))
+            lines.append(f"{leftover.name}  {size}  staged by an interrupted commit (the next run completes it)")
+            continue
         what = "staged, never committed" if leftover.name.endswith(STAGED) else "left by an interrupted deletion"
         lines.append(f"{leftover.name}  {format_size(disk_size(leftover))}  not usable: {what} (the next run removes it)")
     return lines
@@ -122,11 +146,36 @@ def value_at(rows: list[dict[str, float]], key: str, iteration: TrainingIteratio
 
 
 # --------------------------------------------------------------------------------- verify
-def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
-    """(one line per bad file or incomplete tag, one line per staged leftover)."""
+@dataclass
+class InterruptedCommit:
+    """A set whose commit a stop interrupted: some files already under their final names, the rest (the
+    trainer state last) still staged. Not damage: the next start (`CheckpointStore.recover`) completes it."""
+
+    tag: str
+    iteration: TrainingIteration
+    final_names: set[str]
+    staged: set[Path]
+
+    def describe(self) -> str:
+        files = len(self.final_names)
+        moved = files - len(self.staged)
+        return (
+            f"{self.tag}: interrupted commit of the set of {self.iteration} ({moved} of {files} files moved into place, "
+            "the rest staged): the next start of the run completes it"
+        )
+
+
+def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str], list[InterruptedCommit]]:
+    """(one line per bad file or incomplete tag, one line per staged leftover, the interrupted commits).
+
+    The files of a set whose commit was interrupted disagree with the previous set under that tag until
+    the next start completes it: they are reported as that interrupted commit, not as bad files."""
+    interrupted = interrupted_commits(store)
+    in_commit = {(commit.tag, name) for commit in interrupted for name in commit.final_names}
     problems = []
     for info in store.tags():
-        if info.problem is not None:
+        committing = any((info.tag, path.name) in in_commit for path in info.files.values())
+        if info.problem is not None and not committing:
             problems.append(f"{info.tag}: incomplete checkpoint ({info.problem})")
         stamps: dict[Member, dict[str, Any]] = {}
         for member, path in sorted(info.files.items(), key=lambda item: item[1].name):
@@ -137,11 +186,46 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str]]:
                 problems.append(f"{path.name}: {reason}")
                 continue
             stamps[member] = {key: payload.get(key) for key in ("checkpoint_tag", "training_iteration", "run_id")}
-        problems.extend(_stamp_disagreements(info, stamps))
+        # files of an interrupted commit disagree with the rest of their tag until the next start completes it
+        settled = {member: stamp for member, stamp in stamps.items() if (info.tag, info.files[member].name) not in in_commit}
+        problems.extend(_stamp_disagreements(info, settled))
+    staged_by_commits = {path for commit in interrupted for path in commit.staged}
     leftovers = [
-        f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint" for path in store.staged_leftovers()
+        f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint"
+        for path in store.staged_leftovers()
+        if path not in staged_by_commits
     ]
-    return problems, leftovers
+    return problems, leftovers, interrupted
+
+
+def interrupted_commits(store: CheckpointStore) -> list[InterruptedCommit]:
+    """The staged sets that `recover` would complete: every file either still staged by that set's save or
+    already moved under its final name with that set's iteration, at least one moved. (What `recover` does
+    with a staged trainer state, decided without doing it: a run tool never writes into the run.)"""
+    found = []
+    for staged_trainer in sorted(store.directory.glob(f".*_trainer{SUFFIX}~*{STAGED}")):
+        match = _STAGED_NAME.match(staged_trainer.name)
+        parsed = Member.parse(match["name"]) if match else None
+        if parsed is None:
+            continue
+        tag = parsed[1]
+        try:
+            state = load_checkpoint(staged_trainer)
+            iteration = TrainingIteration.from_dict(state["training_iteration"])
+            names = _set_files(state, tag)
+        except (CheckpointLoadError, KeyError, TypeError, ValueError):
+            continue  # damaged: `recover` discards it, a leftover
+        staged = {name: _staged_path(store.directory / name, match["set_id"]) for name in names}
+        moved = [name for name, path in staged.items() if not path.exists() and _written_at(store, name) == iteration]
+        if moved and all(path.exists() or name in moved for name, path in staged.items()):
+            still_staged = {path for path in staged.values() if path.exists()} | {staged_trainer}
+            found.append(InterruptedCommit(tag, iteration, {*names, match["name"]}, still_staged))
+    return found
+
+
+def _written_at(store: CheckpointStore, file_name: str) -> TrainingIteration | None:
+    parsed = Member.parse(file_name)
+    return None if parsed is None else store.written_at(*parsed)
 
 
 def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, Any]]) -> list[str]:
@@ -188,8 +272,7 @@ def export_weights(
     paths: PathProvider, store: CheckpointStore, tag: str, output: Path, *, ema: str | None = None, model: str | None = None
 ) -> str:
     """Write the weights of `tag` (EMA `ema`, submodel `model`) to `output`; returns a one-line summary."""
-    if output.suffix not in (".safetensors", ".pt"):
-        raise RunToolError(f"--output must end in .safetensors or .pt, got '{output.name}'")
+    _check_output_file(output)
     iteration = store.iteration(tag)  # names the known tags when `tag` is not one
     info = store.info(tag)
     factor = _ema_factor(ema)
@@ -209,9 +292,8 @@ def export_weights(
         stamped_run_id = payload.get("run_id", stamped_run_id)
         prefix = "" if member.model_name == name else member.model_name[len(name) + 1 :] + "."
         state_dict.update({prefix + key: value for key, value in payload["state_dict"].items()})
-    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".pt":
-        torch.save(state_dict, output)
+        _write_atomically(output, lambda path: _save_pt(state_dict, path))
     else:
         metadata = {
             "checkpoint_tag": tag,
@@ -221,8 +303,64 @@ def export_weights(
         }
         if factor is not None:
             metadata["ema_factor"] = str(factor)
-        _save_safetensors(state_dict, output, metadata)
+        _write_atomically(output, lambda path: _save_safetensors(state_dict, path, metadata))
     return f"wrote {len(state_dict)} tensors of {name}{'' if factor is None else f' (EMA {factor})'} at {iteration} to {output}"
+
+
+def _check_output_file(output: Path) -> None:
+    """Refuse, before anything is loaded, an output that cannot become the exported file."""
+    if output.suffix not in (".safetensors", ".pt"):
+        raise RunToolError(f"--output must end in .safetensors or .pt, got '{output.name}'")
+    if output.is_dir():
+        raise RunToolError(f"--output {output} is a directory; name a file in it, e.g. {output / ('weights' + output.suffix)}")
+    if not output.parent.is_dir():
+        what = "is not a directory" if output.parent.exists() else "does not exist"
+        raise RunToolError(f"--output {output}: {output.parent} {what}; create that directory first or name another one")
+
+
+def _write_atomically(output: Path, write: Callable[[Path], None]) -> None:
+    """`write` the file in a private folder next to `output`, fsync it and rename it over `output`: a stopped
+    export leaves the previous `output` as it was. The folder of an export that was killed is named for its
+    process, and removed by the next export into that directory."""
+    directory = output.parent
+    staging = directory / f".{output.name}~export~{HOST}~{os.getpid()}.tmp"
+    try:
+        _remove_stale_staging(directory)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        staged = staging / output.name
+        write(staged)
+        with open(staged, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(staged, output)
+        sync_directory(directory)
+    except OSError as error:
+        raise RunToolError(f"cannot write {output}: {error.strerror or error}; export into a writable directory") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale_staging(directory: Path) -> None:
+    """Staging folders of exports into `directory` killed on this host (their process is gone)."""
+    for entry in os.scandir(directory):
+        match = EXPORT_STAGING.match(entry.name)
+        if match and match["host"] == HOST and not _process_alive(int(match["pid"])):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
+def _save_pt(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    with open(path, "wb") as file:  # a file object: a failed write is an OSError, not torch's RuntimeError
+        torch.save(state_dict, file)
 
 
 def _ema_factor(ema: str | None) -> float | None:
@@ -264,6 +402,7 @@ def _save_safetensors(state_dict: dict[str, torch.Tensor], output: Path, metadat
     """safetensors holds each tensor once, contiguous and unshared: tied weights (one storage under
     several keys) and views are written as copies of their values, and the tied keys are recorded
     in the metadata (`tied_keys`) so that a loader can tie them again."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     views: dict[tuple, list[str]] = {}  # keys by the exact tensor they hold
@@ -285,4 +424,7 @@ def _save_safetensors(state_dict: dict[str, torch.Tensor], output: Path, metadat
     tied = [keys for keys in views.values() if len(keys) > 1]
     if tied:
         metadata = {**metadata, "tied_keys": json.dumps(tied)}
-    save_file(tensors, str(output), metadata=metadata)
+    try:
+        save_file(tensors, str(output), metadata=metadata)
+    except SafetensorError as error:
+        raise OSError(_one_line(str(error))) from None

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 from noether.core.config import load_yaml
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
-from noether.tools.checkpoints import best_callback_configs, metric_rows
+from noether.tools.checkpoints import RunToolError, best_callback_configs, metric_rows
 
 COUNTERS = ("epoch", "update", "sample")
 FAMILY = re.compile(r"^((?:best|ema)=[^/]+)/")
@@ -46,12 +46,18 @@ def plot_run(paths: PathProvider, output_dir: Path) -> list[Path]:
     groups = group_metrics(rows)
     marks = best_marks(paths, rows)
     epoch_ticks = _epoch_ticks(rows)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise RunToolError(f"--output {output_dir} is a file; name a directory for the plots")
     written = []
-    for group, keys in groups.items():
-        path = output_dir / f"{group.replace(' ', '_').replace('/', '.')}.png"
-        _plot_group(group, keys, rows, [m for m in marks if m.metric_key in keys], epoch_ticks, path)
-        written.append(path)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for group, keys in groups.items():
+            path = output_dir / f"{group.replace(' ', '_').replace('/', '.')}.png"
+            _plot_group(group, keys, rows, [m for m in marks if m.metric_key in keys], epoch_ticks, path)
+            written.append(path)
+    except OSError as error:
+        reason = error.strerror or error
+        raise RunToolError(f"cannot write the plots into {output_dir}: {reason}; pass --output DIR for another place") from None
     return written
 
 

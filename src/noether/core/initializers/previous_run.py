@@ -88,14 +88,22 @@ class PreviousRunInitializer(Initializer):
             raise ConfigError(str(error)) from None
 
     def _filtered(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The checkpoint's weights after the removals and renames. Two keys renamed onto one are an error:
+        keeping either would silently drop the other's weights."""
         config = self.config
-        kept = {}
-        for key, value in state_dict.items():
-            if key in config.keys_to_remove or any(pattern in key for pattern in config.patterns_to_remove):
+        kept, sources = {}, {}
+        for source_key, value in state_dict.items():
+            if source_key in config.keys_to_remove or any(pattern in source_key for pattern in config.patterns_to_remove):
                 continue
+            key = source_key
             for rename in config.patterns_to_rename:
                 key = key.replace(rename.src, rename.dst)
-            kept[key] = value
+            if key in sources:
+                raise ConfigError(
+                    f"patterns_to_rename: keys '{sources[key]}' and '{source_key}' of {self._source()} both become '{key}'; "
+                    "remove one of them (keys_to_remove) or rename them apart"
+                )
+            kept[key], sources[key] = value, source_key
         return kept
 
 

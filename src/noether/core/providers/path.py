@@ -6,6 +6,12 @@ import secrets
 import time
 from pathlib import Path
 
+from noether.core.config import ConfigError
+from noether.core.writers.checkpoint_writer import sync_directory
+
+RUN_MARKER = "config.yaml"
+"""The file that makes a directory a run directory: written when a run starts, before its first checkpoint."""
+
 
 def metric_tag(metric_key: str) -> str:
     """A metric key as it appears in file names and log prefixes: `loss/val/total` -> `loss.val.total`."""
@@ -14,6 +20,8 @@ def metric_tag(metric_key: str) -> str:
 
 class PathProvider:
     def __init__(self, output_path: Path | str, run_id: str) -> None:
+        _refuse_nul("output_path", str(output_path))
+        _refuse_nul("run_id", run_id)
         self.output_path = Path(output_path)
         self.run_id = run_id
 
@@ -24,13 +32,21 @@ class PathProvider:
 
     @classmethod
     def for_existing_run(cls, run: str | Path, output_path: Path | str) -> PathProvider:
-        """`run` is a run directory or the id of a run under `output_path`."""
-        run_path = Path(run)
-        if not run_path.is_dir():
-            run_path = Path(output_path) / str(run)
-        if not run_path.is_dir():
-            raise FileNotFoundError(f"unknown run '{run}': neither a directory nor a run id under {output_path}")
-        return cls(run_path.parent, run_path.name)
+        """`run` is the id of a run under `output_path` or a run directory. Only a directory that holds a run
+        (its config.yaml) is taken: a folder of the working directory that happens to share a run's name is
+        never written into. A bare id looks under `output_path` first."""
+        _refuse_nul("run", str(run))
+        candidates = [Path(output_path) / str(run), Path(run)] if _is_bare_id(run) else [Path(run)]
+        for candidate in candidates:
+            if is_run_directory(candidate):
+                return cls(candidate.parent, candidate.name)
+        existing = next((candidate for candidate in candidates if candidate.exists()), None)
+        if existing is not None:
+            raise FileNotFoundError(
+                f"{existing} is not a run directory (it has no {RUN_MARKER}); "
+                f"name a run id under {output_path} or the directory of a run"
+            )
+        raise FileNotFoundError(f"unknown run '{run}': neither a directory nor a run id under {output_path}")
 
     @property
     def run_dir(self) -> Path:
@@ -42,7 +58,7 @@ class PathProvider:
 
     @property
     def config_file(self) -> Path:
-        return self.run_dir / "config.yaml"
+        return self.run_dir / RUN_MARKER
 
     @property
     def log_file(self) -> Path:
@@ -57,4 +73,35 @@ class PathProvider:
         return self.run_dir / "summary.json"
 
     def create(self) -> None:
+        """Create the run directory and its checkpoints/ folder. The directories this creates are made durable
+        once, with their entries in their parents: after a power loss the run's later files are not orphaned."""
+        created = _missing_directories(self.checkpoint_dir)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if created:
+            for directory in created:
+                sync_directory(directory)
+            sync_directory(created[-1].parent)
+
+
+def is_run_directory(path: Path) -> bool:
+    return (path / RUN_MARKER).is_file()
+
+
+def _is_bare_id(run: str | Path) -> bool:
+    """A run id rather than a path: one directory name, neither `.` nor `..`."""
+    text = str(run)
+    return Path(text).name == text and text not in (".", "..")
+
+
+def _missing_directories(directory: Path) -> list[Path]:
+    """`directory` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory != directory.parent:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
+def _refuse_nul(what: str, value: str) -> None:
+    if "\0" in value:
+        raise ConfigError(f"{what}: {value!r} contains a NUL byte, which no file name can hold; pick another {what}")

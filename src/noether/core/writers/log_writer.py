@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -71,7 +72,7 @@ class LogWriter:
         self._summary_written_at: float | None = None  # time.monotonic() of the last rewrite
         self._summary_pending = False
         if is_main_process and summary_file.exists():
-            self.summary = json.loads(summary_file.read_text())
+            self.summary = self._read_summary()
         if is_main_process and metrics_file.exists():
             with metrics_file.open("rb") as file:
                 self.rows_written = sum(1 for _ in file)
@@ -113,13 +114,9 @@ class LogWriter:
             kept = [line for _, line in zip(range(rows), file)]
         if len(kept) == rows and kept and not kept[-1].endswith(b"\n"):
             kept.pop()  # a torn last line
-        temporary = self.metrics_file.with_suffix(".jsonl.tmp")
-        temporary.write_bytes(b"".join(kept))
-        temporary.replace(self.metrics_file)
+        _replace_durably(self.metrics_file, b"".join(kept), ".jsonl.tmp")
         self.rows_written = len(kept)
-        self.summary = {}
-        for line in kept:
-            self.summary.update({key: value for key, value in json.loads(line).items() if key not in ITERATION_KEYS})
+        self.summary = _last_values(kept)
         self._write_summary()
 
     def resumed_at(self, update: int) -> None:
@@ -136,10 +133,23 @@ class LogWriter:
     def _write_summary(self) -> None:
         if self.is_main_process:
             with _failure_reported(self.summary_file):
-                temporary = self.summary_file.with_suffix(".json.tmp")
-                temporary.write_text(json.dumps(self.summary, indent=2, sort_keys=True))
-                temporary.replace(self.summary_file)
+                _replace_durably(self.summary_file, json.dumps(self.summary, indent=2, sort_keys=True).encode(), ".json.tmp")
             self._summary_written_at, self._summary_pending = time.monotonic(), False
+
+    def _read_summary(self) -> dict[str, float]:
+        """summary.json, or, where it does not parse (emptied or torn by a power loss), what metrics.jsonl says:
+        the summary is derived data, rebuilt rather than fatal."""
+        try:
+            summary = json.loads(self.summary_file.read_bytes())
+        except (OSError, ValueError):
+            summary = None
+        if isinstance(summary, dict):
+            return summary
+        lines = self.metrics_file.read_bytes().splitlines() if self.metrics_file.exists() else []
+        logger.warning(f"{self.summary_file} does not parse; rebuilt it from the {len(lines)} rows of {self.metrics_file.name}")
+        self.summary = _last_values(lines)
+        self._write_summary()
+        return self.summary
 
 
 class PrefixedLogWriter:
@@ -158,6 +168,30 @@ class PrefixedLogWriter:
 
     def with_prefix(self, prefix: str) -> PrefixedLogWriter:
         return PrefixedLogWriter(self, prefix)
+
+
+def _last_values(lines: Sequence[bytes]) -> dict[str, float]:
+    """The newest value of every metric in these metrics.jsonl lines (a torn line is skipped)."""
+    summary: dict[str, float] = {}
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            summary.update({key: value for key, value in row.items() if key not in ITERATION_KEYS})
+    return summary
+
+
+def _replace_durably(path: Path, data: bytes, temporary_suffix: str) -> None:
+    """Write `data` under a temporary name next to `path`, fsync it, and rename it over `path`: after a power
+    loss `path` holds the old or the new bytes, never an empty or torn file."""
+    temporary = path.with_suffix(temporary_suffix)
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
 
 
 def _format(value: float) -> str:
