@@ -73,9 +73,9 @@ def worker(args: argparse.Namespace) -> None:
         store.save("latest", TrainingIteration(0, repeat + 1, 8), members, {"note": repeat} if distributed.rank() == 0 else None)
         stalls.append(time.perf_counter() - start)
         if distributed.rank() == 0:
-            store.finish()
+            store.wait()
     if distributed.rank() == 0:
-        store.finish()
+        store.wait()
     print(json.dumps({"rank": distributed.rank(), "state_bytes": state_bytes, "stall_s": statistics.median(stalls)}), flush=True)
     distributed.teardown()
 

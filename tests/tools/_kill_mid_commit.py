@@ -27,7 +27,7 @@ def main(checkpoint_dir: Path, run_id: str) -> None:
     trainer_state = reader.load(Member("classifier", "trainer"), "latest")
     store = CheckpointStore(checkpoint_dir, run_id, KilledAfterTheFirstMove(asynchronous=False))
     store.save("latest", NEW_ITERATION, members, trainer_state, trainer_model_name="classifier")
-    store.finish()
+    store.wait()
 
 
 if __name__ == "__main__":

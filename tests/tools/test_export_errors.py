@@ -99,7 +99,7 @@ def big_run(tmp_path_factory) -> Path:
     store = CheckpointStore(run_dir / "checkpoints", "big", CheckpointWriter(asynchronous=False))
     weights = {"weight": torch.randn(ELEMENTS, generator=torch.Generator().manual_seed(0))}
     store.save("last", TrainingIteration(1, 10, 1280), {Member("big", "model"): {"state_dict": weights}})
-    store.finish()
+    store.wait()
     return run_dir
 
 

@@ -8,7 +8,7 @@ import yaml
 
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.config import ConfigError
-from noether.core.initializers import apply_initializers
+from noether.core.models.base import apply_initializers
 from noether.core.models.base import build_model
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointWriter
@@ -29,7 +29,7 @@ def source(tmp_path_factory):
     weights = build_model(parse_run_config(tree).model).state_dict()
     store = CheckpointStore(run_dir / "checkpoints", "source", CheckpointWriter(asynchronous=False))
     store.save("last", TrainingIteration(2, 18, 2304), {Member("classifier", "model"): {"state_dict": weights}})
-    store.finish()
+    store.wait()
     return output_path
 
 
