@@ -124,17 +124,16 @@ def test_bad_config_exits_with_a_one_line_message(tmp_path, write_config, argume
         (["trainer.effective_batch_size=100000"], "trainer.effective_batch_size: 100000 is larger than the training set (1259 samples)"),
         (["seed=-1"], "seed: input should be greater than or equal to 0"),
         (["model.optimizer.lr=.inf"], "model.optimizer.lr: input should be a finite number"),
-        (["output_path=outputs/file"], "output_path: cannot create the run directory outputs/file/run: Not a directory"),
+        # an output_path that is a file: tests/training/test_lifecycle.py
     ],
 )
 def test_value_that_would_fail_later_is_reported_before_anything_is_created(tmp_path, write_config, arguments, message):
     (tmp_path / "outputs").mkdir()
-    (tmp_path / "outputs" / "file").write_text("")
     config = write_config(tiny_config(Path("outputs")))
     result = run_cli("noether-train", str(config), *arguments, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert result.stderr == f"noether-train: error: {message}\n"
-    assert sorted(path.name for path in tmp_path.rglob("*")) == ["config.yaml", "file", "outputs"]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["config.yaml", "outputs"]
 
 
 def test_config_file_that_is_not_utf8_is_reported_on_one_line(tmp_path):
@@ -146,27 +145,7 @@ def test_config_file_that_is_not_utf8_is_reported_on_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def test_sigterm_stops_training_after_the_current_update(tmp_path, write_config):
-    config = write_config(tiny_config(tmp_path / "outputs", max_epochs=10_000, log_every_n_updates=1))
-    command = [cli_command("noether-train"), str(config)]
-    process = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in process.stdout:
-            if "loss/online/total" in line:  # an update is done, so the loop and its signal handler are running
-                break
-        process.send_signal(signal.SIGTERM)
-        output = process.communicate(timeout=120)[0]
-    finally:
-        process.kill()
-    assert process.returncode == 0, output
-    run_dir = tmp_path / "outputs" / "run"
-    assert output.splitlines()[-1] == str(run_dir)
-
-    last = TrainingIteration.from_dict(read_records(run_dir / "metrics.jsonl")[-1])
-    assert last.epoch < 10_000
-    checkpoint_dir = run_dir / "checkpoints"
-    assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_trainer.th").exists()
-    assert (checkpoint_dir / f"classifier_cp={last}.signal_interrupt_model.th").exists()
+# SIGTERM from outside, the interrupt checkpoint and the resume from it: tests/training/test_signals.py
 
 
 # ----------------------------------------------------------------------------- damaged checkpoint files

@@ -41,9 +41,9 @@ def test_a_nested_callback_on_an_unknown_dataset_fails_before_training(tmp_path:
         "every_n_epochs": 1,
         "eval_callbacks": [accuracy_on("tset")],
     }
-    expected = r"^trainer\.callbacks\[0\]\.eval_callbacks\[0\]\.dataset_key: unknown dataset key 'tset'"
-    with pytest.raises(ConfigError, match=expected):
+    with pytest.raises(ConfigError) as error:
         train(tiny_config(tmp_path, callbacks=[parent]))
+    assert str(error.value) == "trainer.callbacks[0].eval_callbacks[0].dataset_key: unknown dataset key 'tset'; known keys: test, train, val"
     assert not (tmp_path / "run").exists()
 
 
@@ -51,7 +51,7 @@ def test_the_command_line_reports_an_unknown_dataset_in_one_line(tmp_path: Path,
     config = write_config(tiny_config(tmp_path / "outputs", callbacks=[accuracy_on("tset")]))
     result = run_cli("noether-train", str(config), cwd=tmp_path, check=False)
 
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         "noether-train: error: trainer.callbacks[0].dataset_key: unknown dataset key 'tset'; known keys: test, train, val"
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.providers.path import PathProvider
 from noether.training.run import train
 from tests.conftest import run_cli, tiny_config
@@ -32,7 +32,27 @@ def copy_of(run: PathProvider, tmp_path: Path) -> PathProvider:
 def stored_weights(
     run: PathProvider, tag: str, model_name: str = "classifier", ema: float | None = None
 ) -> dict[str, torch.Tensor]:
-    return CheckpointStore(run.checkpoint_dir, run.run_id).load(Member(model_name, "model", ema), tag)["state_dict"]
+    """The weights file as torch.load itself reads it (not through the CheckpointStore the export uses)."""
+    ema_part = "" if ema is None else f"_ema={ema}"
+    return torch.load(run.checkpoint_dir / f"{model_name}{ema_part}_cp={tag}_model.th", weights_only=True)["state_dict"]
+
+
+MEMBER_FILE = re.compile(r"^classifier(?:_ema=[0-9.]+)?_cp=(?P<tag>.+)_(?:model|optim|trainer)\.th$")
+
+
+def bytes_on_disk_by_tag(checkpoint_dir: Path) -> dict[str, int]:
+    """The sum of the sizes (os.stat) of every file of each tag, read off the file names."""
+    sizes: dict[str, int] = {}
+    for entry in os.scandir(checkpoint_dir):
+        if entry.is_file() and (match := MEMBER_FILE.match(entry.name)):
+            sizes[match["tag"]] = sizes.get(match["tag"], 0) + os.stat(entry.path).st_size
+    return sizes
+
+
+def as_kib(size: int) -> list[str]:
+    """A size as `list` prints it, split at the space: ["52.7", "KiB"] (every set of this run is under 1 MiB)."""
+    assert 1024 <= size < 1024**2, size
+    return [f"{size / 1024:.1f}", "KiB"]
 
 
 def assert_bit_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -57,12 +77,12 @@ def test_list_shows_every_tag_oldest_first_with_files_size_and_best_metric(full_
         f"{BEST_TAG}.tolerance=3",
     }
     assert lines[-1].split()[1] == "E1_U11_S1408"  # newest iteration last
-    assert by_tag[INTERRUPT_TAG][2:6] == [
-        "classifier[weights,optimizer,trainer,ema=0.9]",
-        by_tag[INTERRUPT_TAG][3],
-        "KiB",
-        "resumable",
-    ]
+    assert by_tag[INTERRUPT_TAG][2] == "classifier[weights,optimizer,trainer,ema=0.9]"
+    assert by_tag[INTERRUPT_TAG][5] == "resumable"
+    # the size column: each tag's files as the filesystem counts them (a file linked under two tags counts for each)
+    sizes = bytes_on_disk_by_tag(full_run.checkpoint_dir)
+    assert set(sizes) == set(by_tag)
+    assert {tag: by_tag[tag][3:5] for tag in by_tag} == {tag: as_kib(size) for tag, size in sizes.items()}
     assert by_tag[BEST_TAG][2] == "classifier[weights]" and by_tag[BEST_TAG][5:7] == ["weights", "only"]
     # the best checkpoint's iteration is a validation point, so the metric's value there is listed
     metrics = [json.loads(line) for line in full_run.metrics_file.read_text().splitlines()]
@@ -135,10 +155,10 @@ def test_export_round_trips_the_weights_bit_identically(full_run, tmp_path, suff
     assert_bit_identical(load_file(output), expected)
     with safe_open(output, "pt") as exported:
         metadata = exported.metadata()
-    iteration = CheckpointStore(full_run.checkpoint_dir, full_run.run_id).iteration(BEST_TAG)
+    stamped = torch.load(full_run.checkpoint_dir / f"classifier_cp={BEST_TAG}_model.th", weights_only=True)["training_iteration"]
     assert metadata == {
         "checkpoint_tag": BEST_TAG,
-        "training_iteration": str(iteration),
+        "training_iteration": "E{epoch}_U{update}_S{sample}".format(**stamped),
         "run_id": "run",
         "model_name": "classifier",
     }

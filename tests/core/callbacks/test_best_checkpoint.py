@@ -292,7 +292,7 @@ def test_config_errors_are_raised_before_training(tmp_path: Path, callbacks: lis
 def test_cli_reports_a_metric_no_callback_logs_in_one_line(tmp_path: Path, write_config) -> None:
     tree = config(tmp_path / "outputs", [best_callback(metric_key="loss/val/total")])
     result = run_cli("noether-train", str(write_config(tree)), cwd=tmp_path, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

@@ -1,5 +1,7 @@
 """CheckpointCallback: which files a run writes, under which names, with what inside."""
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -64,18 +66,51 @@ def test_a_checkpoint_callback_that_saves_nothing_is_rejected_before_training(tm
     assert not (tmp_path / "run").exists()
 
 
-def test_the_size_of_one_checkpoint_and_of_all_checkpoints_is_logged_before_training(tmp_path: Path) -> None:
-    """85,002 float32 parameters: 340 kB of weights, an AdamW state of twice that; 4 periodic saves, latest and last."""
+@pytest.fixture(scope="module")
+def sized_run(tmp_path_factory):
+    """85,002 float32 parameters: 340 kB of weights, an AdamW state of twice that; checkpoints every 4
+    updates of 18 with `latest` (which shares the periodic set's files), and `last` at update 18."""
     callback = {"kind": CHECKPOINT, "every_n_updates": 4, "save_latest_weights": True, "save_latest_optim": True}
-    tree = tiny_config(tmp_path, callbacks=[callback])
+    tree = tiny_config(tmp_path_factory.mktemp("sized"), callbacks=[callback])
     tree["model"]["hidden_dim"] = 256
-    paths = train(tree)
+    return train(tree)
 
-    log = paths.log_file.read_text()
+
+def logged_estimate(paths) -> re.Match:
+    [line] = [line for line in paths.log_file.read_text().splitlines() if "one checkpoint:" in line]
+    match = re.search(r"one checkpoint: weights ([\d.]+) kB, optimizer state ~([\d.]+) kB; this run will write ~([\d.]+) MB of checkpoints$", line)
+    assert match, line
+    return match
+
+
+def test_the_size_of_one_checkpoint_and_of_all_checkpoints_is_logged_before_training(sized_run) -> None:
+    log = sized_run.log_file.read_text()
     assert "one checkpoint: weights 340.0 kB, optimizer state ~680.0 kB; this run will write ~6.1 MB of checkpoints" in log
     assert log.index("one checkpoint") < log.index("E1_U9_S1152")  # before training
-    written = sum(path.stat().st_size for path in paths.checkpoint_dir.iterdir() if "_trainer" not in path.name)
-    assert written == pytest.approx(6_120_144, rel=0.05)  # the estimate is close to the truth
+    # one checkpoint's figures against its files on disk (which add a little of their own: names, stamps, the zip)
+    weights_kb, optim_kb, _ = (float(value) for value in logged_estimate(sized_run).groups())
+    for part, estimate in (("model", weights_kb), ("optim", optim_kb)):
+        on_disk = os.stat(checkpoint_path(sized_run, "classifier", "E0_U4_S512", part)).st_size
+        assert on_disk == pytest.approx(estimate * 1000, rel=0.02), part
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug (issue 29, item 9): the estimate counts `latest` as a set of its own, but `latest` hard-links the "
+    "periodic set of its step (README: bytes are written once per training iteration, `du` counts them once): "
+    "~6.1 MB announced, ~5.1 MB written",
+)
+def test_the_estimate_of_what_the_run_writes_is_close_to_the_bytes_it_wrote(sized_run) -> None:
+    """What the run wrote: every weights and optimizer file once, however many names it has (the
+    estimate leaves the small trainer state out)."""
+    files = {}
+    for path in sized_run.checkpoint_dir.iterdir():
+        if "_trainer" not in path.name:
+            stat = os.stat(path)
+            files[(stat.st_dev, stat.st_ino)] = stat.st_size
+    assert len(files) == 10  # 4 periodic sets and `last`, weights and optimizer state each
+    announced_mb = float(logged_estimate(sized_run).group(3))
+    assert sum(files.values()) == pytest.approx(announced_mb * 1e6, rel=0.05)
 
 
 def test_evaluation_writes_no_checkpoint(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from noether.core.config import ConfigError
 from noether.core.models.base import apply_initializers
 from noether.core.models.base import build_model
+from noether.core.providers.path import PathProvider
 from noether.training.run import parse_run_config, train
 from tests.conftest import run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
@@ -107,14 +109,18 @@ def test_keys_are_filtered_and_renamed_into_a_submodel_of_a_composite(source, tm
     ids=["unknown-run", "unknown-tag", "unknown-ema", "bad-model-info", "missing-key", "renamed-away"],
 )
 def test_an_initializer_that_does_not_fit_is_one_line_before_training(source, tmp_path, write_config, initializer, message):
-    tree = fine_tune_tree(source, tmp_path, **initializer)
-    tree["output_path"] = str(source.output_path)
+    """The fine-tuning run lies next to its source run, in an output path of its own: a copy of the
+    source run (the module's tests share the source itself)."""
+    outputs = tmp_path / "outputs"
+    shutil.copytree(source.run_dir, outputs / source.run_id)
+    copied_source = PathProvider(outputs, source.run_id)
+    tree = fine_tune_tree(copied_source, outputs, **initializer)
     tree["run_id"] = "fine-tune"
     result = run_cli("noether-train", str(write_config(tree)), cwd=tmp_path, check=False)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert re.search(message, line), line
-    assert not (source.output_path / "fine-tune" / "starting_weights.0.pt").exists()
+    assert not (outputs / "fine-tune" / "starting_weights.0.pt").exists()
 
 
 def test_a_shape_mismatch_names_the_key(source, tmp_path):

@@ -1,6 +1,9 @@
 """The writer's durability barrier for sets of files, its CRC-free files, and how it frees replaced files."""
 
+import contextlib
 import os
+import re
+import stat
 import threading
 import zipfile
 from pathlib import Path
@@ -8,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from noether.core import checkpoint_store
 from noether.core.writers import checkpoint_writer
 from noether.core.writers.checkpoint_writer import CheckpointWriter, load_checkpoint, make_durable, sync_directory
+from noether.training.run import train
+from tests.conftest import tiny_config
 
 
 def payload(seed: int, size: int = 64) -> dict:
@@ -36,6 +42,11 @@ def test_a_set_staged_without_fsync_is_made_durable_at_once_and_moved_into_place
         pytest.skip("no syncfs on this platform")
     final = {tmp_path / f"cp=latest_{kind}.th": payload(seed) for seed, kind in enumerate(["model", "optim", "trainer"])}
     staged = {path: path.with_name(f".{path.name}.staged") for path in final}
+    syncfs_calls, fsynced = [], []
+    real_syncfs, real_fsync = checkpoint_writer._syncfs, os.fsync
+    if real_syncfs is not None:
+        monkeypatch.setattr(checkpoint_writer, "_syncfs", lambda fd: syncfs_calls.append(fd) or real_syncfs(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
     with CheckpointWriter() as writer:
         for path, data in final.items():
             writer.save(staged[path], data, sync_directory=False, fsync=False)
@@ -53,6 +64,14 @@ def test_a_set_staged_without_fsync_is_made_durable_at_once_and_moved_into_place
         assert loaded["checkpoint_tag"] == data["checkpoint_tag"]
         assert torch.equal(loaded["state_dict"]["weight"], data["state_dict"]["weight"])
     assert hidden_files(tmp_path) == []
+    # the barrier really ran: one syncfs for the whole set, or else one fsync per file (and no other fsync of a file)
+    files = sorted(path.stat().st_ino for path in final)
+    if use_syncfs:
+        assert len(syncfs_calls) == 1
+        assert [ino for ino in fsynced if ino in files] == []
+    else:
+        assert syncfs_calls == []
+        assert sorted(ino for ino in fsynced if ino in files) == files
 
 
 def test_make_durable_names_a_missing_file(tmp_path):
@@ -152,3 +171,105 @@ def test_buffer_bytes_reports_the_host_memory_of_the_snapshot_buffers(tmp_path):
             writer.save(tmp_path / "cp=latest_model.th", data)
             writer.wait()
         assert writer.buffer_bytes == tensor_bytes
+
+
+# --------------------------------------------------------------------------------- one barrier per set, in a real run
+STAGED_NAME = re.compile(r"^\.(?P<final>.+)~(?P<set_id>[0-9a-f]+-\d+)\.staged$")
+
+
+class DurabilitySpy:
+    """Records, in order, the real calls a run makes: each durability barrier (`make_durable`, as the
+    checkpoint store calls it) with the files it covers, each rename, each hard link and each fsync of
+    a file (not a directory) outside a barrier. Every call still does what it did."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple] = []
+        self._inside_barrier = threading.local()
+        real_make_durable, real_replace, real_link, real_fsync = checkpoint_store.make_durable, os.replace, os.link, os.fsync
+
+        def make_durable(paths: list[Path]) -> None:
+            self.events.append(("barrier", [Path(path) for path in paths]))
+            self._inside_barrier.active = True
+            try:
+                real_make_durable(paths)
+            finally:
+                self._inside_barrier.active = False
+
+        def replace(source, target, *args, **kwargs) -> None:
+            real_replace(source, target, *args, **kwargs)
+            self.events.append(("rename", Path(source), Path(target)))
+
+        def link(source, target, *args, **kwargs) -> None:
+            real_link(source, target, *args, **kwargs)
+            self.events.append(("link", Path(source), Path(target)))
+
+        def fsync(fd: int) -> None:
+            if not getattr(self._inside_barrier, "active", False) and stat.S_ISREG(os.fstat(fd).st_mode):
+                with contextlib.suppress(OSError):
+                    self.events.append(("fsync outside a barrier", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+            real_fsync(fd)
+
+        monkeypatch.setattr(checkpoint_store, "make_durable", make_durable)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def set_of(path: Path) -> str | None:
+    match = STAGED_NAME.match(path.name)
+    return None if match is None else match["set_id"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file an fsync is for")
+@pytest.mark.parametrize("async_checkpoints", [True, False])
+def test_a_run_makes_each_checkpoint_set_durable_with_one_barrier_before_its_first_rename(tmp_path, monkeypatch, async_checkpoints):
+    """Periodic sets (every 4 updates) with `latest` linked to them, EMA weights, best weights (every 3
+    updates, some at a periodic step, so linked) and `last`: a set's files written by the writer are
+    made durable by exactly one barrier, which covers all of them and comes before any of the set's
+    files takes its final name; a set made only of links to durable files needs none."""
+    tree = tiny_config(
+        tmp_path,
+        callbacks=[
+            {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_updates": 3, "dataset_key": "val"},
+            {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_updates": 3, "metric_key": "loss/val/total"},
+            {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
+            {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_updates": 4, "save_latest_weights": True, "save_latest_optim": True},
+        ],
+    )
+    spy = DurabilitySpy(monkeypatch)
+    paths = train({**tree, "async_checkpoints": async_checkpoints})
+    events = spy.events  # renames and links of other files too: only the store stages files as `.{name}~{set id}.staged`
+    assert {path.parent for event in events if event[0] == "barrier" for path in event[1]} == {paths.checkpoint_dir.absolute()}
+
+    # no file of a checkpoint, staged or in its writer's temporary file, is made durable on its own
+    assert [event for event in events if event[0] == "fsync outside a barrier" and event[1].parent == paths.checkpoint_dir.absolute()] == []
+    linked = {event[2].name for event in events if event[0] == "link" and set_of(event[2])}
+    # the commit renames: a staged file onto the final name it was staged for
+    commits: dict[str, list[int]] = {}
+    staged_files: dict[str, set[str]] = {}
+    for index, event in enumerate(events):
+        if event[0] == "rename" and (set_id := set_of(event[1])) is not None:
+            assert event[2].name == STAGED_NAME.match(event[1].name)["final"], event
+            commits.setdefault(set_id, []).append(index)
+            staged_files.setdefault(set_id, set()).add(event[1].name)
+    barriers: dict[str, list[tuple[int, set[str]]]] = {}
+    for index, event in enumerate(events):
+        if event[0] == "barrier" and event[1]:
+            owners = {set_of(path) for path in event[1]}
+            assert len(owners) == 1 and None not in owners, f"a barrier over other files than one staged set: {event[1]}"
+            barriers.setdefault(owners.pop(), []).append((index, {path.name for path in event[1]}))
+
+    assert len(commits) >= 10, commits  # the run committed many sets: the checks below are not vacuous
+    link_only = [set_id for set_id, names in staged_files.items() if names <= linked]
+    assert link_only, "no set made only of links (latest, a best at a periodic step)"
+    for set_id, rename_indices in commits.items():
+        written = staged_files[set_id] - linked
+        set_barriers = barriers.get(set_id, [])
+        if not written:
+            assert set_barriers == [], f"set {set_id} holds only links, yet had a barrier"
+            continue
+        assert len(set_barriers) == 1, f"set {set_id} ({sorted(staged_files[set_id])}): {len(set_barriers)} barriers"
+        [(barrier_index, covered)] = set_barriers
+        assert covered == written, f"set {set_id}: the barrier covered {sorted(covered)}, written were {sorted(written)}"
+        assert barrier_index < min(rename_indices), f"set {set_id}: a file took its final name before the barrier"
+    assert set(barriers) <= set(commits)  # no barrier for a set that was never committed
