@@ -62,7 +62,7 @@ def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(tr
     config = write_config(tree)
 
     run_cli("noether-eval", str(config), "--run", str(copy), "--checkpoint", "E1_U9_S1152", cwd=tmp_path)
-    assert store.staged_leftovers() == [] and store.info("E1_U9_S1152").resumable
+    assert store.staged_leftovers() == [] and store.info("E1_U9_S1152").complete  # weights only: complete, not resumable
 
     read_only = tmp_path / "read-only"
     read_only.mkdir()

@@ -22,7 +22,6 @@ import yaml
 
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.providers.path import PathProvider
-from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.training.run import train
 from tests.conftest import tiny_config
 from tests.support.models import composite_model_config
@@ -221,13 +220,7 @@ def test_the_frozen_submodel_is_saved_unchanged_by_either_number_of_processes(fa
         assert all(torch.equal(other[key], saved[0][key]) for key in saved[0])
 
 
-# --------------------------------------------------------------------------------- a product bug
-@pytest.mark.xfail(
-    strict=True,
-    raises=CheckpointLoadError,
-    reason="bug: load_model_weights takes a frozen submodel without a saved file for sharded (the store names a "
-    ".dcp folder that does not exist) and fails with 'checkpoint file not found', with any number of processes",
-)
+# --------------------------------------------------------------------------------- frozen submodels
 def test_a_sharded_checkpoint_without_the_frozen_submodel_resumes(tmp_path):
     """The README: frozen submodels are rebuilt from config and seed, not saved; a sharded checkpoint resumes
     with any number of processes. Shown here in one process (`.dcp` format, nothing sharded)."""

@@ -71,7 +71,7 @@ def load_model_weights(
     for name, leaf in model.named_models().items():
         weights = Member(name, "model")
         payload = None
-        if store.is_sharded(weights, tag):
+        if store.is_sharded(weights, tag) and (store.exists(weights, tag) or not leaf.is_frozen):
             payload = store.load_into(weights, tag, leaf.state_dict(), expected_iteration=expected_iteration)
             _load_into(leaf, payload["state_dict"], store.path(weights, tag))
         elif store.exists(weights, tag) or not leaf.is_frozen:

@@ -14,6 +14,7 @@ from noether.core.config import ConfigError
 from noether.core.models.base import select_models
 from noether.core.utils.formatting import format_bytes
 from noether.core.utils.training.counter import UpdateCounter
+from noether.core.utils.training.iteration import TrainingIteration
 
 ADAM_LIKE_STATE_PER_PARAMETER = 2  # exp_avg and exp_avg_sq: the common case, used for the size estimate
 
@@ -120,16 +121,24 @@ class CheckpointCallback(PeriodicCallback):
         )
 
     def _log_forecast(self, update_counter: UpdateCounter) -> None:
+        """What one checkpoint weighs and what the run writes and keeps, each file counted once: `latest`
+        with the periodic set's parts is a second name of its files, and so is `last` at a periodic step."""
         weights, optim = self._checkpoint_bytes()
         config = self.config
         per_periodic = weights * config.save_weights + optim * config.save_optim
         per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
-        last = weights + optim * (config.save_optim or config.save_latest_optim)
-        invocations = self.schedule.invocations_between(
-            update_counter.update, update_counter.end_update, update_counter.updates_per_epoch, update_counter.effective_batch_size
-        )
-        total = per_periodic * invocations + per_latest + last
-        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + per_latest + last
+        latest_is_periodic = per_periodic > 0 and (config.save_latest_weights, config.save_latest_optim) == (config.save_weights, config.save_optim)
+        last_optim = config.save_optim or config.save_latest_optim
+        last = weights + optim * last_optim
+        epoch_length, batch = update_counter.updates_per_epoch, update_counter.effective_batch_size
+        end = update_counter.end_update
+        at_end = TrainingIteration(epoch=end // epoch_length, update=end, sample=end * batch)
+        if config.save_weights and config.save_optim == last_optim and self.schedule.fired_at(at_end, epoch_length, batch):
+            last = 0
+        invocations = self.schedule.invocations_between(update_counter.update, end, epoch_length, batch)
+        latest_written, latest_kept = (0, 0) if latest_is_periodic else (per_latest * invocations, per_latest)
+        total = per_periodic * invocations + latest_written + last
+        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + latest_kept + last
         self.logger.info(
             f"one checkpoint: weights {format_bytes(weights)}, optimizer state ~{format_bytes(optim)}; "
             f"this run will write ~{format_bytes(total)} of checkpoints"
