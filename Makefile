@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/noether-train
 
-# one worker per core; a test file's tests share a worker (and their module fixtures)
+# the linters, then the tests: one worker per core; a test file's tests share a worker (and their module fixtures)
 test: $(STAMP)
+	$(PYTHON) -m ruff check src tests benchmarks
+	$(PYTHON) -m ruff format --check src tests benchmarks
 	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 # a run stopped before each of its file operations in turn resumes exactly (make test samples a few)

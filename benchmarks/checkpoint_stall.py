@@ -31,6 +31,7 @@ see the same disk conditions.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -124,7 +125,7 @@ def run(params: int, repeats: int = 5, directory: str | None = None, device: str
             writer.wait()  # the next measurements do not overlap it
             settle()
             plain, previous = tmp / f"plain{i % 2}.bin", tmp / f"plain{(i + 1) % 2}.bin"
-            results["plain"].append(timed(lambda: plain_write_fsync(plain, data)))
+            results["plain"].append(timed(functools.partial(plain_write_fsync, plain, data)))
             results["free_previous"].append(timed(previous.unlink))
         median = {name: statistics.median(times) for name, times in results.items()}
         buffer_bytes = writer.buffer_bytes
@@ -156,8 +157,10 @@ def run(params: int, repeats: int = 5, directory: str | None = None, device: str
 
 
 def print_table(r: dict) -> None:
-    print(f"{r['params'] / 1e6:.0f}M params on {r['device']}, {r['tensors']} tensors, {r['file_bytes'] / 1e9:.2f} GB per file, "
-          f"median of {r['repeats']}; the writer's snapshot buffers hold {r['writer_buffer_bytes'] / 1e9:.2f} GB of host memory")
+    print(
+        f"{r['params'] / 1e6:.0f}M params on {r['device']}, {r['tensors']} tensors, {r['file_bytes'] / 1e9:.2f} GB per file, "
+        f"median of {r['repeats']}; the writer's snapshot buffers hold {r['writer_buffer_bytes'] / 1e9:.2f} GB of host memory"
+    )
     rows = [
         ("stall: sync torch.save", r["stall_sync_torch_save_s"]),
         ("stall: CheckpointWriter.save, first", r["stall_async_first_s"]),
@@ -171,8 +174,11 @@ def print_table(r: dict) -> None:
         print(f"  {label:<40} {seconds * 1e3:10.1f} ms")
     ratios = [
         ("stall_async / memcopy", r["stall_async_over_memcopy"], f"<= {TARGET_STALL_RATIO}"),
-        ("durable_throughput / plain_write_fsync", r["durable_throughput_over_plain_write_fsync"],
-         f">= {TARGET_THROUGHPUT_RATIO}"),
+        (
+            "durable_throughput / plain_write_fsync",
+            r["durable_throughput_over_plain_write_fsync"],
+            f">= {TARGET_THROUGHPUT_RATIO}",
+        ),
     ]
     for label, ratio, target in ratios:
         print(f"  {label:<40} {ratio:10.2f}    (target {target})")

@@ -37,8 +37,14 @@ def ema_callback(output: Path, run_id: str, children: list[dict[str, Any]]) -> t
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree.update(output_path=str(output), run_id=run_id)
     tree["model"].update(hidden_dim=2048, depth=4)  # ~13M parameters in 10 tensors
-    ema = {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1000, "target_factors": [0.99, 0.999],
-           "save_latest_weights": False, "save_last_weights": False, "eval_callbacks": children}
+    ema = {
+        "kind": "noether.core.callbacks.EmaCallback",
+        "every_n_epochs": 1000,
+        "target_factors": [0.99, 0.999],
+        "save_latest_weights": False,
+        "save_last_weights": False,
+        "eval_callbacks": children,
+    }
     tree["trainer"]["callbacks"] = [ema]
     config = parse_run_config(tree)
     paths = PathProvider(config.output_path, run_id)

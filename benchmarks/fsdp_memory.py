@@ -91,7 +91,9 @@ def run(width: int = 1024, layers: int = 8, repeats: int = 3) -> dict:
     options = ["--width", str(width), "--layers", str(layers), "--repeats", str(repeats), "--worker"]
     [single] = run_workers([sys.executable, __file__, *options])
     torchrun = str(Path(sys.executable).parent / "torchrun")
-    sharded = sorted(run_workers([torchrun, "--standalone", "--nproc_per_node", "2", __file__, *options]), key=lambda row: row["rank"])
+    sharded = sorted(
+        run_workers([torchrun, "--standalone", "--nproc_per_node", "2", __file__, *options]), key=lambda row: row["rank"]
+    )
     peak = max(row["state_bytes"] for row in sharded)
     return {
         "state_bytes_one_process": single["state_bytes"],
@@ -114,8 +116,10 @@ def main() -> None:
         return
     result = run(args.width, args.layers, args.repeats)
     one, two = result["state_bytes_one_process"], result["state_bytes_per_rank_two_processes"]
-    print(f"parameters+optimizer+EMA per rank: 1 process {one / 2**20:.1f} MiB, 2 processes {two / 2**20:.1f} MiB "
-          f"(max over ranks); ratio {result['state_two_over_one']:.3f} (target <= 0.55)")
+    print(
+        f"parameters+optimizer+EMA per rank: 1 process {one / 2**20:.1f} MiB, 2 processes {two / 2**20:.1f} MiB "
+        f"(max over ranks); ratio {result['state_two_over_one']:.3f} (target <= 0.55)"
+    )
     stalls = ", ".join(f"rank {rank} {stall * 1e3:.0f} ms" for rank, stall in enumerate(result["stall_s_per_rank_two_processes"]))
     print(f"sharded checkpoint stall: 1 process {result['stall_s_one_process'] * 1e3:.0f} ms; 2 processes {stalls}")
 

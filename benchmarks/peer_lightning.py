@@ -38,19 +38,24 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.utils.data import DataLoader
+from training_throughput import CLOCK, steady_seconds_per_update
 
 from noether.core.providers.path import PathProvider
 from noether.core.writers.log_writer import LogWriter
 from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig, DigitsDataset, DigitsDatasetConfig
 from noether.training.run import build_trainer, parse_run_config
-from training_throughput import CLOCK, steady_seconds_per_update
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 EMA_FACTOR = 0.999
 VALIDATION = [{"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}]
 FULL_STACK = VALIDATION + [
     {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total"},
-    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+    {
+        "kind": "noether.core.callbacks.CheckpointCallback",
+        "every_n_epochs": 1,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    },
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [EMA_FACTOR]},
 ]
 
@@ -110,7 +115,9 @@ def time_plain_loop(output: Path, epochs: int, full: bool, run_id: str, device: 
             times.append(time.perf_counter())
         model.eval()
         with torch.no_grad():
-            val_loss = sum(F.cross_entropy(model(b["x"].to(device)), b["y"].to(device), reduction="sum") for b in val) / len(val.dataset)
+            val_loss = sum(F.cross_entropy(model(b["x"].to(device)), b["y"].to(device), reduction="sum") for b in val) / len(
+                val.dataset
+            )
         float(val_loss)  # read, as a logger would
     return steady_seconds_per_update(times, len(train))
 
@@ -139,6 +146,7 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
             return torch.optim.AdamW(self.parameters(), **optimizer_options)
 
     torch.manual_seed(0)
+
     class Clock(pl.Callback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -156,8 +164,16 @@ def time_lightning(output: Path, epochs: int, full: bool, run_id: str, device: s
         ]
     callbacks.append(clock)
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, max_epochs=epochs, callbacks=callbacks, enable_checkpointing=full, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=output / run_id,
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        enable_checkpointing=full,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=output / run_id,
     )
     trainer.fit(DigitsModule(), train, val)
     return steady_seconds_per_update(clock.times, len(train))
@@ -191,7 +207,9 @@ def run(rounds: int = 9, epochs: int = 5, device: str = "cpu") -> dict[str, floa
             order = list(VARIANTS.items())
             for variant, timer in order if round_index % 2 == 0 else reversed(order):
                 times[variant].append(timer(output, epochs, f"{'-'.join(variant)}-{round_index}", device))
-    results = {f"{framework}_{stack}_ms_per_update": statistics.median(values) * 1e3 for (framework, stack), values in times.items()}
+    results = {
+        f"{framework}_{stack}_ms_per_update": statistics.median(values) * 1e3 for (framework, stack), values in times.items()
+    }
 
     def paired(numerator: tuple[str, str], denominator: tuple[str, str]) -> float:
         return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))

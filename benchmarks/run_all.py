@@ -49,7 +49,13 @@ ROWS = [
     ("quickstart job, Lightning: full / bare", "peer_lightning", "lightning_full_vs_bare", None, ""),
     ("quickstart job, bare: this project / Lightning", "peer_lightning", "bare_noether_vs_lightning", 0.5, "<="),
     ("quickstart job, full: this project / Lightning", "peer_lightning", "full_noether_vs_lightning", 0.5, "<="),
-    ("quickstart job, bare: hand-written loop / Lightning (the floor)", "peer_lightning", "bare_plain_loop_vs_lightning", None, ""),
+    (
+        "quickstart job, bare: hand-written loop / Lightning (the floor)",
+        "peer_lightning",
+        "bare_plain_loop_vs_lightning",
+        None,
+        "",
+    ),
     ("quickstart job, bare: this project / hand-written loop", "peer_lightning", "bare_noether_vs_plain_loop", None, ""),
     ("FSDP params+optim+EMA per rank: 2 processes / 1", "fsdp_memory", "state_two_over_one", 0.55, "<="),
 ]
@@ -57,20 +63,25 @@ ROWS = [
 
 def run(quick: bool, device: str = "cpu") -> dict[str, dict]:
     params = 5_000_000 if quick else 100_000_000
-    epochs = 2 if quick else 10
     benchmarks = {
         "ema_1_factor": lambda: ema_update.run(params, 1, device),
         "ema_3_factors": lambda: ema_update.run(params, 3, device),
         "ema_idle_children": lambda: ema_idle_children.run(100 if quick else 300),
         "checkpoint": lambda: checkpoint_stall.run(params, repeats=3 if quick else 5, device=device),
         "checkpoint_set": lambda: checkpoint_set.run(rounds=5 if quick else 30),
-        "throughput_example": lambda: training_throughput.run("example", rounds=1 if quick else 15, epochs=2 if quick else 8, device=device),
-        "throughput_large": lambda: training_throughput.run("large", rounds=1 if quick else 5, epochs=2 if quick else 4, device=device),
+        "throughput_example": lambda: training_throughput.run(
+            "example", rounds=1 if quick else 15, epochs=2 if quick else 8, device=device
+        ),
+        "throughput_large": lambda: training_throughput.run(
+            "large", rounds=1 if quick else 5, epochs=2 if quick else 4, device=device
+        ),
         "peer_lightning": lambda: peer_lightning.run(rounds=1 if quick else 9, epochs=2 if quick else 5, device=device),
         "fsdp_memory": lambda: fsdp_memory.run(256 if quick else 1024, layers=8, repeats=1 if quick else 3),
     }
     if importlib.util.find_spec("pytorch_lightning") is None:
-        print("skipping peer_lightning: PyTorch Lightning is not installed (pip install 'noether-trainkit[bench]')", file=sys.stderr)
+        print(
+            "skipping peer_lightning: PyTorch Lightning is not installed (pip install 'noether-trainkit[bench]')", file=sys.stderr
+        )
         del benchmarks["peer_lightning"]
     results = {}
     for name, benchmark in benchmarks.items():
@@ -115,8 +126,14 @@ def main() -> None:
     results = run(arguments.quick, arguments.device)
     print(table(results))
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "cpu": platform.processor() or platform.machine(), "quick": arguments.quick, "device": arguments.device}
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "quick": arguments.quick,
+        "device": arguments.device,
+    }
     arguments.json.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(f"wrote {arguments.json}", file=sys.stderr)
 

@@ -40,8 +40,18 @@ from noether.training.run import build_trainer, parse_run_config
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 
 FULL_STACK = [
-    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
-    {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/online/total", "tolerances": [2, 5]},
+    {
+        "kind": "noether.core.callbacks.CheckpointCallback",
+        "every_n_epochs": 1,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    },
+    {
+        "kind": "noether.core.callbacks.BestCheckpointCallback",
+        "every_n_epochs": 1,
+        "metric_key": "loss/online/total",
+        "tolerances": [2, 5],
+    },
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.99, 0.999]},
 ]
 CLOCK = {"kind": f"{__name__}.UpdateClock", "every_n_epochs": 1}
@@ -72,7 +82,12 @@ def steady_seconds_per_update(times: list[float], updates_per_epoch: int) -> flo
 
 
 def config_tree(
-    output_path: Path, size: str, epochs: int, callbacks: list[dict[str, Any]], trackers: list[dict[str, Any]] = (), device: str = "cpu"
+    output_path: Path,
+    size: str,
+    epochs: int,
+    callbacks: list[dict[str, Any]],
+    trackers: list[dict[str, Any]] = (),
+    device: str = "cpu",
 ) -> dict[str, Any]:
     tree = yaml.safe_load(QUICKSTART.read_text())
     tree["output_path"] = str(output_path)
@@ -107,8 +122,13 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> float:
     dataset = DigitsDataset(DigitsDatasetConfig(split="train"))
     model = DigitsClassifier(DigitsClassifierConfig(**config.model.model_dump(exclude={"kind"}))).to(config.device)
     optimizer = config.model.optimizer.build(model.parameters())
-    loader = DataLoader(dataset, batch_size=config.trainer.effective_batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=config.trainer.effective_batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     times = []
     for _ in range(config.trainer.max_epochs):
         for batch in loader:
@@ -141,7 +161,9 @@ def run(size: str = "example", rounds: int = 9, epochs: int = 8, device: str = "
         for round_index in range(rounds):
             order = list(variants.items())
             for name, (timer, callbacks, trackers) in order if round_index % 2 == 0 else reversed(order):
-                times[name].append(timer(config_tree(Path(output), size, epochs, callbacks, trackers, device), f"{name}{round_index}"))
+                times[name].append(
+                    timer(config_tree(Path(output), size, epochs, callbacks, trackers, device), f"{name}{round_index}")
+                )
     results = {f"{name}_ms_per_update": statistics.median(values) * 1e3 for name, values in times.items()}
 
     def paired(numerator: str, denominator: str) -> float:

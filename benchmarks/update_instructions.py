@@ -74,8 +74,16 @@ def run_variant(name: str, epochs: int) -> None:
 
 def count_instructions(name: str, epochs: int, directory: Path) -> int:
     out_file = directory / f"callgrind.{name}.{epochs}"
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
-               sys.executable, __file__, "--child", name, str(epochs)]
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out_file}",
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        str(epochs),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     finished = subprocess.run(command, env=env, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -91,10 +99,14 @@ def run(variants: list[str], epochs: int) -> dict[str, float]:
     jobs = [(name, e) for name in variants for e in (epochs, 2 * epochs)]
     with tempfile.TemporaryDirectory() as directory, ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(lambda job: count_instructions(*job, Path(directory)), jobs)))
-    results = {f"{name}_instructions_per_update": (counts[name, 2 * epochs] - counts[name, epochs]) / (epochs * updates_per_epoch)
-               for name in variants}
+    results = {
+        f"{name}_instructions_per_update": (counts[name, 2 * epochs] - counts[name, epochs]) / (epochs * updates_per_epoch)
+        for name in variants
+    }
     for name in variants[1:]:
-        results[f"{name}_vs_{variants[0]}"] = results[f"{name}_instructions_per_update"] / results[f"{variants[0]}_instructions_per_update"]
+        results[f"{name}_vs_{variants[0]}"] = (
+            results[f"{name}_instructions_per_update"] / results[f"{variants[0]}_instructions_per_update"]
+        )
     return results
 
 

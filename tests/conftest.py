@@ -47,9 +47,7 @@ def cli_command(name: str) -> str:
 
 def run_cli(name: str, *args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """Run a console script as a real subprocess and return its result."""
-    result = subprocess.run(
-        [cli_command(name), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+    result = subprocess.run([cli_command(name), *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"command failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -121,7 +121,10 @@ def test_bad_config_exits_with_a_one_line_message(tmp_path, write_config, argume
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["trainer.effective_batch_size=100000"], "trainer.effective_batch_size: 100000 is larger than the training set (1259 samples)"),
+        (
+            ["trainer.effective_batch_size=100000"],
+            "trainer.effective_batch_size: 100000 is larger than the training set (1259 samples)",
+        ),
         (["seed=-1"], "seed: input should be greater than or equal to 0"),
         (["model.optimizer.lr=.inf"], "model.optimizer.lr: input should be a finite number"),
         # an output_path that is a file: tests/training/test_lifecycle.py
@@ -151,7 +154,12 @@ def test_config_file_that_is_not_utf8_is_reported_on_one_line(tmp_path):
 # ----------------------------------------------------------------------------- damaged checkpoint files
 EMA_RUN_CALLBACKS = [
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
-    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
+    {
+        "kind": "noether.core.callbacks.CheckpointCallback",
+        "every_n_epochs": 1,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    },
 ]
 
 
@@ -195,7 +203,17 @@ def test_a_checkpoint_file_of_the_wrong_content_is_reported_in_one_line(ema_run,
     shutil.copytree(reference_run, tmp_path / "run")
     path = tmp_path / "run" / "checkpoints" / damaged_file
     damage(path)
-    result = run_cli("noether-train", str(config), "trainer.max_epochs=2", "--resume", str(tmp_path / "run"), "--checkpoint", "latest", cwd=tmp_path, check=False)
+    result = run_cli(
+        "noether-train",
+        str(config),
+        "trainer.max_epochs=2",
+        "--resume",
+        str(tmp_path / "run"),
+        "--checkpoint",
+        "latest",
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     [line] = result.stderr.splitlines()
     assert line.startswith("noether-train: error: ")

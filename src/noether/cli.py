@@ -18,7 +18,15 @@ from noether.tools.checkpoints import RunToolError
 VERIFY_DAMAGED = 1
 VERIFY_INTERRUPTED = 3
 """`noether-ckpt verify` exit codes (2: bad input, like every user error)."""
-USER_ERRORS = (ConfigError, CheckpointLoadError, CheckpointWriteError, LogWriteError, UnknownDatasetKeyError, FileNotFoundError, RunToolError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointLoadError,
+    CheckpointWriteError,
+    LogWriteError,
+    UnknownDatasetKeyError,
+    FileNotFoundError,
+    RunToolError,
+)
 
 
 def bundled_example() -> Path:
@@ -40,7 +48,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-train", description="Train from a YAML config (default: the bundled example).")
     parser.add_argument("args", nargs="*", metavar="[CONFIG] [dotted.key=value ...]")
     parser.add_argument(
-        "--resume", metavar="RUN", help="continue this run (id or directory); 'auto': the config's run_id if it has a checkpoint, else start it"
+        "--resume",
+        metavar="RUN",
+        help="continue this run (id or directory); 'auto': the config's run_id if it has a checkpoint, else start it",
     )
     parser.add_argument("--checkpoint", metavar="TAG", help="checkpoint to resume from (default: the newest complete one)")
     arguments = parser.parse_intermixed_args(argv)
@@ -60,7 +70,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-eval", description="Evaluate a checkpoint with the config's callbacks.")
     parser.add_argument("args", nargs="*", metavar="CONFIG [dotted.key=value ...]")
     parser.add_argument("--run", required=True, metavar="RUN", help="run id or directory")
-    parser.add_argument("--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total")
+    parser.add_argument(
+        "--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total"
+    )
     arguments = parser.parse_intermixed_args(argv)
     from noether.training.run import evaluate
 

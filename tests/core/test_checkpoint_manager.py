@@ -205,7 +205,9 @@ def test_own_members_never_replace_those_of_a_resumable_tag_of_an_earlier_step(r
 
 
 def test_callbacks_members_are_part_of_every_resumable_set(run):
-    run.manager.register_members(lambda tag, counter: {Member("net", "model", 0.5): {"state_dict": {"tag": torch.tensor(len(tag))}}})
+    run.manager.register_members(
+        lambda tag, counter: {Member("net", "model", 0.5): {"state_dict": {"tag": torch.tensor(len(tag))}}}
+    )
     run.manager.request(periodic(4))
     run.manager.flush(counter_at(4))
     trainer_state = torch.load(run.file("E1_U4_S32", "trainer"), weights_only=True)

@@ -21,7 +21,11 @@ def at(update: int) -> TrainingIteration:
 
 
 def members(value: float) -> dict[Member, dict]:
-    return {WEIGHTS: {"state_dict": {"w": torch.full((4,), value)}}, OPTIM: {"state_dict": {"step": value}}, EMA: {"state_dict": {"w": torch.full((4,), -value)}}}
+    return {
+        WEIGHTS: {"state_dict": {"w": torch.full((4,), value)}},
+        OPTIM: {"state_dict": {"step": value}},
+        EMA: {"state_dict": {"w": torch.full((4,), -value)}},
+    }
 
 
 @pytest.fixture(params=[True, False], ids=["async", "sync"])
@@ -48,12 +52,17 @@ def test_a_set_is_stamped_listed_and_resumable(store):
     store.wait()
 
     assert sorted(p.name for p in store.directory.iterdir() if p.name != ".lock") == sorted(
-        f"net{ema}_cp={tag}_{part}.th" for tag in ("E0_U3_S24", "latest") for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
+        f"net{ema}_cp={tag}_{part}.th"
+        for tag in ("E0_U3_S24", "latest")
+        for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
     )
     weights = store.load(WEIGHTS, "latest")
     assert torch.equal(weights["state_dict"]["w"], torch.full((4,), 2.0))
     assert (weights["checkpoint_tag"], weights["training_iteration"], weights["run_id"]) == ("latest", at(5).to_dict(), "run")
-    assert [(info.tag, info.iteration, info.resumable) for info in store.tags()] == [("E0_U3_S24", at(3), True), ("latest", at(5), True)]
+    assert [(info.tag, info.iteration, info.resumable) for info in store.tags()] == [
+        ("E0_U3_S24", at(3), True),
+        ("latest", at(5), True),
+    ]
     assert store.newest_resumable().tag == "latest"
 
 
@@ -127,7 +136,9 @@ def test_a_linked_set_is_resumable_under_its_own_name_and_outlives_its_source(st
 
 def test_a_link_to_a_set_that_was_not_written_fails_with_its_name_and_keeps_the_previous_set(store):
     save_set(store, "latest", 3, 1.0)
-    with pytest.raises(CheckpointWriteError, match=r"could not write net_cp=latest_model\.th as a link to net_cp=E0_U5_S40_model\.th"):
+    with pytest.raises(
+        CheckpointWriteError, match=r"could not write net_cp=latest_model\.th as a link to net_cp=E0_U5_S40_model\.th"
+    ):
         store.link("E0_U5_S40", "latest", SET)
         store.wait()
     store.wait()
@@ -165,7 +176,10 @@ def test_a_linked_weights_file_survives_the_replacement_of_its_source(store):
 
 def test_a_payload_with_values_that_cannot_be_compared_is_written_again(store):
     weights = torch.ones(4)
-    payload = {WEIGHTS: {"state_dict": {"w": weights}, "note": [1, 2]}, EMA: {"state_dict": {"w": weights}, "note": weights.numpy()}}
+    payload = {
+        WEIGHTS: {"state_dict": {"w": weights}, "note": [1, 2]},
+        EMA: {"state_dict": {"w": weights}, "note": weights.numpy()},
+    }
     store.save("E0_U5_S40", at(5), payload)
     payload[EMA] = {**payload[EMA], "note": weights.numpy().copy()}  # equal values: comparing them would raise
     store.save("E0_U5_S40.copy", at(5), payload)
@@ -245,7 +259,10 @@ def test_recovery_refuses_a_member_left_by_an_older_save(tmp_path):
 
     actions = CheckpointStore(tmp_path, "run").recover()
 
-    assert any("discarded checkpoint set 'latest'" in action and "net_cp=latest_optim.th was never completely written" in action for action in actions)
+    assert any(
+        "discarded checkpoint set 'latest'" in action and "net_cp=latest_optim.th was never completely written" in action
+        for action in actions
+    )
     store = CheckpointStore(tmp_path, "run")
     assert store.staged_leftovers() == []
     for member in (WEIGHTS, OPTIM, EMA):
@@ -309,5 +326,8 @@ def test_a_member_of_the_wrong_kind_is_named(store, tmp_path):
     store.wait()
     (tmp_path / OPTIM.file_name("latest")).replace(tmp_path / EMA.file_name("latest"))
     torch.save({"training_iteration": at(3).to_dict()}, tmp_path / EMA.file_name("latest"))
-    with pytest.raises(CheckpointLoadError, match=r"net_ema=0\.99_cp=latest_model\.th is not the EMA 0\.99 weights of net written by noether \(no 'state_dict'\)"):
+    with pytest.raises(
+        CheckpointLoadError,
+        match=r"net_ema=0\.99_cp=latest_model\.th is not the EMA 0\.99 weights of net written by noether \(no 'state_dict'\)",
+    ):
         store.load(EMA, "latest")

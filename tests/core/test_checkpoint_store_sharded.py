@@ -13,7 +13,12 @@ from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointWriter
 
-WEIGHTS, OPTIM, EMA, TRAINER = Member("net", "model"), Member("net", "optim"), Member("net", "model", 0.99), Member("net", "trainer")
+WEIGHTS, OPTIM, EMA, TRAINER = (
+    Member("net", "model"),
+    Member("net", "optim"),
+    Member("net", "model", 0.99),
+    Member("net", "trainer"),
+)
 
 
 def at(update: int) -> TrainingIteration:
@@ -44,7 +49,12 @@ def test_weights_optimizer_and_ema_are_folders_that_read_back_whole(store):
     store.wait()
 
     names = sorted(path.name for path in store.directory.iterdir() if path.name != ".lock")
-    assert names == ["net_cp=latest_model.dcp", "net_cp=latest_optim.dcp", "net_cp=latest_trainer.th", "net_ema=0.99_cp=latest_model.dcp"]
+    assert names == [
+        "net_cp=latest_model.dcp",
+        "net_cp=latest_optim.dcp",
+        "net_cp=latest_trainer.th",
+        "net_ema=0.99_cp=latest_model.dcp",
+    ]
     folder = store.path(WEIGHTS, "latest")
     assert folder.is_dir() and (folder / ".metadata").exists()
     weights = store.load(WEIGHTS, "latest")

@@ -182,7 +182,11 @@ def test_cuda_device_without_cuda_is_rejected():
         ("lr", float("nan"), "model.optimizer.lr: input should be a finite number"),
         ("weight_decay", float("inf"), "model.optimizer.weight_decay: must be a finite number, got inf"),
         ("betas", [0.9, float("nan")], "model.optimizer.betas: must be a finite number, got [0.9, nan]"),
-        ("betas", [0.9, 2.0], "model.optimizer: torch.optim.AdamW rejects these settings: Invalid beta parameter at index 1: 2.0"),
+        (
+            "betas",
+            [0.9, 2.0],
+            "model.optimizer: torch.optim.AdamW rejects these settings: Invalid beta parameter at index 1: 2.0",
+        ),
         ("weight_decay", -1.0, "model.optimizer: torch.optim.AdamW rejects these settings: Invalid weight_decay value: -1.0"),
     ],
 )
@@ -197,7 +201,10 @@ def test_optimizer_setting_torch_would_reject_is_a_config_error(setting, value, 
     [
         (("model", "optimizer", "schedule", "end_factor"), float("nan")),
         (("datasets", "train", "val_fraction"), float("nan")),
-        (("trainer", "callbacks"), [{"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [float("inf")]}]),
+        (
+            ("trainer", "callbacks"),
+            [{"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [float("inf")]}],
+        ),
     ],
 )
 def test_non_finite_number_anywhere_in_the_config_is_rejected(path, value):

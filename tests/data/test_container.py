@@ -43,7 +43,10 @@ def test_a_nested_callback_on_an_unknown_dataset_fails_before_training(tmp_path:
     }
     with pytest.raises(ConfigError) as error:
         train(tiny_config(tmp_path, callbacks=[parent]))
-    assert str(error.value) == "trainer.callbacks[0].eval_callbacks[0].dataset_key: unknown dataset key 'tset'; known keys: test, train, val"
+    assert (
+        str(error.value)
+        == "trainer.callbacks[0].eval_callbacks[0].dataset_key: unknown dataset key 'tset'; known keys: test, train, val"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -103,7 +103,7 @@ def install() -> None:
 
 
 def _write_count(count_file: str) -> None:
-    with io.open(count_file, "w") as file:  # counted as a run operation only if it lay in the run directory
+    with open(count_file, "w") as file:  # counted as a run operation only if it lay in the run directory
         file.write(str(_count))
 
 

@@ -18,7 +18,12 @@ class ForkServer:
         # one thread per process: two cores shared by several processes would otherwise spin
         env = {**cli_env(), "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.fork_trainer"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=env
+            [sys.executable, "-m", "tests.support.fork_trainer"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+            env=env,
         )
         self.log = log
 

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 import torch._dynamo  # noqa: F401 - imported by the first optimizer; here once, not in every child
+
 import noether.examples.digits  # noqa: F401 - likewise
 from noether.training.run import train
 

@@ -23,7 +23,11 @@ from tests.conftest import tiny_config
 
 CHECKPOINT_EVERY_4_UPDATES = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_updates": 4}
 # logs its best value in after_training, so a stopped run logs a row after its interrupt checkpoint
-BEST_TRAINING_LOSS = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/online/total"}
+BEST_TRAINING_LOSS = {
+    "kind": "noether.core.callbacks.BestCheckpointCallback",
+    "every_n_epochs": 1,
+    "metric_key": "loss/online/total",
+}
 # logs under `ema=0.9/`, a key with a character MLflow does not allow
 EMA_WITH_VALIDATION = {
     "kind": "noether.core.callbacks.EmaCallback",
@@ -39,7 +43,9 @@ EARLIER_TAG = "E0_U8_S1024"
 
 def tracked_tree(output_path: Path, trackers: list[dict[str, Any]]) -> dict[str, Any]:
     """18 updates (9 per epoch), a metrics row every update, checkpoints every 4 updates."""
-    tree = tiny_config(output_path, log_every_n_updates=1, callbacks=[CHECKPOINT_EVERY_4_UPDATES, BEST_TRAINING_LOSS, EMA_WITH_VALIDATION])
+    tree = tiny_config(
+        output_path, log_every_n_updates=1, callbacks=[CHECKPOINT_EVERY_4_UPDATES, BEST_TRAINING_LOSS, EMA_WITH_VALIDATION]
+    )
     tree["trackers"] = trackers
     return tree
 
@@ -48,7 +54,9 @@ def metrics_rows(paths: PathProvider) -> list[dict[str, Any]]:
     return [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
 
 
-def train_stopped_and_resumed(output_path: Path, trackers: list[dict[str, Any]], resume_tag: str) -> tuple[PathProvider, list[dict[str, Any]]]:
+def train_stopped_and_resumed(
+    output_path: Path, trackers: list[dict[str, Any]], resume_tag: str
+) -> tuple[PathProvider, list[dict[str, Any]]]:
     """Train until SIGTERM after update 11 (mid-epoch 2), then resume from `resume_tag` to the end.
 
     Returns the run and the metrics rows the stopped run had written."""

@@ -47,7 +47,8 @@ def drawn(monkeypatch) -> dict[str, list[dict[str, Any]]]:
     def savefig(figure: Figure, fname: Any, *args: Any, **kwargs: Any) -> Any:
         lines = [line for axes in figure.axes for line in axes.get_lines()]
         figures[Path(fname).name] = [
-            {"label": line.get_label(), "x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]} for line in lines
+            {"label": line.get_label(), "x": [float(x) for x in line.get_xdata()], "y": [float(y) for y in line.get_ydata()]}
+            for line in lines
         ]
         return real_savefig(figure, fname, *args, **kwargs)
 
@@ -66,7 +67,11 @@ def series(rows: list[dict[str, float]], key: str) -> list[tuple[float, float]]:
 
 
 def curves(lines: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
-    return {line["label"]: list(zip(line["x"], line["y"])) for line in lines if not line["label"].startswith(("_", "best ", "tolerance="))}
+    return {
+        line["label"]: list(zip(line["x"], line["y"]))
+        for line in lines
+        if not line["label"].startswith(("_", "best ", "tolerance="))
+    }
 
 
 def assert_pngs(directory: Path, names: list[str]) -> None:
@@ -94,7 +99,9 @@ def test_plots_a_run_while_it_trains(tmp_path, drawn, capsys):
     run = PathProvider(tmp_path / "outputs", "run")
     output = tmp_path / "training.out"
     with output.open("w") as out:
-        process = subprocess.Popen([cli_command("noether-train"), str(config)], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [cli_command("noether-train"), str(config)], cwd=tmp_path, env=cli_env(), stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 120
         while not (run.metrics_file.exists() and series(complete_rows(run.metrics_file), "ema=0.9/loss/test/total")):

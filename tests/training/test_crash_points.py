@@ -26,9 +26,20 @@ from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
 SAMPLED_POINTS = 3
 CALLBACKS = [
     {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
-    {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [0, 1]},
+    {
+        "kind": "noether.core.callbacks.BestCheckpointCallback",
+        "every_n_epochs": 1,
+        "metric_key": "loss/val/total",
+        "tolerances": [0, 1],
+    },
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
-    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "keep_last_n": 1, "save_latest_weights": True, "save_latest_optim": True},
+    {
+        "kind": "noether.core.callbacks.CheckpointCallback",
+        "every_n_epochs": 1,
+        "keep_last_n": 1,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    },
 ]
 FINAL_FILES = ("classifier_cp=last_model.th", "classifier_cp=last_optim.th", "classifier_ema=0.9_cp=last_model.th")
 

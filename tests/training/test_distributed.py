@@ -325,7 +325,13 @@ def test_a_sigterm_to_one_rank_while_the_other_is_inside_its_update_stops_both_a
     makes the race certain rather than occasional: a rank that left the loop on its own flag would
     gather for the interrupt save while the other runs the next update, and the job would hang."""
     ready_file = tmp_path / "update-3-done"
-    slow = {"kind": "tests.support.distributed.SlowRankCallback", "at_update": 3, "rank": 1, "seconds": 1.0, "ready_file": str(ready_file)}
+    slow = {
+        "kind": "tests.support.distributed.SlowRankCallback",
+        "at_update": 3,
+        "rank": 1,
+        "seconds": 1.0,
+        "ready_file": str(ready_file),
+    }
     tree = tiny_config(tmp_path, max_batch_size=32, callbacks=[CHECKPOINT, slow])
     tree["trainer"].update(max_epochs=None, max_updates=6)
     config = write_yaml(tree, tmp_path / "config.yaml")

@@ -44,11 +44,15 @@ def test_eval_of_an_unknown_checkpoint_fails_in_one_line(trained, write_config, 
     tree, paths = trained
     config = write_config(tree)
 
-    result = run_cli("noether-eval", str(config), "--run", str(paths.run_dir), "--checkpoint", "E5_U1_S1", cwd=tmp_path, check=False)
+    result = run_cli(
+        "noether-eval", str(config), "--run", str(paths.run_dir), "--checkpoint", "E5_U1_S1", cwd=tmp_path, check=False
+    )
 
     assert result.returncode == 2  # the CLI's exit code for bad input
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"noether-eval: error: no checkpoint 'E5_U1_S1' in {paths.checkpoint_dir}; its checkpoints: E1_U9_S1152, ")
+    assert line.startswith(
+        f"noether-eval: error: no checkpoint 'E5_U1_S1' in {paths.checkpoint_dir}; its checkpoints: E1_U9_S1152, "
+    )
 
 
 def test_eval_finishes_a_crashed_runs_staged_set_and_works_on_a_read_only_run(trained, write_config, tmp_path):

@@ -106,7 +106,9 @@ def test_a_run_of_two_processes_resumes_with_one(two_processes, one_process, tmp
 def test_a_run_of_one_process_resumes_with_two(two_processes, one_process, tmp_path):
     paths = copy_run(one_process, tmp_path)
 
-    result = run_torchrun(write_yaml(sharded_tree(tmp_path), tmp_path / "config.yaml"), "--resume", "run", "--checkpoint", RESUMED_TAG)
+    result = run_torchrun(
+        write_yaml(sharded_tree(tmp_path), tmp_path / "config.yaml"), "--resume", "run", "--checkpoint", RESUMED_TAG
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert_close(weights(paths), weights(two_processes))
@@ -182,7 +184,12 @@ def test_a_job_killed_while_writing_shards_leaves_every_folder_loadable_and_resu
     checkpoints = paths.checkpoint_dir
     first_set_done = checkpoints / f"classifier_cp={RESUMED_TAG}_trainer.th"  # a set's trainer state is committed last
     process = subprocess.Popen(
-        torchrun_command(config), cwd=tmp_path, env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        torchrun_command(config),
+        cwd=tmp_path,
+        env=torchrun_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
@@ -219,6 +226,8 @@ def test_a_sharded_checkpoint_is_evaluated_in_one_process(two_processes, tmp_pat
 
     result = run_cli("noether-eval", str(config), "--run", str(two_processes.run_dir), "--checkpoint", RESUMED_TAG, cwd=tmp_path)
 
-    logged = next(json.loads(line) for line in two_processes.metrics_file.read_text().splitlines() if json.loads(line)["update"] == 9)
+    logged = next(
+        json.loads(line) for line in two_processes.metrics_file.read_text().splitlines() if json.loads(line)["update"] == 9
+    )
     [line] = [line for line in result.stdout.splitlines() if line.startswith("loss/val/total: ")]
     assert float(line.split(": ")[1]) == pytest.approx(logged["loss/val/total"], abs=1e-5)

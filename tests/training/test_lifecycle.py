@@ -26,7 +26,14 @@ from tests.support.checkpoints import checkpoint_path
 from tests.support.fork_server import ForkServer
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
-LATEST = {"kind": CHECKPOINT, "every_n_epochs": 2, "save_weights": False, "save_optim": False, "save_latest_weights": True, "save_latest_optim": True}
+LATEST = {
+    "kind": CHECKPOINT,
+    "every_n_epochs": 2,
+    "save_weights": False,
+    "save_optim": False,
+    "save_latest_weights": True,
+    "save_latest_optim": True,
+}
 
 
 def retained_tree(output_path: Path, **overrides: Any) -> dict[str, Any]:
@@ -37,7 +44,12 @@ def retained_tree(output_path: Path, **overrides: Any) -> dict[str, Any]:
         effective_batch_size=256,
         callbacks=[
             {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
-            {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9], "save_latest_weights": False},
+            {
+                "kind": "noether.core.callbacks.EmaCallback",
+                "every_n_epochs": 1,
+                "target_factors": [0.9],
+                "save_latest_weights": False,
+            },
             {"kind": CHECKPOINT, "every_n_epochs": 1, "keep_last_n": 2},
             LATEST,
         ],
@@ -75,7 +87,12 @@ def test_keep_last_n_keeps_the_newest_periodic_sets_whole(reference):
     assert tags(reference) == ["E4_U16_S4096", "latest", "E5_U20_S5120", "last"]
     files = sorted(path.name for path in reference.checkpoint_dir.iterdir() if not path.name.startswith("."))
     for tag in ("E4_U16_S4096", "E5_U20_S5120", "last"):
-        for name in ("classifier_cp={}_model.th", "classifier_cp={}_optim.th", "classifier_cp={}_trainer.th", "classifier_ema=0.9_cp={}_model.th"):
+        for name in (
+            "classifier_cp={}_model.th",
+            "classifier_cp={}_optim.th",
+            "classifier_cp={}_trainer.th",
+            "classifier_ema=0.9_cp={}_model.th",
+        ):
             assert name.format(tag) in files
     assert not any("E3_U12" in name or "E1_U4" in name for name in files)
     assert "and keep ~" in reference.log_file.read_text()  # the start-up estimate accounts for retention
@@ -218,7 +235,7 @@ def test_resume_auto_after_sigkills_mid_run_ends_as_a_run_never_stopped(tmp_path
         del before[exempt], after[exempt]
     assert after == before
     assert log_after.startswith(log_before)
-    appended = log_after[len(log_before):].splitlines()
+    appended = log_after[len(log_before) :].splitlines()
     assert "run run has finished (checkpoint 'last' at E5_U20_S5120): nothing left to do" in appended[-1], appended
 
     assert_same_end(paths, PathProvider(tmp_path, "reference"))
@@ -232,7 +249,10 @@ def test_resume_auto_needs_a_run_id(tmp_path, write_config):
     del tree["run_id"]
     result = run_cli("noether-train", str(write_config(tree)), "--resume", "auto", cwd=tmp_path, check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == "noether-train: error: --resume auto needs the run's id: add run_id=ID, the same in every launch of the job"
+    assert (
+        result.stderr.strip()
+        == "noether-train: error: --resume auto needs the run's id: add run_id=ID, the same in every launch of the job"
+    )
 
 
 # --------------------------------------------------------------------------------- ownership
@@ -241,7 +261,14 @@ def test_a_second_process_on_a_live_run_is_refused_at_once(tmp_path, write_confi
     waiting = {"kind": "tests.support.interrupting.WaitForStopCallback", "at_update": 2, "ready_file": str(ready)}
     tree = retained_tree(tmp_path)
     tree["trainer"]["callbacks"].append(waiting)
-    first = subprocess.Popen([cli_command("noether-train"), str(write_config(tree))], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [cli_command("noether-train"), str(write_config(tree))],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -266,16 +293,29 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, write_config):
     result = run_cli("noether-train", str(write_config(retained_tree(tmp_path / "taken"))), cwd=tmp_path, check=False)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith(f"noether-train: error: output_path: cannot create the run directory {tmp_path / 'taken' / 'run'}: Not a directory")
+    assert line.startswith(
+        f"noether-train: error: output_path: cannot create the run directory {tmp_path / 'taken' / 'run'}: Not a directory"
+    )
 
 
 def test_resume_with_max_epochs_below_the_checkpoint_is_refused(reference, tmp_path, write_config):
     shutil.copytree(reference.run_dir, tmp_path / "run")
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
-    result = run_cli("noether-train", str(write_config(retained_tree(tmp_path))), "--resume", "run", "trainer.max_epochs=3", cwd=tmp_path, check=False)
+    result = run_cli(
+        "noether-train",
+        str(write_config(retained_tree(tmp_path))),
+        "--resume",
+        "run",
+        "trainer.max_epochs=3",
+        cwd=tmp_path,
+        check=False,
+    )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert "checkpoint 'E5_U20_S5120' was written at E5_U20_S5120, past the end of training (trainer.max_epochs=3): nothing left to train" in line
+    assert (
+        "checkpoint 'E5_U20_S5120' was written at E5_U20_S5120, past the end of training (trainer.max_epochs=3): nothing left to train"
+        in line
+    )
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
 
 
@@ -304,9 +344,16 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_keeps_every_checkpoint_whole_and_the_run_resumes_after_space_is_freed(small_disk, tmp_path, write_config):
-    tree = tiny_config(small_disk, max_epochs=None, max_updates=16, effective_batch_size=64, log_every_n_updates=2, callbacks=[
-        {"kind": CHECKPOINT, "every_n_updates": 2, "save_latest_weights": True, "save_latest_optim": True},
-    ])
+    tree = tiny_config(
+        small_disk,
+        max_epochs=None,
+        max_updates=16,
+        effective_batch_size=64,
+        log_every_n_updates=2,
+        callbacks=[
+            {"kind": CHECKPOINT, "every_n_updates": 2, "save_latest_weights": True, "save_latest_optim": True},
+        ],
+    )
     tree["model"].update(hidden_dim=192, depth=2)  # ~0.5 MB of weights and AdamW state a set
     config = write_config(tree)
 

@@ -18,7 +18,12 @@ from tests.conftest import tiny_config
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 OFFLINE_LOSS = {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}
-BEST = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [1]}
+BEST = {
+    "kind": "noether.core.callbacks.BestCheckpointCallback",
+    "every_n_epochs": 1,
+    "metric_key": "loss/val/total",
+    "tolerances": [1],
+}
 EMA = {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]}
 
 
@@ -42,7 +47,10 @@ def run(tmp_path: Path, callbacks: list[dict[str, Any]], **trainer: Any) -> dict
 def test_a_rolling_checkpoint_callback_never_deletes_the_sets_a_keep_all_one_wrote(tmp_path):
     tree = run(
         tmp_path,
-        [{"kind": CHECKPOINT, "every_n_updates": 2, "keep_last_n": 1}, {"kind": CHECKPOINT, "every_n_updates": 4, "id": "keep_all"}],
+        [
+            {"kind": CHECKPOINT, "every_n_updates": 2, "keep_last_n": 1},
+            {"kind": CHECKPOINT, "every_n_updates": 4, "id": "keep_all"},
+        ],
         max_updates=12,
         max_epochs=None,
     )
@@ -55,7 +63,10 @@ def test_a_rolling_checkpoint_callback_never_deletes_the_sets_a_keep_all_one_wro
 
 def test_relaunching_a_finished_run_changes_nothing(tmp_path):
     """The last periodic set falls on the final update, where `latest` and `last` are too."""
-    tree = run(tmp_path, [OFFLINE_LOSS, BEST, {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}])
+    tree = run(
+        tmp_path,
+        [OFFLINE_LOSS, BEST, {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}],
+    )
     paths = train(tree)
     before = snapshot(paths.run_dir)
     assert paths.metrics_file.read_text().count("\n") == 3  # two epochs and after_training's best values

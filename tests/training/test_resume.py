@@ -193,7 +193,9 @@ def replace_by_later_checkpoint(path: Path) -> None:
             "checkpoint file is truncated or corrupt: {path}",
             id="truncated",
         ),
-        pytest.param(write_foreign_object, "model", "refusing to load {path}: it is not a plain tensor checkpoint", id="foreign-object"),
+        pytest.param(
+            write_foreign_object, "model", "refusing to load {path}: it is not a plain tensor checkpoint", id="foreign-object"
+        ),
         pytest.param(
             write_weights_of_another_model,
             "model",
@@ -201,10 +203,17 @@ def replace_by_later_checkpoint(path: Path) -> None:
             id="another-model",
         ),
         pytest.param(
-            write_trainer_state_of_another_program, "trainer", "{path} is not the trainer state of classifier written by noether", id="foreign-trainer-state"
+            write_trainer_state_of_another_program,
+            "trainer",
+            "{path} is not the trainer state of classifier written by noether",
+            id="foreign-trainer-state",
         ),
-        pytest.param(replace_by_later_checkpoint, "optim", "{path} was written at E0_U8_S1024 but the rest of checkpoint", id="mixed-set"),
-        pytest.param(Path.unlink, "optim", "checkpoint 'E0_U4_S512' holds no optimizer state of classifier ({path.name})", id="missing"),
+        pytest.param(
+            replace_by_later_checkpoint, "optim", "{path} was written at E0_U8_S1024 but the rest of checkpoint", id="mixed-set"
+        ),
+        pytest.param(
+            Path.unlink, "optim", "checkpoint 'E0_U4_S512' holds no optimizer state of classifier ({path.name})", id="missing"
+        ),
     ],
 )
 def test_a_bad_checkpoint_file_is_refused_with_its_name(reference, tmp_path, damage, part, message):
@@ -224,7 +233,9 @@ def test_an_unknown_checkpoint_tag_is_refused(reference, tmp_path):
     shutil.copytree(reference_paths.run_dir, tmp_path / "run")
     missing = tmp_path / "run" / "checkpoints" / "classifier_cp=E7_U1_S1_trainer.th"
 
-    with pytest.raises(CheckpointLoadError, match=re.escape(f"no checkpoint 'E7_U1_S1' to resume from: {missing} does not exist")):
+    with pytest.raises(
+        CheckpointLoadError, match=re.escape(f"no checkpoint 'E7_U1_S1' to resume from: {missing} does not exist")
+    ):
         train({**tree, "output_path": str(tmp_path)}, resume="run", checkpoint="E7_U1_S1")
 
 
@@ -302,7 +313,12 @@ def branched_run_tree(output_path: Path) -> dict[str, Any]:
         max_epochs=4,
         callbacks=[
             {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
-            {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerances": [1]},
+            {
+                "kind": "noether.core.callbacks.BestCheckpointCallback",
+                "every_n_epochs": 1,
+                "metric_key": "loss/val/total",
+                "tolerances": [1],
+            },
             {"kind": CHECKPOINT, "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True},
         ],
     )
@@ -327,7 +343,9 @@ def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_pa
     abandoned_losses = validation_losses(paths)
     abandoned_best_epoch = min(abandoned_losses, key=abandoned_losses.__getitem__)
     assert abandoned_best_epoch > 1
-    abandoned_weights = {epoch: load(checkpoint_path(paths, "classifier", periodic_tag(epoch), "model"))["state_dict"] for epoch in (2, 3, 4)}
+    abandoned_weights = {
+        epoch: load(checkpoint_path(paths, "classifier", periodic_tag(epoch), "model"))["state_dict"] for epoch in (2, 3, 4)
+    }
 
     branch = json.loads(json.dumps(tree))
     branch["model"]["optimizer"]["lr"] = 0.0001
@@ -335,7 +353,9 @@ def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_pa
     train(branch, resume="run", checkpoint="E1_U9_S1152")
 
     aside = paths.checkpoint_dir / "abandoned_after_E1_U9_S1152"
-    assert sorted(path.name for path in aside.glob("classifier_cp=E*_model.th")) == [f"classifier_cp={periodic_tag(e)}_model.th" for e in (2, 3, 4)]
+    assert sorted(path.name for path in aside.glob("classifier_cp=E*_model.th")) == [
+        f"classifier_cp={periodic_tag(e)}_model.th" for e in (2, 3, 4)
+    ]
     assert checkpoint_path(paths, "classifier", "E1_U9_S1152", "trainer").exists()  # the branch point stays in place
     set_aside_best = load(aside / "classifier_cp=best_model.loss.val.total_model.th")
     assert set_aside_best["training_iteration"]["epoch"] == abandoned_best_epoch
@@ -350,12 +370,20 @@ def test_resume_from_an_older_checkpoint_sets_the_abandoned_history_aside(tmp_pa
     best_epoch_weights = load(checkpoint_path(paths, "classifier", periodic_tag(best_epoch), "model"))["state_dict"]
     assert_identical(best["state_dict"], best_epoch_weights, "best")
     # tolerance 1 is never exceeded in two epochs: its file is the best of the whole (new) history
-    assert_identical(load(checkpoint_path(paths, "classifier", "best_model.loss.val.total.tolerance=1", "model"))["state_dict"], best_epoch_weights, "tolerance=1")
+    assert_identical(
+        load(checkpoint_path(paths, "classifier", "best_model.loss.val.total.tolerance=1", "model"))["state_dict"],
+        best_epoch_weights,
+        "tolerance=1",
+    )
     # `latest` is this history's newest set, epoch 2 of the new learning rate, not the abandoned epoch 2
     latest = {part: load(checkpoint_path(paths, "classifier", "latest", part)) for part in ("model", "optim", "trainer")}
-    assert {part: payload["training_iteration"] for part, payload in latest.items()} == {part: {"epoch": 2, "update": 18, "sample": 2304} for part in latest}
+    assert {part: payload["training_iteration"] for part, payload in latest.items()} == {
+        part: {"epoch": 2, "update": 18, "sample": 2304} for part in latest
+    }
     for part in ("model", "optim"):
-        assert_identical(latest[part]["state_dict"], load(checkpoint_path(paths, "classifier", "last", part))["state_dict"], f"latest {part}")
+        assert_identical(
+            latest[part]["state_dict"], load(checkpoint_path(paths, "classifier", "last", part))["state_dict"], f"latest {part}"
+        )
     assert not torch.equal(latest["model"]["state_dict"]["layers.0.weight"], abandoned_weights[2]["layers.0.weight"])
     rows = metrics(paths)
     assert [row["epoch"] for row in rows if "loss/val/total" in row] == [1, 2]
@@ -399,7 +427,10 @@ def test_a_refused_resume_names_the_reason_and_leaves_config_yaml_as_it_was(refe
         with pytest.raises(CheckpointLoadError, match="no checkpoint 'E7_U1_S1'"):
             train(changed, resume="run", checkpoint="E7_U1_S1")
     else:
-        with pytest.raises(CheckpointLoadError, match=r"^cannot resume checkpoint 'latest' with trainer.effective_batch_size 64: it was trained with 128$"):
+        with pytest.raises(
+            CheckpointLoadError,
+            match=r"^cannot resume checkpoint 'latest' with trainer.effective_batch_size 64: it was trained with 128$",
+        ):
             train(changed, resume="run", checkpoint="latest")
     assert config_file.read_text() == before
 
@@ -420,12 +451,21 @@ def test_a_restored_training_loss_sum_lives_on_the_trainer_device(reference, tmp
 def test_optimizer_hyperparameters_changed_in_the_config_apply_on_resume(reference, tmp_path):
     tree, reference_paths = reference
     shutil.copytree(reference_paths.run_dir, tmp_path / "run")
-    changed = {**tree, "output_path": str(tmp_path), "model": {**tree["model"], "optimizer": {**tree["model"]["optimizer"], "weight_decay": 0.5}}}
+    changed = {
+        **tree,
+        "output_path": str(tmp_path),
+        "model": {**tree["model"], "optimizer": {**tree["model"]["optimizer"], "weight_decay": 0.5}},
+    }
 
     paths = train(changed, resume="run", checkpoint="E1_U9_S1152")
 
-    assert [group["weight_decay"] for group in load(checkpoint_path(paths, "classifier", "last", "optim"))["state_dict"]["param_groups"]] == [0.5]
-    assert "optimizer of classifier: the config's weight_decay 0.01 -> 0.5 replaces the checkpoint's" in paths.log_file.read_text()
+    assert [
+        group["weight_decay"]
+        for group in load(checkpoint_path(paths, "classifier", "last", "optim"))["state_dict"]["param_groups"]
+    ] == [0.5]
+    assert (
+        "optimizer of classifier: the config's weight_decay 0.01 -> 0.5 replaces the checkpoint's" in paths.log_file.read_text()
+    )
 
 
 def test_a_run_saving_no_optimizer_state_warns_at_start_and_its_checkpoints_say_why_they_cannot_resume(tmp_path):
@@ -433,5 +473,8 @@ def test_a_run_saving_no_optimizer_state_warns_at_start_and_its_checkpoints_say_
     paths = train(tree)
     assert "no callback saves optimizer state" in paths.log_file.read_text()
 
-    with pytest.raises(CheckpointLoadError, match="checkpoint 'E1_U9_S1152' holds no optimizer state of classifier .*so training cannot continue from it"):
+    with pytest.raises(
+        CheckpointLoadError,
+        match="checkpoint 'E1_U9_S1152' holds no optimizer state of classifier .*so training cannot continue from it",
+    ):
         train(tree, resume="run", checkpoint="E1_U9_S1152")

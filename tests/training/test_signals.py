@@ -18,7 +18,12 @@ from noether.training.run import train
 from tests.conftest import cli_command, cli_env, run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
 
-CHECKPOINT = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_latest_weights": True, "save_latest_optim": True}
+CHECKPOINT = {
+    "kind": "noether.core.callbacks.CheckpointCallback",
+    "every_n_epochs": 1,
+    "save_latest_weights": True,
+    "save_latest_optim": True,
+}
 COUNTING = {"kind": "tests.support.stateful.CountingCallback", "every_n_updates": 2}
 EMA = {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]}
 VALIDATION = {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"}
@@ -28,7 +33,9 @@ BEST = {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_epochs
 def stoppable_tree(output_path: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
     """18 updates. EMA weights are large state that callbacks hand to every checkpoint through the `checkpoint_members`
     hook; the best-checkpoint callback logs its best value in `after_training`, also when stopped."""
-    return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, VALIDATION, BEST, CHECKPOINT, *extra_callbacks])
+    return tiny_config(
+        output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, VALIDATION, BEST, CHECKPOINT, *extra_callbacks]
+    )
 
 
 def checkpoint_parts(paths: PathProvider, tag: str) -> list[Path]:
@@ -61,7 +68,12 @@ def test_sigterm_writes_the_interrupt_checkpoint_exits_cleanly_and_resumes_to_th
     waiting = {"kind": "tests.support.interrupting.WaitForStopCallback", "at_update": 11, "ready_file": str(ready)}
     config = write_config(stoppable_tree(tmp_path, waiting))
     process = subprocess.Popen(
-        [cli_command("noether-train"), str(config)], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [cli_command("noether-train"), str(config)],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -135,7 +147,9 @@ def test_an_exception_in_the_training_step_writes_an_error_checkpoint(tmp_path):
 def test_two_stateful_callbacks_under_one_key_are_refused_at_start_up(tmp_path):
     tree = tiny_config(tmp_path, callbacks=[{**COUNTING, "id": "counter"}, CHECKPOINT, {**COUNTING, "id": "counter"}])
 
-    with pytest.raises(ConfigError, match=r"trainer\.callbacks\[0\] and trainer\.callbacks\[2\] both keep their checkpoint state under 'counter'"):
+    with pytest.raises(
+        ConfigError, match=r"trainer\.callbacks\[0\] and trainer\.callbacks\[2\] both keep their checkpoint state under 'counter'"
+    ):
         train(tree)
 
     tree["trainer"]["callbacks"][2]["id"] = "other_counter"
@@ -211,6 +225,7 @@ def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed
     dataset's NumPy and Python augmentation) drew random numbers and the training-loss callback took partial
     losses: the error checkpoint holds the state as of update 5, and the resumed run ends where an
     uninterrupted one does."""
+
     def tree(directory: Path, fail_on_step: int) -> dict[str, Any]:
         config = tiny_config(directory, max_batch_size=32, log_every_n_updates=3, callbacks=[CHECKPOINT])
         config["trainer"].update(kind="tests.support.failing.FailingClassificationTrainer", fail_on_step=fail_on_step)
@@ -231,6 +246,7 @@ def test_an_error_in_a_later_micro_batch_resumes_exactly_from_the_last_completed
 def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
     """Random draws in `__getitem__` of worker processes continue where they stopped: the resumed run
     ends with the weights of the uninterrupted one."""
+
     def tree(directory: Path, *extra_callbacks: dict[str, Any]) -> dict[str, Any]:
         config = tiny_config(directory, num_workers=2, callbacks=[CHECKPOINT, *extra_callbacks])
         config["datasets"]["train"]["kind"] = "tests.support.augmenting.NoisyDigitsDataset"

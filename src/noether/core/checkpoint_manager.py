@@ -319,7 +319,9 @@ class CheckpointManager:
             # next start resumes from it and cuts the metrics then (the other way round, it would find the
             # abandoned history's `last` and take the run for finished, its metrics already cut)
             for moved in self.store.set_aside_after(iteration):
-                logger.warning(f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/")
+                logger.warning(
+                    f"checkpoint '{moved}' was written after '{tag}' by the abandoned run; moved to abandoned_after_{iteration}/"
+                )
             self.log_writer.keep_first_rows(state["metrics_rows"])
             self.log_writer.resumed_at(iteration.update)
         return iteration

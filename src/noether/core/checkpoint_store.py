@@ -281,7 +281,9 @@ class CheckpointStore:
         """Remove every file of `tag` once every earlier save is committed (so never before a newer set
         is durable). The first file is renamed to a marker first: a crash midway leaves the marker,
         and `recover` finishes the deletion, so no partial set is ever left to be resumed."""
-        self._written = {member: written for member, written in self._written.items() if written.path != self.directory / member.file_name(tag)}
+        self._written = {
+            member: written for member, written in self._written.items() if written.path != self.directory / member.file_name(tag)
+        }
         self._require_writer().call_after_writes(lambda: self._delete_now(tag))
 
     def prune(self, tags: list[str], keep: int, protected: Iterable[str] = ()) -> None:
@@ -625,12 +627,16 @@ def _fingerprint(payload: Any) -> Any:
 def _link_staged(written: _Written, staged: Path) -> None:
     """On the writer thread: stage a second name of a committed file (a copy where there are no hard links)."""
     if not written.outcome.committed:
-        raise CheckpointWriteError(f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved")
+        raise CheckpointWriteError(
+            f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved"
+        )
     try:
         _link_or_copy(written.path, staged)
     except OSError as error:
         _remove(staged)
-        raise CheckpointWriteError(f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}") from error
+        raise CheckpointWriteError(
+            f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}"
+        ) from error
 
 
 def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome) -> None:

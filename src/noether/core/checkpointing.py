@@ -56,7 +56,9 @@ def load_trainer_state(store: CheckpointStore, model_name: str, tag: str) -> dic
     payload = store.load(member, tag)
     missing = [key for key in TRAINER_STATE_KEYS if key not in payload]
     if missing:
-        raise CheckpointLoadError(f"{store.path(member, tag)} is not {member.describe()} written by noether (no {', '.join(missing)})")
+        raise CheckpointLoadError(
+            f"{store.path(member, tag)} is not {member.describe()} written by noether (no {', '.join(missing)})"
+        )
     return payload
 
 
@@ -91,14 +93,22 @@ def load_model_weights(
                 )
             if store.is_sharded(optim, tag):
                 template = fsdp.optimizer_state(leaf, leaf.optimizer)
-                fsdp.load_optimizer_state(leaf, leaf.optimizer, store.load_into(optim, tag, template, expected_iteration=expected_iteration)["state_dict"])
+                fsdp.load_optimizer_state(
+                    leaf,
+                    leaf.optimizer,
+                    store.load_into(optim, tag, template, expected_iteration=expected_iteration)["state_dict"],
+                )
             elif fsdp.sharded_modules(leaf):
                 raise CheckpointLoadError(
                     f"{store.path(optim, tag)} is a whole optimizer state, written without trainer.parallelism=fsdp; "
                     "a sharded run resumes from sharded (.dcp) optimizer states only"
                 )
             else:
-                _load_into(leaf.optimizer, store.load(optim, tag, expected_iteration=expected_iteration)["state_dict"], store.path(optim, tag))
+                _load_into(
+                    leaf.optimizer,
+                    store.load(optim, tag, expected_iteration=expected_iteration)["state_dict"],
+                    store.path(optim, tag),
+                )
 
 
 def _check_optimizer_class(name: str, leaf: Model, weights_payload: dict[str, Any] | None, tag: str) -> None:

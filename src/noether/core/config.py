@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import InitErrorDetails, PydanticCustomError
+
 from noether.core.utils.formatting import one_line
 
 CONFIG_SUFFIX = "Config"
@@ -63,7 +64,9 @@ def import_object(dotted_path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        known = [name for config_name in RegistryConfig.registry for name in (config_name, config_name.removesuffix(CONFIG_SUFFIX))]
+        known = [
+            name for config_name in RegistryConfig.registry for name in (config_name, config_name.removesuffix(CONFIG_SUFFIX))
+        ]
         raise ValueError(f"cannot import module '{module_name}' ({error}){_did_you_mean(dotted_path, known)}") from None
     except ImportError as error:
         raise ValueError(f"cannot import module '{module_name}' ({error})") from None
@@ -210,7 +213,9 @@ def load_yaml(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"
+        ) from None
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:

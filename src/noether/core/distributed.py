@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 _cpu_group: dist.ProcessGroup | None = None  # None: the default group, when it is gloo itself
 
 

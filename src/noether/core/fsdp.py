@@ -37,7 +37,9 @@ def shard_model(model: ModelBase, *, precision: str, shard_classes: list[str] | 
             units = [module for module in leaf.modules() if module is not leaf and type(module).__name__ in shard_classes]
             if not units:
                 found = sorted({type(module).__name__ for module in leaf.modules()})
-                raise ConfigError(f"trainer.shard_module_classes: model '{name}' has no module of class {shard_classes} (its classes: {found})")
+                raise ConfigError(
+                    f"trainer.shard_module_classes: model '{name}' has no module of class {shard_classes} (its classes: {found})"
+                )
         else:
             units = [child for child in leaf.children() if any(True for _ in child.parameters())]
         for unit in units:

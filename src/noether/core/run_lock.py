@@ -31,7 +31,9 @@ class RunLock:
             owner = file.read().strip() or "another process"
             file.close()
             run_dir = self.path.parent
-            raise RunInUseError(f"run '{run_dir.name}' ({run_dir}) is in use by {owner}; wait for it to end or pick another run_id") from None
+            raise RunInUseError(
+                f"run '{run_dir.name}' ({run_dir}) is in use by {owner}; wait for it to end or pick another run_id"
+            ) from None
         file.seek(0)
         file.truncate()
         file.write(f"process {os.getpid()} on {socket.gethostname()}")

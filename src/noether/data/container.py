@@ -20,4 +20,3 @@ class DataContainer:
             return self.datasets[key]
         except KeyError:
             raise UnknownDatasetKeyError(f"unknown dataset key '{key}'; known keys: {', '.join(sorted(self.datasets))}") from None
-

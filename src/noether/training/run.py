@@ -171,7 +171,9 @@ def _check_batch_fits_training_set(config: RunConfig) -> None:
     """Refuse, before the run directory exists, a batch that no epoch could fill (builds the training set once more)."""
     size = len(build(config.datasets[TRAIN_KEY]))
     if config.trainer.effective_batch_size > size:
-        raise ConfigError(f"trainer.effective_batch_size: {config.trainer.effective_batch_size} is larger than the training set ({size} samples)")
+        raise ConfigError(
+            f"trainer.effective_batch_size: {config.trainer.effective_batch_size} is larger than the training set ({size} samples)"
+        )
 
 
 def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str | None, checkpoint: str | None) -> PathProvider:

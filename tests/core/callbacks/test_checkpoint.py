@@ -10,8 +10,8 @@ import torch
 from noether.core.config import ConfigError
 from noether.training.run import evaluate, train
 from tests.conftest import tiny_config
-from tests.support.models import composite_model_config
 from tests.support.checkpoints import checkpoint_path
+from tests.support.models import composite_model_config
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 
@@ -27,13 +27,22 @@ def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_che
     paths = train({**tiny_config(tmp_path, callbacks=[callback]), "async_checkpoints": async_checkpoints})
 
     tags = ["E0_U4_S512", "E0_U8_S1024", "E1_U12_S1536", "E1_U16_S2048", "last", "latest"]
-    assert checkpoint_files(paths) == sorted(f"classifier_cp={tag}_{part}.th" for tag in tags for part in ("model", "optim", "trainer"))
+    assert checkpoint_files(paths) == sorted(
+        f"classifier_cp={tag}_{part}.th" for tag in tags for part in ("model", "optim", "trainer")
+    )
     weights = torch.load(checkpoint_path(paths, "classifier", "E0_U8_S1024", "model"), weights_only=True)
     assert weights["checkpoint_tag"] == "E0_U8_S1024"
     assert weights["training_iteration"] == {"epoch": 0, "update": 8, "sample": 1024}
     assert weights["run_id"] == "run"
     assert weights["model_config"]["hidden_dim"] == 16
-    assert set(weights["state_dict"]) == {"layers.0.weight", "layers.0.bias", "layers.3.weight", "layers.3.bias", "layers.6.weight", "layers.6.bias"}
+    assert set(weights["state_dict"]) == {
+        "layers.0.weight",
+        "layers.0.bias",
+        "layers.3.weight",
+        "layers.3.bias",
+        "layers.6.weight",
+        "layers.6.bias",
+    }
     latest = torch.load(checkpoint_path(paths, "classifier", "latest", "trainer"), weights_only=True)
     assert latest["training_iteration"] == {"epoch": 1, "update": 16, "sample": 2048}
     assert {"callbacks", "rng_states", "grad_scaler"} <= set(latest)
@@ -43,11 +52,19 @@ def test_periodic_latest_and_last_checkpoints_of_a_run(tmp_path: Path, async_che
     assert last["training_iteration"] == {"epoch": 2, "update": 18, "sample": 2304}
     assert last["state_dict"]["state"][0]["step"] == 18
     for part in ("model", "optim", "trainer"):  # `latest` and the periodic set of one step: one write, two names
-        assert checkpoint_path(paths, "classifier", "latest", part).samefile(checkpoint_path(paths, "classifier", "E1_U16_S2048", part))
+        assert checkpoint_path(paths, "classifier", "latest", part).samefile(
+            checkpoint_path(paths, "classifier", "E1_U16_S2048", part)
+        )
 
 
 def test_save_flags_choose_the_parts_of_periodic_and_latest_checkpoints(tmp_path: Path) -> None:
-    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "save_optim": False, "save_latest_weights": False, "save_latest_optim": True}
+    callback = {
+        "kind": CHECKPOINT,
+        "every_n_epochs": 1,
+        "save_optim": False,
+        "save_latest_weights": False,
+        "save_latest_optim": True,
+    }
     paths = train(tiny_config(tmp_path, callbacks=[callback]))
 
     assert checkpoint_files(paths) == sorted(
@@ -56,7 +73,9 @@ def test_save_flags_choose_the_parts_of_periodic_and_latest_checkpoints(tmp_path
         + [f"classifier_cp=last_{part}.th" for part in ("model", "optim", "trainer")]
     )
     # other contents than the periodic set's: a set of its own
-    assert not checkpoint_path(paths, "classifier", "latest", "trainer").samefile(checkpoint_path(paths, "classifier", "E2_U18_S2304", "trainer"))
+    assert not checkpoint_path(paths, "classifier", "latest", "trainer").samefile(
+        checkpoint_path(paths, "classifier", "E2_U18_S2304", "trainer")
+    )
 
 
 def test_a_checkpoint_callback_that_saves_nothing_is_rejected_before_training(tmp_path: Path) -> None:
@@ -78,7 +97,10 @@ def sized_run(tmp_path_factory):
 
 def logged_estimate(paths) -> re.Match:
     [line] = [line for line in paths.log_file.read_text().splitlines() if "one checkpoint:" in line]
-    match = re.search(r"one checkpoint: weights ([\d.]+) kB, optimizer state ~([\d.]+) kB; this run will write ~([\d.]+) MB of checkpoints$", line)
+    match = re.search(
+        r"one checkpoint: weights ([\d.]+) kB, optimizer state ~([\d.]+) kB; this run will write ~([\d.]+) MB of checkpoints$",
+        line,
+    )
     assert match, line
     return match
 
@@ -148,6 +170,8 @@ def test_model_names_select_submodels_and_a_named_frozen_submodel_is_written(tmp
 
 
 def test_an_unknown_model_name_fails_before_training(tmp_path: Path) -> None:
-    expected = "CheckpointCallback.model_names: no model named 'decoder'; models are: composite.embed, composite.encoder, composite.head"
+    expected = (
+        "CheckpointCallback.model_names: no model named 'decoder'; models are: composite.embed, composite.encoder, composite.head"
+    )
     with pytest.raises(ConfigError, match=expected):
         train(composite_tree(tmp_path, model_names=["decoder"]))

@@ -37,7 +37,12 @@ def stopper_tree(tmp_path: Path, stopper: dict, values: list[float], **trainer) 
 
 
 def test_metric_early_stopper_ends_the_run_after_tolerance_evaluations_without_improvement(tmp_path):
-    stopper = {"kind": "noether.core.callbacks.MetricEarlyStopper", "every_n_epochs": 1, "metric_key": "loss/scripted/total", "tolerance": 2}
+    stopper = {
+        "kind": "noether.core.callbacks.MetricEarlyStopper",
+        "every_n_epochs": 1,
+        "metric_key": "loss/scripted/total",
+        "tolerance": 2,
+    }
     tree = stopper_tree(tmp_path, stopper, [3.0, 2.0, 2.5, 2.1, 1.0, 0.5])
     paths = train(tree)
     logged = rows(paths.run_dir)
@@ -45,7 +50,10 @@ def test_metric_early_stopper_ends_the_run_after_tolerance_evaluations_without_i
     assert logged[-1]["best/loss/scripted/total"] == 2.0  # after_training ran, as at the limit
     assert (paths.checkpoint_dir / "classifier_cp=last_model.th").exists()
     assert not list(paths.checkpoint_dir.glob("*E5_*"))
-    assert "stopping early: MetricEarlyStopper: loss/scripted/total has not improved on 2 for 2 evaluations" in paths.log_file.read_text()
+    assert (
+        "stopping early: MetricEarlyStopper: loss/scripted/total has not improved on 2 for 2 evaluations"
+        in paths.log_file.read_text()
+    )
     before = snapshot(paths.run_dir)
     for resume in ("auto", "run"):
         train(tree, resume=resume)
@@ -55,7 +63,12 @@ def test_metric_early_stopper_ends_the_run_after_tolerance_evaluations_without_i
 def test_metric_early_stopper_state_survives_a_resume(tmp_path):
     """Resumed from epoch 3 (one evaluation without improvement so far), the stopper stops at epoch 4 as the
     uninterrupted run did: its count came back with the checkpoint."""
-    stopper = {"kind": "noether.core.callbacks.MetricEarlyStopper", "every_n_epochs": 1, "metric_key": "loss/scripted/total", "tolerance": 2}
+    stopper = {
+        "kind": "noether.core.callbacks.MetricEarlyStopper",
+        "every_n_epochs": 1,
+        "metric_key": "loss/scripted/total",
+        "tolerance": 2,
+    }
     tree = stopper_tree(tmp_path / "reference", stopper, [3.0, 2.0, 2.5, 2.1, 1.0, 0.5])
     reference = train(tree)
     branch = tmp_path / "branch"
@@ -74,8 +87,10 @@ def test_fixed_early_stopper_stops_at_its_epoch(tmp_path):
 
 @pytest.mark.parametrize(
     ("fields", "message"),
-    [({}, "set exactly one of stop_at_epoch, stop_at_update, stop_at_sample (got none)"),
-     ({"stop_at_epoch": 1, "stop_at_update": 3}, "(got stop_at_epoch, stop_at_update)")],
+    [
+        ({}, "set exactly one of stop_at_epoch, stop_at_update, stop_at_sample (got none)"),
+        ({"stop_at_epoch": 1, "stop_at_update": 3}, "(got stop_at_epoch, stop_at_update)"),
+    ],
 )
 def test_fixed_early_stopper_needs_exactly_one_limit(tmp_path, fields, message):
     stopper = {"kind": "noether.core.callbacks.FixedEarlyStopper", "every_n_epochs": 1, **fields}
@@ -84,6 +99,11 @@ def test_fixed_early_stopper_needs_exactly_one_limit(tmp_path, fields, message):
 
 
 def test_metric_early_stopper_needs_its_metric_logged_before_it(tmp_path):
-    stopper = {"kind": "noether.core.callbacks.MetricEarlyStopper", "every_n_epochs": 1, "metric_key": "loss/val/total", "tolerance": 1}
+    stopper = {
+        "kind": "noether.core.callbacks.MetricEarlyStopper",
+        "every_n_epochs": 1,
+        "metric_key": "loss/val/total",
+        "tolerance": 1,
+    }
     with pytest.raises(ConfigError, match="MetricEarlyStopper.metric_key: no callback listed before it logs 'loss/val/total'"):
         train(stopper_tree(tmp_path, stopper, [1.0]))

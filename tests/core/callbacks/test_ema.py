@@ -20,9 +20,9 @@ from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig
 from noether.training.run import build_trainer, parse_run_config, train
 from noether.training.trainers.base import BaseTrainer
 from tests.conftest import run_cli, tiny_config
+from tests.support.checkpoints import checkpoint_path
 from tests.support.ema_callbacks import CHILD_FAILURE, LIVE_WEIGHTS_FILE, checksum
 from tests.support.ema_models import Decoder, DecoderConfig, Encoder, EncoderConfig
-from tests.support.checkpoints import checkpoint_path
 
 EMA = "noether.core.callbacks.EmaCallback"
 SUPPORT = "tests.support.ema_callbacks"
@@ -206,7 +206,9 @@ def test_ema_weights_due_at_a_trainer_checkpoint_are_written_once_in_that_set(tm
     monkeypatch.setattr(CheckpointStore, "save", recording_save)
     ema = {"kind": EMA, "every_n_epochs": 1, "target_factors": FACTORS, "save_weights": True, "save_latest_weights": True}
     checkpoints = {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 2, "save_latest_weights": True}
-    run_dir = train(tiny_config(tmp_path, max_epochs=2, callbacks=[ema, checkpoints] if ema_listed_first else [checkpoints, ema])).run_dir
+    run_dir = train(
+        tiny_config(tmp_path, max_epochs=2, callbacks=[ema, checkpoints] if ema_listed_first else [checkpoints, ema])
+    ).run_dir
 
     # epoch 1: the EMA's own sets; epoch 2: the trainer's sets alone, then `last`
     assert saved_sets == [(tag(1, 9), False), ("latest", False), (tag(2, 18), True), ("latest", True), ("last", True)]
@@ -299,7 +301,9 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_ema(reference_run, in
     assert ema_metrics(run_dir) == ema_metrics(reference_run)
 
 
-def test_the_emas_own_latest_saves_never_overwrite_the_ema_of_the_trainers_latest_checkpoint(reference_run, interrupted_run, tmp_path):
+def test_the_emas_own_latest_saves_never_overwrite_the_ema_of_the_trainers_latest_checkpoint(
+    reference_run, interrupted_run, tmp_path
+):
     run_dir = copy_run(interrupted_run, tmp_path)
     # the EMA saves `latest` every epoch on its own, the checkpoint callback wrote `latest` after update 9
     # (with the EMA in its set); the EMA's later `latest` saves left that set alone
@@ -325,7 +329,9 @@ def test_an_ema_of_another_iteration_is_never_loaded(reference_run, tmp_path):
     for factor in FACTORS:
         assert_identical(ema_state(run_dir, factor, "last"), live_state(run_dir, final_tag))
         looked_for = ema_file(run_dir, factor, final_tag).name
-        assert f"no EMA weights written at {final_tag} (looked for {looked_for}); EMA {factor} restarts from the live weights" in log
+        assert (
+            f"no EMA weights written at {final_tag} (looked for {looked_for}); EMA {factor} restarts from the live weights" in log
+        )
 
 
 def test_without_its_ema_file_one_factor_restarts_from_the_live_weights(reference_run, tmp_path):

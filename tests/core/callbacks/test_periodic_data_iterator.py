@@ -28,6 +28,7 @@ def records_with(run_dir: Path, key: str) -> list[dict[str, float]]:
 
 # ----------------------------------------------------------------------------- children of other callbacks
 
+
 def test_a_listed_child_reads_the_shared_loader_at_its_own_schedule(tmp_path: Path) -> None:
     parent = {
         "kind": "tests.support.data_callbacks.ForwardingParentCallback",
@@ -76,6 +77,7 @@ def test_a_listed_child_that_its_parent_does_not_dispatch_fails_clearly(tmp_path
 
 
 # ----------------------------------------------------------------------------- collating and gathering results
+
 
 def test_collate_results_concatenates_batches_and_keeps_the_structure() -> None:
     per_batch = [

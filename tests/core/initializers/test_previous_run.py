@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from noether.core.config import ConfigError
-from noether.core.models.base import apply_initializers
-from noether.core.models.base import build_model
+from noether.core.models.base import apply_initializers, build_model
 from noether.core.providers.path import PathProvider
 from noether.training.run import parse_run_config, train
 from tests.conftest import run_cli, tiny_config
@@ -39,7 +38,9 @@ def source(tmp_path_factory):
 
 
 def fine_tune_tree(source, output_path: Path, **initializer: Any) -> dict[str, Any]:
-    tree = tiny_config(output_path, callbacks=[RECORDER, {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_updates": 4}])
+    tree = tiny_config(
+        output_path, callbacks=[RECORDER, {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_updates": 4}]
+    )
     tree["model"]["hidden_dim"] = 32
     tree["model"]["initializers"] = [
         {"kind": INITIALIZER, "run_id": str(source.run_dir), "model_name": "classifier", "checkpoint_tag": "last", **initializer}
@@ -59,7 +60,9 @@ def assert_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.
 
 def test_a_run_starts_from_an_ema_of_an_earlier_run_bit_for_bit_and_a_resume_does_not_reapply_it(source, tmp_path):
     tree = fine_tune_tree(source, tmp_path, model_info="ema=0.9")
-    tree["trainer"]["callbacks"].append({"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 8, "signal_name": "SIGTERM"})
+    tree["trainer"]["callbacks"].append(
+        {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 8, "signal_name": "SIGTERM"}
+    )
     paths = train(tree)
     ema = load_weights(checkpoint_path(source, "classifier", "last", "model", ema_factor=0.9))
     assert_identical(torch.load(paths.run_dir / "starting_weights.0.pt", weights_only=True), ema)
@@ -100,11 +103,20 @@ def test_keys_are_filtered_and_renamed_into_a_submodel_of_a_composite(source, tm
     ("initializer", "message"),
     [
         ({"run_id": "nowhere"}, r"initializers\[0\]: run_id: unknown run 'nowhere'"),
-        ({"checkpoint_tag": "best"}, "checkpoint 'best' of classifier in run .* does not exist; its checkpoints of that model: E1_U9_S1152, E2_U18_S2304, last"),
-        ({"model_info": "ema=0.5"}, r"checkpoint 'last' of classifier \(ema=0.5\) .* does not exist; that checkpoint holds weights of: classifier, classifier \(ema=0.9\)"),
+        (
+            {"checkpoint_tag": "best"},
+            "checkpoint 'best' of classifier in run .* does not exist; its checkpoints of that model: E1_U9_S1152, E2_U18_S2304, last",
+        ),
+        (
+            {"model_info": "ema=0.5"},
+            r"checkpoint 'last' of classifier \(ema=0.5\) .* does not exist; that checkpoint holds weights of: classifier, classifier \(ema=0.9\)",
+        ),
         ({"model_info": "average"}, r"model_info: .*expected 'ema=<factor>'"),
         ({"keys_to_remove": ["layers.6.bias"]}, "does not fit the model: missing keys layers.6.bias"),
-        ({"patterns_to_rename": [{"src": "layers.", "dst": "blocks."}]}, "missing keys layers.0.weight, layers.0.bias, layers.3.weight ...; unexpected keys blocks.0.weight"),
+        (
+            {"patterns_to_rename": [{"src": "layers.", "dst": "blocks."}]},
+            "missing keys layers.0.weight, layers.0.bias, layers.3.weight ...; unexpected keys blocks.0.weight",
+        ),
     ],
     ids=["unknown-run", "unknown-tag", "unknown-ema", "bad-model-info", "missing-key", "renamed-away"],
 )

@@ -8,8 +8,7 @@ import yaml
 
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.config import ConfigError
-from noether.core.models.base import apply_initializers
-from noether.core.models.base import build_model
+from noether.core.models.base import apply_initializers, build_model
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointWriter
 from noether.training.run import parse_run_config

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from noether.training.run import train
-from tests.support.trackers import expected_scalars, metrics_rows, tensorboard_scalars, tracked_tree
 from tests.support.checkpoints import checkpoint_path
+from tests.support.trackers import expected_scalars, metrics_rows, tensorboard_scalars, tracked_tree
 
 
 @pytest.mark.parametrize(("fail_in", "calls_before_off"), [("start", 0), ("log", 5)])
@@ -20,7 +20,9 @@ def test_a_failing_tracker_is_switched_off_with_one_warning_and_training_goes_on
     last = torch.load(checkpoint_path(paths, "classifier", "last", "trainer"), weights_only=True)
     assert last["training_iteration"]["update"] == 18
     warnings = [line for line in paths.log_file.read_text().splitlines() if "tracker FailingTracker failed" in line]
-    expected = "ConnectionError('tracking server unreachable')" if fail_in == "start" else "OSError(28, 'No space left on device')"
+    expected = (
+        "ConnectionError('tracking server unreachable')" if fail_in == "start" else "OSError(28, 'No space left on device')"
+    )
     assert len(warnings) == 1 and f"failed to {fail_in} ({expected}); it is switched off" in warnings[0]
     calls_file = paths.run_dir / "failing_tracker_calls"
     assert (int(calls_file.read_text()) if calls_file.exists() else 0) == calls_before_off  # never called again

@@ -43,14 +43,19 @@ def test_tracker_kinds_resolve_to_their_configs(tmp_path):
 
 def test_a_wrong_tracker_option_is_a_config_error_naming_its_path(tmp_path):
     tree = tiny_config(tmp_path)
-    tree["trackers"] = [{"kind": "noether.core.trackers.TensorBoardTracker"}, {"kind": "noether.core.trackers.WandbTracker", "mode": "online-ish"}]
+    tree["trackers"] = [
+        {"kind": "noether.core.trackers.TensorBoardTracker"},
+        {"kind": "noether.core.trackers.WandbTracker", "mode": "online-ish"},
+    ]
 
     with pytest.raises(ConfigError, match=r"trackers\[1\]\.mode: input should be 'online', 'offline' or 'disabled'"):
         parse_run_config(tree)
 
 
 @pytest.mark.parametrize(("package", "tracker"), [("wandb", "WandbTracker"), ("mlflow", "MlflowTracker")])
-def test_a_tracker_whose_extra_is_missing_stops_the_command_before_training_naming_the_extra(tmp_path, write_config, package, tracker):
+def test_a_tracker_whose_extra_is_missing_stops_the_command_before_training_naming_the_extra(
+    tmp_path, write_config, package, tracker
+):
     blocker_dir = tmp_path / "blocker"
     blocker_dir.mkdir()
     (blocker_dir / "sitecustomize.py").write_text(IMPORT_BLOCKER.format(package=package))
@@ -60,7 +65,9 @@ def test_a_tracker_whose_extra_is_missing_stops_the_command_before_training_nami
     env = cli_env()
     env["PYTHONPATH"] = f"{blocker_dir}{os.pathsep}{REPO_ROOT}"
 
-    result = subprocess.run([cli_command("noether-train"), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [cli_command("noether-train"), str(config)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
 
     assert result.returncode == 2, result.stderr
     assert result.stderr == (

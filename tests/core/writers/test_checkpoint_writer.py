@@ -3,10 +3,10 @@ import os
 import pickle
 import random
 import re
-import threading
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,8 +16,8 @@ import torch
 from noether.core.writers import checkpoint_writer
 from noether.core.writers.checkpoint_writer import (
     CheckpointLoadError,
-    CheckpointWriter,
     CheckpointWriteError,
+    CheckpointWriter,
     load_checkpoint,
 )
 
@@ -279,7 +279,10 @@ def test_random_bytes_are_reported_as_corrupt_not_as_unsafe(tmp_path, seed):
     path.write_bytes(random.Random(seed).randbytes(4096))
     with pytest.raises(CheckpointLoadError) as info:
         load_checkpoint(path)
-    assert str(info.value) in (f"corrupt or not a torch checkpoint file (no zip archive): {path}", f"checkpoint file is truncated or corrupt: {path}")
+    assert str(info.value) in (
+        f"corrupt or not a torch checkpoint file (no zip archive): {path}",
+        f"checkpoint file is truncated or corrupt: {path}",
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -20,8 +20,10 @@ from tests.conftest import tiny_config
 
 def payload(seed: int, size: int = 64) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    return {"state_dict": {"weight": torch.randn(size, size, generator=generator), "bias": torch.randn(size, generator=generator)},
-            "checkpoint_tag": f"tag{seed}"}
+    return {
+        "state_dict": {"weight": torch.randn(size, size, generator=generator), "bias": torch.randn(size, generator=generator)},
+        "checkpoint_tag": f"tag{seed}",
+    }
 
 
 def hidden_files(directory: Path) -> list[str]:
@@ -222,7 +224,9 @@ def set_of(path: Path) -> str | None:
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name the file an fsync is for")
 @pytest.mark.parametrize("async_checkpoints", [True, False])
-def test_a_run_makes_each_checkpoint_set_durable_with_one_barrier_before_its_first_rename(tmp_path, monkeypatch, async_checkpoints):
+def test_a_run_makes_each_checkpoint_set_durable_with_one_barrier_before_its_first_rename(
+    tmp_path, monkeypatch, async_checkpoints
+):
     """Periodic sets (every 4 updates) with `latest` linked to them, EMA weights, best weights (every 3
     updates, some at a periodic step, so linked) and `last`: a set's files written by the writer are
     made durable by exactly one barrier, which covers all of them and comes before any of the set's
@@ -233,7 +237,12 @@ def test_a_run_makes_each_checkpoint_set_durable_with_one_barrier_before_its_fir
             {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_updates": 3, "dataset_key": "val"},
             {"kind": "noether.core.callbacks.BestCheckpointCallback", "every_n_updates": 3, "metric_key": "loss/val/total"},
             {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.9]},
-            {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_updates": 4, "save_latest_weights": True, "save_latest_optim": True},
+            {
+                "kind": "noether.core.callbacks.CheckpointCallback",
+                "every_n_updates": 4,
+                "save_latest_weights": True,
+                "save_latest_optim": True,
+            },
         ],
     )
     spy = DurabilitySpy(monkeypatch)
@@ -242,7 +251,9 @@ def test_a_run_makes_each_checkpoint_set_durable_with_one_barrier_before_its_fir
     assert {path.parent for event in events if event[0] == "barrier" for path in event[1]} == {paths.checkpoint_dir.absolute()}
 
     # no file of a checkpoint, staged or in its writer's temporary file, is made durable on its own
-    assert [event for event in events if event[0] == "fsync outside a barrier" and event[1].parent == paths.checkpoint_dir.absolute()] == []
+    assert [
+        event for event in events if event[0] == "fsync outside a barrier" and event[1].parent == paths.checkpoint_dir.absolute()
+    ] == []
     linked = {event[2].name for event in events if event[0] == "link" and set_of(event[2])}
     # the commit renames: a staged file onto the final name it was staged for
     commits: dict[str, list[int]] = {}

@@ -35,7 +35,7 @@ def make_sampler(
     effective_batch_size: int = 4,
     micro_batch_size: int | None = None,
     epochs: int = 3,
-    start: TrainingIteration = TrainingIteration(),
+    start: TrainingIteration | None = None,
     rank: int = 0,
     world_size: int = 1,
 ) -> InterleavedSampler:
@@ -48,7 +48,7 @@ def make_sampler(
     )
     return InterleavedSampler(
         batching=batching,
-        start_iteration=start,
+        start_iteration=start or TrainingIteration(),
         end_iteration=TrainingIteration(epoch=epochs),
         consumers=consumers,
         consumer_dataset_sizes=consumer_sizes,
@@ -166,6 +166,7 @@ def test_one_loader_serves_training_and_evaluation_batches(num_workers: int) -> 
 
 
 # ----------------------------------------------------------------------------- real runs
+
 
 def evaluating_callbacks() -> list[dict[str, Any]]:
     """Iterating callbacks on the shared loader (top level and a parent's children) and on a loader of their own."""

@@ -79,7 +79,9 @@ class FixedEarlyStopperConfig(CallBackBaseConfig):
     def _one_limit(self) -> FixedEarlyStopperConfig:
         given = [name for name in ("stop_at_epoch", "stop_at_update", "stop_at_sample") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"set exactly one of stop_at_epoch, stop_at_update, stop_at_sample (got {', '.join(given) or 'none'})")
+            raise ValueError(
+                f"set exactly one of stop_at_epoch, stop_at_update, stop_at_sample (got {', '.join(given) or 'none'})"
+            )
         return self
 
 
@@ -101,4 +103,6 @@ class FixedEarlyStopper(PeriodicCallback):
             ("stop_at_sample", config.stop_at_sample is not None and update_counter.sample >= config.stop_at_sample),
         ):
             if reached:
-                self.context.trainer.stop_early(f"{self.state_key}: {limit}={getattr(config, limit)} reached at {update_counter.cur_iteration}")
+                self.context.trainer.stop_early(
+                    f"{self.state_key}: {limit}={getattr(config, limit)} reached at {update_counter.cur_iteration}"
+                )

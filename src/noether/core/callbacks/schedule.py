@@ -53,7 +53,9 @@ class Schedule:
     def invocations_between(self, start_update: int, end_update: int, updates_per_epoch: int, effective_batch_size: int) -> int:
         """How often it fires after updates start_update+1 .. end_update."""
         if self.every_n_epochs is not None:
-            return end_update // updates_per_epoch // self.every_n_epochs - start_update // updates_per_epoch // self.every_n_epochs
+            return (
+                end_update // updates_per_epoch // self.every_n_epochs - start_update // updates_per_epoch // self.every_n_epochs
+            )
         if self.every_n_updates is not None:
             return end_update // self.every_n_updates - start_update // self.every_n_updates
         assert self.every_n_samples is not None

@@ -115,7 +115,13 @@ def _what_there_is(store: CheckpointStore, member: Member, tag: str) -> str:
         return f"its checkpoints of that model: {', '.join(with_member)}"
     in_tag = next((info for info in tags if info.tag == tag), None)
     if in_tag is not None:
-        names = sorted({m.model_name + (f" (ema={m.ema_factor})" if m.ema_factor is not None else "") for m in in_tag.files if m.part == "model"})
+        names = sorted(
+            {
+                m.model_name + (f" (ema={m.ema_factor})" if m.ema_factor is not None else "")
+                for m in in_tag.files
+                if m.part == "model"
+            }
+        )
         return f"that checkpoint holds weights of: {', '.join(names)}"
     return f"it has no checkpoint '{tag}'" if tags else "it has no checkpoints"
 
@@ -130,7 +136,11 @@ def _check_fit(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
     ]
     problems = [
         f"{label} {', '.join(keys[:_SHOWN_KEYS])}{' ...' if len(keys) > _SHOWN_KEYS else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (checkpoint vs model)", mismatched))
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatch (checkpoint vs model)", mismatched),
+        )
         if keys
     ]
     if problems:

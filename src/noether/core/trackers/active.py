@@ -47,7 +47,9 @@ class ActiveTrackers:
                 call(tracker)
             except Exception as error:  # noqa: BLE001 - any failure of a tracker only switches it off
                 self.trackers.remove(tracker)
-                logger.warning(f"tracker {tracker.name} failed to {action} ({error!r}); it is switched off, training and metrics.jsonl go on")
+                logger.warning(
+                    f"tracker {tracker.name} failed to {action} ({error!r}); it is switched off, training and metrics.jsonl go on"
+                )
                 if action != "close":
                     with contextlib.suppress(Exception):
                         tracker.close()

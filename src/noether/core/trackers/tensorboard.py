@@ -43,7 +43,9 @@ class TensorBoardTracker(Tracker):
 
         self.writer = EventFileWriter(str(self.log_dir))
         if resumed_update is not None:
-            self.writer.add_event(Event(wall_time=time.time(), step=resumed_update, session_log=SessionLog(status=SessionLog.START)))
+            self.writer.add_event(
+                Event(wall_time=time.time(), step=resumed_update, session_log=SessionLog(status=SessionLog.START))
+            )
         if not resumed_update:  # a fresh start, or a resume at update 0, which dropped the config too
             config_text = yaml.safe_dump(self.run_config, sort_keys=False)
             markdown = "".join(f"    {line}\n" for line in config_text.splitlines())  # a code block

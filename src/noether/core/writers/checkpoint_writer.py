@@ -95,9 +95,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise CheckpointLoadError(_unreadable_reason(path)) from e
     if not isinstance(checkpoint, dict):
-        raise CheckpointLoadError(
-            f"refusing to load {path}: it holds a {type(checkpoint).__name__}, not a checkpoint dict"
-        )
+        raise CheckpointLoadError(f"refusing to load {path}: it holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
 
 
@@ -225,7 +223,9 @@ class CheckpointWriter:
     @property
     def buffer_bytes(self) -> int:
         """Host memory held by the reusable snapshot buffers (pinned for GPU tensors)."""
-        return sum(t.numel() * t.element_size() for sets in self._pool.values() for buffer_set in sets for t in buffer_set.tensors)
+        return sum(
+            t.numel() * t.element_size() for sets in self._pool.values() for buffer_set in sets for t in buffer_set.tensors
+        )
 
     def call_after_writes(self, action: Callable[[], None]) -> None:
         """Runs ``action`` once every earlier save is written (at once when synchronous); an error it
@@ -299,9 +299,7 @@ class CheckpointWriter:
                     buffer_set.busy = True
                     return buffer_set
         # as many sets as writes of this structure are in flight at once, bounded by max_pending_bytes
-        buffer_set = _BufferSet(
-            [torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in structure]
-        )
+        buffer_set = _BufferSet([torch.empty(shape, dtype=dtype, pin_memory=pinned) for shape, dtype, pinned in structure])
         sets.append(buffer_set)
         return buffer_set
 
@@ -457,6 +455,7 @@ def _crc_free_saves() -> contextlib.AbstractContextManager:
     torch.save in another thread is never affected."""
     try:
         from torch.utils.serialization import config
+
         per_thread = isinstance(config._config["save.compute_crc32"].user_override, contextvars.ContextVar)
     except (ImportError, AttributeError, KeyError):
         return contextlib.nullcontext()

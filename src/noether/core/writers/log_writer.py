@@ -60,7 +60,9 @@ class LogWriter:
     (the newest value of each key) every `SUMMARY_EVERY_SECONDS` and on `close`.
     """
 
-    def __init__(self, metrics_file: Path, summary_file: Path, is_main_process: bool = True, trackers: Sequence[Tracker] = ()) -> None:
+    def __init__(
+        self, metrics_file: Path, summary_file: Path, is_main_process: bool = True, trackers: Sequence[Tracker] = ()
+    ) -> None:
         self.metrics_file = metrics_file
         self.summary_file = summary_file
         self.is_main_process = is_main_process

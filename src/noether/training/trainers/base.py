@@ -84,7 +84,9 @@ class BaseTrainerConfig(RegistryConfig):
 class BaseTrainer:
     """Trains `context.model` on the `train` dataset and runs the configured callbacks in order."""
 
-    def __init__(self, trainer_config: BaseTrainerConfig, context: CallbackContext, *, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, trainer_config: BaseTrainerConfig, context: CallbackContext, *, seed: int = 0, device: str = "cpu"
+    ) -> None:
         self.config = trainer_config
         self.context = context
         self.seed = seed
@@ -159,7 +161,9 @@ class BaseTrainer:
         else:
             finished = self._finished_at(resume_tag) if skip_if_finished else None
             if finished is not None:
-                logger.info(f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {finished.cur_iteration}): nothing left to do")
+                logger.info(
+                    f"run {self.context.paths.run_id} has finished (checkpoint 'last' at {finished.cur_iteration}): nothing left to do"
+                )
                 return finished
             counter = self._resume(resume_tag)
         if on_start is not None:
@@ -167,7 +171,9 @@ class BaseTrainer:
         trainer_model = self.wrap_for_training(model)
         model.train()
         self._log_start(counter)
-        if not any(getattr(c.config, "save_optim", False) or getattr(c.config, "save_latest_optim", False) for c in self.all_callbacks()):
+        if not any(
+            getattr(c.config, "save_optim", False) or getattr(c.config, "save_latest_optim", False) for c in self.all_callbacks()
+        ):
             logger.warning("no callback saves optimizer state: only interrupt and error checkpoints of this run can be resumed")
         data_iter = iter(self._data_loader(counter))
         self._dispatch("before_training", update_counter=counter)
@@ -217,7 +223,9 @@ class BaseTrainer:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def _train_update(self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter) -> None:
+    def _train_update(
+        self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter
+    ) -> None:
         """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
         model.set_learning_rates(counter.update)
         # what an error checkpoint restores if the update fails half done (Python's and NumPy's generators
@@ -243,7 +251,9 @@ class BaseTrainer:
                 weight = _batch_length(batch) / local_batch_size if steps > 1 else 1.0
                 loss = losses["total"] if weight == 1.0 else losses["total"] * weight
                 (self.grad_scaler.scale(loss) if scaling else loss).backward()
-            self._dispatch("track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True)
+            self._dispatch(
+                "track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True
+            )
         if self.config.max_grad_norm is not None:
             self._clip_gradients(model, unscale=scaling)
         model.optimizer_step(self.grad_scaler if scaling else None)
@@ -295,7 +305,9 @@ class BaseTrainer:
             consumer_dataset_sizes=[len(data.get(c.dataset_key)) for c in consumers],
             seed=self.seed,
         )
-        dataset = InterleavedDataset([(TRAIN_KEY, data.get(TRAIN_KEY))] + [(c.dataset_key, data.get(c.dataset_key)) for c in consumers])
+        dataset = InterleavedDataset(
+            [(TRAIN_KEY, data.get(TRAIN_KEY))] + [(c.dataset_key, data.get(c.dataset_key)) for c in consumers]
+        )
         return DataLoader(
             dataset,
             batch_sampler=sampler,
@@ -362,7 +374,9 @@ class BaseTrainer:
         checkpoints = self.context.checkpoints
         checkpoints.register("callbacks", self.callback_states, self._load_callback_states, per_rank=True)
         checkpoints.register("rng_states", capture_rng_states, lambda saved, tag: restore_rng_states(saved), per_rank=True)
-        checkpoints.register("grad_scaler", self.grad_scaler.state_dict, lambda saved, tag: self.grad_scaler.load_state_dict(saved))
+        checkpoints.register(
+            "grad_scaler", self.grad_scaler.state_dict, lambda saved, tag: self.grad_scaler.load_state_dict(saved)
+        )
         checkpoints.register("metrics_rows", lambda: self.context.log_writer.rows_written)
         checkpoints.register("effective_batch_size", lambda: self.config.effective_batch_size, check=self._check_batch_size)
         checkpoints.register("early_stop", lambda: self.early_stop, self._load_early_stop)
@@ -427,7 +441,9 @@ class BaseTrainer:
 
         def check_iteration(iteration: TrainingIteration) -> None:
             if iteration.update > self.create_update_counter(iteration).end_update:
-                limits = ", ".join(f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name))
+                limits = ", ".join(
+                    f"trainer.{name}={getattr(self.config, name)}" for name in TRAINING_LIMITS if getattr(self.config, name)
+                )
                 raise NothingLeftToTrainError(
                     f"checkpoint '{tag}' was written at {iteration}, past the end of training ({limits}): "
                     "nothing left to train; raise the limit to train on"

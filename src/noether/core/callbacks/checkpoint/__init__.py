@@ -2,4 +2,11 @@ from noether.core.callbacks.checkpoint.best_checkpoint import BestCheckpointCall
 from noether.core.callbacks.checkpoint.checkpoint import CheckpointCallback, CheckpointCallbackConfig
 from noether.core.callbacks.checkpoint.ema import EmaCallback, EmaCallbackConfig
 
-__all__ = ["BestCheckpointCallback", "BestCheckpointCallbackConfig", "CheckpointCallback", "CheckpointCallbackConfig", "EmaCallback", "EmaCallbackConfig"]
+__all__ = [
+    "BestCheckpointCallback",
+    "BestCheckpointCallbackConfig",
+    "CheckpointCallback",
+    "CheckpointCallbackConfig",
+    "EmaCallback",
+    "EmaCallbackConfig",
+]

@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 from pydantic import NonNegativeInt, field_validator
 
-from noether.core.callbacks.base import CallbackBase, CallBackBaseConfig, check_metric_logged_before, logged_value, nested_metric_prefixes
+from noether.core.callbacks.base import (
+    CallbackBase,
+    CallBackBaseConfig,
+    check_metric_logged_before,
+    logged_value,
+    nested_metric_prefixes,
+)
 from noether.core.callbacks.periodic import IntervalType, PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpoint_manager import SaveRequest
 from noether.core.config import ConfigError, build, by_kind

@@ -127,7 +127,10 @@ class CheckpointCallback(PeriodicCallback):
         config = self.config
         per_periodic = weights * config.save_weights + optim * config.save_optim
         per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
-        latest_is_periodic = per_periodic > 0 and (config.save_latest_weights, config.save_latest_optim) == (config.save_weights, config.save_optim)
+        latest_is_periodic = per_periodic > 0 and (config.save_latest_weights, config.save_latest_optim) == (
+            config.save_weights,
+            config.save_optim,
+        )
         last_optim = config.save_optim or config.save_latest_optim
         last = weights + optim * last_optim
         epoch_length, batch = update_counter.updates_per_epoch, update_counter.effective_batch_size

@@ -27,7 +27,9 @@ class TrainingLossCallback(PeriodicCallback):
         self.update_losses: list[tuple[dict[str, torch.Tensor], float]] = []
         """The micro-batches of the update under way; added to `loss_sums` once it completes."""
 
-    def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, torch.Tensor], weight: float, **kwargs: Any) -> None:
+    def track_after_accumulation_step(
+        self, *, update_counter: UpdateCounter, losses: dict[str, torch.Tensor], weight: float, **kwargs: Any
+    ) -> None:
         self.update_losses.append(({term: value.detach() for term, value in losses.items()}, weight))
 
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
@@ -41,7 +43,9 @@ class TrainingLossCallback(PeriodicCallback):
         self.step_count += 1
         grad_norm = self.context.trainer.grad_norm
         if grad_norm is not None:
-            self.grad_norm_sum = grad_norm.detach().float().clone() if self.grad_norm_sum is None else self.grad_norm_sum.add_(grad_norm)
+            self.grad_norm_sum = (
+                grad_norm.detach().float().clone() if self.grad_norm_sum is None else self.grad_norm_sum.add_(grad_norm)
+            )
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval" or not self.step_count:
