@@ -1,11 +1,11 @@
 """CheckpointManager decisions, against a real store with a synchronous writer and a small real model: what a
-step's requests become on disk (order, aliases, links, skips), retention between owners, the rank policy, and
-what a resume restores and refuses. Each test takes milliseconds; the end-to-end runs live in tests/training."""
+step's requests become in storage (order, aliases, links, skips), retention between owners, the rank policy, and
+what a resume restores and refuses. Every test runs over the in-memory storage and over a local folder, and
+takes milliseconds; the end-to-end runs live in tests/training."""
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -14,9 +14,10 @@ import torch
 from noether.core.checkpoint_manager import CheckpointManager, SaveRequest
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.models.optimizer import OptimizerConfig
+from noether.core.storage import LocalStorage, MemoryStorage, Storage
 from noether.core.utils.training.counter import UpdateCounter
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriter
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriter, load_checkpoint
 from noether.core.writers.log_writer import LogWriter
 from tests.support.models import LinearBlock, LinearBlockConfig
 
@@ -52,11 +53,15 @@ def counter_at(update: int) -> UpdateCounter:
 class Harness:
     """A manager of one run directory with the trainer-state parts a trainer registers."""
 
-    def __init__(self, directory: Path, *, rank: int = 0, world_size: int = 1, model: LinearBlock | None = None) -> None:
+    def __init__(
+        self, directory: Path, storage: Storage, *, rank: int = 0, world_size: int = 1, model: LinearBlock | None = None
+    ) -> None:
         self.directory = directory
+        self.storage = storage
         self.model = model or make_model()
-        (directory / "checkpoints").mkdir(exist_ok=True)
-        self.store = CheckpointStore(directory / "checkpoints", "run", CheckpointWriter(asynchronous=False))
+        if not storage.is_folder(str(directory / "checkpoints")):
+            storage.make_folder(str(directory / "checkpoints"))
+        self.store = CheckpointStore(directory / "checkpoints", "run", CheckpointWriter(asynchronous=False, storage=storage))
         self.log = LogWriter(directory / "metrics.jsonl", directory / "summary.json", is_main_process=rank == 0)
         self.manager = CheckpointManager(self.store, self.model, self.log, rank=rank, world_size=world_size)
         self.callback_state = {"count": 0}
@@ -78,8 +83,20 @@ class Harness:
     def file(self, tag: str, part: str = "model", ema: float | None = None) -> Path:
         return self.store.directory / Member("net", part, ema).file_name(tag)
 
+    def exists(self, tag: str, part: str = "model", ema: float | None = None) -> bool:
+        return self.storage.exists(str(self.file(tag, part, ema)))
+
+    def same_file(self, tag: str, other_tag: str, part: str = "model") -> bool:
+        return self.storage.same_file(str(self.file(tag, part)), str(self.file(other_tag, part)))
+
+    def load(self, tag: str, part: str = "model", ema: float | None = None) -> dict:
+        return load_checkpoint(self.file(tag, part, ema), self.storage.open_read)
+
+    def names(self) -> list[str]:
+        return self.storage.list(str(self.store.directory))
+
     def stamped_tag(self, tag: str, part: str = "model") -> str:
-        return torch.load(self.file(tag, part), weights_only=True)["checkpoint_tag"]
+        return self.load(tag, part)["checkpoint_tag"]
 
     def tags(self) -> set[str]:
         return {info.tag for info in self.store.tags()}
@@ -97,11 +114,24 @@ def logs(caplog, monkeypatch):
     return caplog
 
 
+@pytest.fixture(params=["memory", "local"])
+def new_run(request, tmp_path: Path):
+    """Makes managers of one run directory (a second one resumes what the first saved), in one storage."""
+    storage = MemoryStorage() if request.param == "memory" else LocalStorage()
+    made: list[Harness] = []
+
+    def make(**kwargs) -> Harness:
+        made.append(Harness(tmp_path, storage, **kwargs))
+        return made[-1]
+
+    yield make
+    for harness in made:
+        harness.close()
+
+
 @pytest.fixture
-def run(tmp_path: Path):
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
+def run(new_run) -> Harness:
+    return new_run()
 
 
 def periodic(update: int, **kwargs) -> SaveRequest:
@@ -111,7 +141,7 @@ def periodic(update: int, **kwargs) -> SaveRequest:
 # --------------------------------------------------------------------------------- what one step writes
 def test_nothing_requested_writes_nothing(run):
     run.manager.flush(counter_at(1))
-    assert not os.listdir(run.store.directory)
+    assert not run.names()
 
 
 def test_requests_wait_for_the_end_of_the_step(run):
@@ -131,7 +161,7 @@ def test_latest_with_the_periodic_contents_is_a_second_name_of_its_files(run, or
     first = requests[0 if order == "periodic-first" else 1].tag
     second = "latest" if first != "latest" else "E1_U4_S32"
     for part in ("model", "optim", "trainer"):
-        assert os.path.samefile(run.file(first, part), run.file(second, part))
+        assert run.same_file(first, second, part)
     assert run.store.info("latest").resumable and run.store.info("E1_U4_S32").resumable
 
 
@@ -139,8 +169,8 @@ def test_latest_with_other_contents_is_written_on_its_own(run):
     run.manager.request(periodic(4))
     run.manager.request(SaveRequest("latest", optim=False, resumable=True))
     run.manager.flush(counter_at(4))
-    assert not run.file("latest", "optim").exists()
-    assert run.file("latest", "trainer").exists() and run.file("E1_U4_S32", "optim").exists()
+    assert not run.exists("latest", "optim")
+    assert run.exists("latest", "trainer") and run.exists("E1_U4_S32", "optim")
 
 
 @pytest.mark.parametrize("snapshot_first", [True, False])
@@ -152,15 +182,15 @@ def test_a_snapshot_is_written_before_the_resumable_sets_of_its_step(run, snapsh
         run.manager.request(request)
     run.manager.flush(counter_at(4))
     assert run.stamped_tag("best_model.loss") == "best_model.loss"
-    assert os.path.samefile(run.file("best_model.loss"), run.file("E1_U4_S32"))
-    assert not run.file("best_model.loss", "trainer").exists()
+    assert run.same_file("best_model.loss", "E1_U4_S32")
+    assert not run.exists("best_model.loss", "trainer")
 
 
 def test_snapshot_aliases_name_the_same_files(run):
     run.manager.request(SaveRequest("best_model.loss", aliases=("best_model.loss.tolerance=1", "best_model.loss.tolerance=3")))
     run.manager.flush(counter_at(4))
     for alias in ("best_model.loss.tolerance=1", "best_model.loss.tolerance=3"):
-        assert os.path.samefile(run.file("best_model.loss"), run.file(alias))
+        assert run.same_file("best_model.loss", alias)
         assert run.stamped_tag(alias) == "best_model.loss"
 
 
@@ -170,7 +200,7 @@ def test_a_snapshot_after_an_update_holds_the_new_weights(run):
     step(run.model)
     run.manager.request(SaveRequest("best_model.loss"))
     run.manager.flush(counter_at(5))
-    saved = torch.load(run.file("best_model.loss"), weights_only=True)
+    saved = run.load("best_model.loss")
     assert torch.equal(saved["state_dict"]["linear.weight"], run.model.linear.weight)
     assert saved["training_iteration"]["update"] == 5
 
@@ -183,7 +213,7 @@ def test_own_members_under_a_tag_a_resumable_set_of_the_step_holds_are_skipped(r
     run.manager.request(SaveRequest("latest", weights=False, own_members=ema_members(7.0)))
     run.manager.request(SaveRequest("latest", optim=True, resumable=True))
     run.manager.flush(counter_at(4))
-    assert not run.file("latest", ema=0.9).exists()  # the resumable set had no member of that EMA: nothing added
+    assert not run.exists("latest", ema=0.9)  # the resumable set had no member of that EMA: nothing added
     assert run.store.info("latest").resumable
 
 
@@ -191,7 +221,7 @@ def test_own_members_under_other_tags_are_written_after_the_resumable_sets(run):
     run.manager.request(SaveRequest("E1_U4_S32", weights=False, own_members=ema_members(7.0)))
     run.manager.request(SaveRequest("latest", optim=True, resumable=True))
     run.manager.flush(counter_at(4))
-    assert torch.equal(torch.load(run.file("E1_U4_S32", ema=0.9), weights_only=True)["state_dict"]["w"], torch.full((2,), 7.0))
+    assert torch.equal(run.load("E1_U4_S32", ema=0.9)["state_dict"]["w"], torch.full((2,), 7.0))
 
 
 def test_own_members_never_replace_those_of_a_resumable_tag_of_an_earlier_step(run, logs):
@@ -200,7 +230,7 @@ def test_own_members_never_replace_those_of_a_resumable_tag_of_an_earlier_step(r
     for update in (5, 6):
         run.manager.request(SaveRequest("latest", weights=False, own_members=ema_members(float(update))))
         run.manager.flush(counter_at(update))
-    assert not run.file("latest", ema=0.9).exists()
+    assert not run.exists("latest", ema=0.9)
     assert logs.text.count("are saved with the trainer's checkpoint 'latest' only") == 1
 
 
@@ -210,16 +240,16 @@ def test_callbacks_members_are_part_of_every_resumable_set(run):
     )
     run.manager.request(periodic(4))
     run.manager.flush(counter_at(4))
-    trainer_state = torch.load(run.file("E1_U4_S32", "trainer"), weights_only=True)
+    trainer_state = run.load("E1_U4_S32", "trainer")
     assert "net_ema=0.5_cp={tag}_model.th" in trainer_state["files"]
-    assert run.file("E1_U4_S32", ema=0.5).exists()
+    assert run.exists("E1_U4_S32", ema=0.5)
 
 
 def test_trainer_state_holds_every_registered_part_in_order(run):
     run.callback_state = {"count": 3}
     run.manager.request(periodic(4))
     run.manager.flush(counter_at(4))
-    state = torch.load(run.file("E1_U4_S32", "trainer"), weights_only=True)
+    state = run.load("E1_U4_S32", "trainer")
     assert list(state)[:5] == ["callbacks", "rng_states", "grad_scaler", "metrics_rows", "effective_batch_size"]
     assert state["callbacks"] == [{"count": 3}] and state["effective_batch_size"] == BATCH
 
@@ -251,15 +281,12 @@ def test_a_forced_stop_writes_no_error_set(run):
 
 
 # --------------------------------------------------------------------------------- rank policy
-def test_other_ranks_write_nothing_of_a_whole_file_run(tmp_path):
-    harness = Harness(tmp_path, rank=1, world_size=2)
-    try:
-        harness.manager.request(SaveRequest("best_model.loss", aliases=("best_model.loss.tolerance=1",)))
-        harness.manager.request(SaveRequest("latest", weights=False, own_members=ema_members(1.0)))
-        harness.manager.save_on_failure(counter_at(4), RuntimeError("boom"), before_update=None)
-        assert not os.listdir(harness.store.directory)
-    finally:
-        harness.close()
+def test_other_ranks_write_nothing_of_a_whole_file_run(new_run):
+    harness = new_run(rank=1, world_size=2)
+    harness.manager.request(SaveRequest("best_model.loss", aliases=("best_model.loss.tolerance=1",)))
+    harness.manager.request(SaveRequest("latest", weights=False, own_members=ema_members(1.0)))
+    harness.manager.save_on_failure(counter_at(4), RuntimeError("boom"), before_update=None)
+    assert not harness.names()
 
 
 # --------------------------------------------------------------------------------- retention
@@ -298,13 +325,11 @@ def test_prune_never_deletes_a_set_another_owner_keeps(run):
     assert run.tags() == {tags[1], tags[-1]}
 
 
-def test_prune_on_other_ranks_deletes_nothing(tmp_path):
-    harness = Harness(tmp_path)
-    tags = save_periodic_sets(harness, [2, 4])
-    other_rank = CheckpointManager(harness.store, harness.model, harness.log, rank=1, world_size=2)
+def test_prune_on_other_ranks_deletes_nothing(run):
+    tags = save_periodic_sets(run, [2, 4])
+    other_rank = CheckpointManager(run.store, run.model, run.log, rank=1, world_size=2)
     other_rank.prune(Owner(set()), tags, 1)
-    assert harness.tags() == set(tags)
-    harness.close()
+    assert run.tags() == set(tags)
 
 
 def test_a_retention_request_runs_once_its_set_is_queued(run):
@@ -319,8 +344,8 @@ def test_a_retention_request_runs_once_its_set_is_queued(run):
 
 
 # --------------------------------------------------------------------------------- resume
-def saved_run(tmp_path: Path) -> tuple[Harness, dict[str, torch.Tensor]]:
-    harness = Harness(tmp_path)
+def saved_run(new_run) -> tuple[Harness, dict[str, torch.Tensor]]:
+    harness = new_run()
     step(harness.model)
     harness.callback_state = {"count": 5}
     harness.manager.request(periodic(4))
@@ -329,22 +354,21 @@ def saved_run(tmp_path: Path) -> tuple[Harness, dict[str, torch.Tensor]]:
     return harness, weights
 
 
-def test_resume_restores_weights_optimizer_and_parts(tmp_path):
-    first, weights = saved_run(tmp_path)
+def test_resume_restores_weights_optimizer_and_parts(new_run):
+    first, weights = saved_run(new_run)
     first.close()
-    second = Harness(tmp_path, model=make_model(seed=1))
+    second = new_run(model=make_model(seed=1))
     iteration = second.manager.resume("E1_U4_S32", lambda iteration: None)
     assert iteration == counter_at(4).cur_iteration
     assert all(torch.equal(second.model.state_dict()[key], value) for key, value in weights.items())
     assert second.model.optimizer.state_dict()["state"][0]["step"] == 1
     assert second.loaded == [("E1_U4_S32", {"count": 5})]
-    second.close()
 
 
-def test_a_check_refuses_before_anything_loads(tmp_path):
-    first, _ = saved_run(tmp_path)
+def test_a_check_refuses_before_anything_loads(new_run):
+    first, _ = saved_run(new_run)
     first.close()
-    second = Harness(tmp_path, model=make_model(seed=1))
+    second = new_run(model=make_model(seed=1))
     second._check_batch = lambda saved, tag: (_ for _ in ()).throw(CheckpointLoadError(f"refused {tag}"))  # noqa: SLF001
     second.manager._parts["effective_batch_size"].check = second._check_batch  # noqa: SLF001
     before = {key: value.clone() for key, value in second.model.state_dict().items()}
@@ -352,13 +376,12 @@ def test_a_check_refuses_before_anything_loads(tmp_path):
         second.manager.resume("E1_U4_S32", lambda iteration: None)
     assert all(torch.equal(second.model.state_dict()[key], value) for key, value in before.items())
     assert second.loaded == []
-    second.close()
 
 
-def test_check_iteration_refuses_before_the_weights_load(tmp_path):
-    first, _ = saved_run(tmp_path)
+def test_check_iteration_refuses_before_the_weights_load(new_run):
+    first, _ = saved_run(new_run)
     first.close()
-    second = Harness(tmp_path, model=make_model(seed=1))
+    second = new_run(model=make_model(seed=1))
     before = second.model.linear.weight.clone()
 
     def refuse(iteration: TrainingIteration) -> None:
@@ -367,45 +390,41 @@ def test_check_iteration_refuses_before_the_weights_load(tmp_path):
     with pytest.raises(CheckpointLoadError, match="past the end at E1_U4_S32"):
         second.manager.resume("E1_U4_S32", refuse)
     assert torch.equal(second.model.linear.weight, before)
-    second.close()
 
 
-def test_resume_cuts_metrics_back_and_sets_later_checkpoints_aside(tmp_path):
-    run = Harness(tmp_path)
+def test_resume_cuts_metrics_back_and_sets_later_checkpoints_aside(new_run, tmp_path):
+    run = new_run()
     for update in (4, 8):
         run.log.add_scalar("loss", float(update))
         run.log.flush(counter_at(update))
         run.manager.request(periodic(update))
         run.manager.flush(counter_at(update))
     run.close()
-    resumed = Harness(tmp_path)
+    resumed = new_run()
     resumed.manager.resume("E1_U4_S32", lambda iteration: None)
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
     assert resumed.tags() == {"E1_U4_S32"}
-    assert (resumed.store.directory / "abandoned_after_E1_U4_S32" / resumed.file("E2_U8_S64").name).exists()
-    resumed.close()
+    assert resumed.storage.exists(str(resumed.store.directory / "abandoned_after_E1_U4_S32" / resumed.file("E2_U8_S64").name))
 
 
-def test_resume_with_another_number_of_processes_warns_and_takes_rank_0(tmp_path, logs):
-    first, _ = saved_run(tmp_path)
+def test_resume_with_another_number_of_processes_warns_and_takes_rank_0(new_run, logs):
+    first, _ = saved_run(new_run)
     first.close()
-    second = Harness(tmp_path, rank=1, world_size=2)
+    second = new_run(rank=1, world_size=2)
     second.manager.resume("E1_U4_S32", lambda iteration: None)
     assert "written by 1 process(es), this run has 2" in logs.text
     assert second.loaded == [("E1_U4_S32", {"count": 5})]
-    second.close()
 
 
-def test_config_hyperparameters_win_over_the_checkpoint(tmp_path, logs):
-    first, _ = saved_run(tmp_path)
+def test_config_hyperparameters_win_over_the_checkpoint(new_run, logs):
+    first, _ = saved_run(new_run)
     first.close()
     model = make_model()
     model.optimizer.param_groups[0]["weight_decay"] = 0.5
-    second = Harness(tmp_path, model=model)
+    second = new_run(model=model)
     second.manager.resume("E1_U4_S32", lambda iteration: None)
     assert model.optimizer.param_groups[0]["weight_decay"] == 0.5
     assert "the config's weight_decay 0.01 -> 0.5 replaces the checkpoint's" in logs.text
-    second.close()
 
 
 def test_has_finished_only_with_a_resumable_last_at_that_iteration(run):

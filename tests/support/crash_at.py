@@ -93,10 +93,10 @@ def install() -> None:
         setattr(os, name, _on_path(getattr(os, name)))
     shutil.rmtree = _on_path(shutil.rmtree)
     os.fsync = _any_call(os.fsync)
-    from noether.core.writers import checkpoint_writer
+    from noether.core import storage
 
-    if checkpoint_writer._syncfs is not None:
-        checkpoint_writer._syncfs = _any_call(checkpoint_writer._syncfs)
+    if storage._syncfs is not None:
+        storage._syncfs = _any_call(storage._syncfs)
     count_file = os.environ.get("NOETHER_CRASH_COUNT_FILE")
     if count_file:
         atexit.register(lambda: _write_count(count_file))

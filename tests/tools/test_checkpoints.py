@@ -49,10 +49,10 @@ def bytes_on_disk_by_tag(checkpoint_dir: Path) -> dict[str, int]:
     return sizes
 
 
-def as_kib(size: int) -> list[str]:
-    """A size as `list` prints it, split at the space: ["52.7", "KiB"] (every set of this run is under 1 MiB)."""
-    assert 1024 <= size < 1024**2, size
-    return [f"{size / 1024:.1f}", "KiB"]
+def as_kb(size: int) -> list[str]:
+    """A size as `list` prints it, split at the space: ["54.0", "kB"] (every set of this run is under 1 MB)."""
+    assert 1000 <= size < 1000**2, size
+    return [f"{size / 1000:.1f}", "kB"]
 
 
 def assert_bit_identical(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -82,7 +82,7 @@ def test_list_shows_every_tag_oldest_first_with_files_size_and_best_metric(full_
     # the size column: each tag's files as the filesystem counts them (a file linked under two tags counts for each)
     sizes = bytes_on_disk_by_tag(full_run.checkpoint_dir)
     assert set(sizes) == set(by_tag)
-    assert {tag: by_tag[tag][3:5] for tag in by_tag} == {tag: as_kib(size) for tag, size in sizes.items()}
+    assert {tag: by_tag[tag][3:5] for tag in by_tag} == {tag: as_kb(size) for tag, size in sizes.items()}
     assert by_tag[BEST_TAG][2] == "classifier[weights]" and by_tag[BEST_TAG][5:7] == ["weights", "only"]
     # the best checkpoint's iteration is a validation point, so the metric's value there is listed
     metrics = [json.loads(line) for line in full_run.metrics_file.read_text().splitlines()]

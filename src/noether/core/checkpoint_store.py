@@ -21,20 +21,22 @@ over payloads and say "save these under that tag"; the store
 - lists tags with their iteration and whether they can be resumed, and deletes a tag as a whole
   (a crash during a deletion is finished by the next `recover`).
 
-Members are files (`{model}[_ema={factor}]_cp={tag}_{part}.th`) written by a CheckpointWriter.
+Members are files (`{model}[_ema={factor}]_cp={tag}_{part}.th`) written by a CheckpointWriter into its
+storage (noether.core.storage), through which the store also lists, reads, renames and deletes.
 Under sharded training (`sharded=True`, FSDP) weights and optimizer states are folders instead
 (`..._{part}.dcp/`): every rank writes its shards with torch.distributed.checkpoint into the staged
 folder, rank 0 adds the payload's other fields (`noether.th`) and commits the set once every rank's
-shards and the metadata are written. A folder loads with any number of processes, one included.
+shards and the metadata are written. A folder loads with any number of processes, one included. Sharded sets need a local storage
+(torch.distributed.checkpoint writes the folders itself).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import itertools
 import os
 import re
-import shutil
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -46,16 +48,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from noether.core import distributed
+from noether.core.storage import LocalStorage, Storage
 from noether.core.utils.formatting import one_line, path_size
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import (
-    CheckpointLoadError,
-    CheckpointWriteError,
-    CheckpointWriter,
-    load_checkpoint,
-    make_durable,
-    sync_directory,
-)
+from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter, load_checkpoint
 
 Part = Literal["model", "optim", "trainer"]
 SUFFIX = ".th"
@@ -122,6 +118,26 @@ class CheckpointInfo:
         return sum(path_size(path) for path in self.files.values())
 
 
+@dataclass(frozen=True)
+class StagedSet:
+    """A set whose trainer state a stop left staged: what `recover` decides on."""
+
+    tag: str
+    iteration: TrainingIteration
+    files: list[tuple[Path, Path]]
+    """(final, staged) name of every file of the set, the trainer state last."""
+    still_staged: list[Path]
+    moved: list[Path]
+    """Files already under their final names, stamped with the set's iteration."""
+    missing: list[Path]
+    """Files neither staged nor moved: the set was never completely written."""
+
+    @property
+    def commit_begun(self) -> bool:
+        """Every file staged or moved, at least one moved: the commit had begun, so every file was durable."""
+        return bool(self.moved) and not self.missing
+
+
 def stamp(tag: str, iteration: TrainingIteration, run_id: str) -> dict[str, Any]:
     """What every checkpoint file records about itself, so that a set of files can be checked."""
     return {"checkpoint_tag": tag, "training_iteration": iteration.to_dict(), "run_id": run_id}
@@ -136,14 +152,28 @@ def iteration_of_tag(tag: str) -> TrainingIteration | None:
 class CheckpointStore:
     """Checkpoint sets of one run's `checkpoints/` directory (see the module docstring).
 
-    Without a writer the store only reads (run tools, evaluation of a read-only run). A `sharded`
-    store writes weights and optimizer states as `.dcp` folders; every rank calls `save` then.
+    Without a writer the store only reads (run tools, evaluation of a read-only run) from `storage`
+    (the local filesystem by default); with one, it works in the writer's storage. A `sharded` store
+    writes weights and optimizer states as `.dcp` folders; every rank calls `save` then.
     """
 
-    def __init__(self, directory: Path, run_id: str, writer: CheckpointWriter | None = None, *, sharded: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        run_id: str,
+        writer: CheckpointWriter | None = None,
+        *,
+        sharded: bool = False,
+        storage: Storage | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.run_id = run_id
         self._writer = writer
+        self.storage: Storage = writer.storage if writer is not None else storage or LocalStorage()
+        if sharded and self.storage.local_path(str(self.directory)) is None:
+            raise ValueError(
+                f"sharded checkpoints are written with torch.distributed.checkpoint, which needs {directory} on a local filesystem"
+            )
         self.sharded = sharded
         self._trainer_tags: set[str] = set()  # tags this process saved (or will save) a trainer set under
         self._trainer_tags_on_disk: set[str] | None = None  # from one listing, until the directory changes
@@ -154,9 +184,9 @@ class CheckpointStore:
         """Where `member` of `tag` lies: its folder or file on disk, else where this store writes it."""
         folder = self.directory / member.file_name(tag, sharded=True)
         single = self.directory / member.file_name(tag)
-        if member.part != "trainer" and folder.is_dir():
+        if member.part != "trainer" and self.storage.is_folder(str(folder)):
             return folder
-        return folder if self.sharded and not single.exists() else single
+        return folder if self.sharded and not self._exists(single) else single
 
     def is_sharded(self, member: Member, tag: str) -> bool:
         return self.path(member, tag).suffix == SHARDED_SUFFIX
@@ -198,7 +228,7 @@ class CheckpointStore:
                 staged.append((final, _staged_path(final, set_id)))
                 listed.append(member.file_name(TAG_FIELD, sharded=self.sharded))
                 if final.suffix == SHARDED_SUFFIX:
-                    _write_sharded(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, is_main)
+                    self._write_sharded(staged[-1][1], {**payload, **stamp(tag, iteration, self.run_id)}, is_main)
                 elif is_main:
                     self._write_or_link(member, tag, iteration, payload, staged[-1], outcome)
             if not is_main:
@@ -209,18 +239,18 @@ class CheckpointStore:
                 payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": listed}
                 writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
             # an earlier write's failure reported here leaves this set to the discard below
-            writer.call_after_writes(lambda: _commit_or_abort(writer, tag, staged, outcome))
+            writer.call_after_writes(lambda: self._commit_or_abort(tag, staged, outcome))
         except BaseException:
             if not is_main:
                 raise  # rank 0 removes what was staged
             if not writer.asynchronous:
-                _discard(staged)
+                self._discard(staged)
                 raise
             # behind the members already queued; a later write failure reported while queueing is
             # dropped (this set's own error is the one raised)
             while True:
                 with contextlib.suppress(CheckpointWriteError):
-                    writer.call_after_writes(lambda: _discard(staged))
+                    writer.call_after_writes(lambda: self._discard(staged))
                     break
             raise
         return True
@@ -242,7 +272,7 @@ class CheckpointStore:
         fingerprint = _fingerprint(payload)
         written = self._written.get(member)
         if written is not None and written.iteration == iteration and written.fingerprint == fingerprint:
-            writer.call_after_writes(lambda: _link_staged(written, staged))
+            writer.call_after_writes(lambda: self._link_staged(written, staged))
             outcome.linked.add(staged)
             return
         writer.save(staged, {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
@@ -268,12 +298,12 @@ class CheckpointStore:
         def stage_and_commit() -> None:
             for source, (final, staged_path) in zip(sources, staged):
                 try:
-                    _stage_link(source, staged_path)
+                    self.storage.link(str(source), str(staged_path))
                 except OSError as error:
-                    _discard(staged)
+                    self._discard(staged)
                     reason = error.strerror or error
                     raise CheckpointWriteError(f"could not write {final.name} as a link to {source.name}: {reason}") from error
-            _commit_or_abort(writer, tag, staged, outcome)
+            self._commit_or_abort(tag, staged, outcome)
 
         writer.call_after_writes(stage_and_commit)
 
@@ -333,12 +363,12 @@ class CheckpointStore:
         if not files:
             return
         marker = files[0][1].with_name(f".{files[0][1].name}{DELETING}")
-        os.replace(files[0][1], marker)
-        sync_directory(self.directory)
+        self.storage.rename(str(files[0][1]), str(marker))
+        self.storage.sync_folder(str(self.directory))
         for _, path in files[1:]:
-            _remove(path)
-        _remove(marker)
-        sync_directory(self.directory)
+            self.storage.remove(str(path))
+        self.storage.remove(str(marker))
+        self.storage.sync_folder(str(self.directory))
 
     # ----------------------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
@@ -349,55 +379,78 @@ class CheckpointStore:
         """
         actions: list[str] = []
         self._trainer_tags_on_disk = None
-        if not self.directory.is_dir():
+        if not self.storage.is_folder(str(self.directory)):
             return actions
-        for marker in sorted(self.directory.glob(f".*{DELETING}")):
+        for marker in self._hidden(f".*{DELETING}"):
             parsed = Member.parse(marker.name[1 : -len(DELETING)])
             if parsed is not None:
                 for path in self._members_on_disk(parsed[1]).values():
-                    _remove(path)
+                    self.storage.remove(str(path))
                 actions.append(f"finished deleting checkpoint '{parsed[1]}'")
-            _remove(marker)
-        for staged_trainer in sorted(self.directory.glob(f".*_trainer{SUFFIX}~*{STAGED}")):
+            self.storage.remove(str(marker))
+        for staged_trainer in self._hidden(f".*_trainer{SUFFIX}~*{STAGED}"):
             actions.append(self._recover_set(staged_trainer))
-        for leftover in self.directory.glob(f".*{STAGED}"):
-            _remove(leftover)
-        for replaced in sorted(self.directory.glob(f".*{REPLACED}")):
+        for leftover in self._hidden(f".*{STAGED}"):
+            self.storage.remove(str(leftover))
+        for replaced in self._hidden(f".*{REPLACED}"):
             # a folder moved aside by a commit that stopped before its successor took its name
             match = _STAGED_NAME.match(replaced.name)
             final = self.directory / match["name"] if match else None
-            if final is not None and not final.exists():
-                os.replace(replaced, final)
+            if final is not None and not self._exists(final):
+                self.storage.rename(str(replaced), str(final))
                 actions.append(f"restored {final.name}, whose replacement was never committed")
             else:
-                _remove(replaced)
+                self.storage.remove(str(replaced))
         return actions
 
+    def _hidden(self, pattern: str) -> list[Path]:
+        """The hidden files (staged, being deleted, moved aside) whose names match `pattern`, sorted."""
+        return sorted(path for path in self._listing(hidden=True) if fnmatch.fnmatchcase(path.name, pattern))
+
     def _recover_set(self, staged_trainer: Path) -> str:
-        match = _STAGED_NAME.match(staged_trainer.name)
-        assert match is not None
-        final_trainer = self.directory / match["name"]
         try:
-            state = self._read(staged_trainer)
-            tag = Member.parse(match["name"])[1]  # the stamp may name another tag: the state may be a link
-            iteration = TrainingIteration.from_dict(state["training_iteration"])
-            members = [self.directory / name for name in _set_files(state, tag)]
-        except (CheckpointLoadError, KeyError, TypeError) as error:
-            staged_trainer.unlink(missing_ok=True)
+            staged = self._staged_set(staged_trainer)
+        except CheckpointLoadError as error:
+            self.storage.remove(str(staged_trainer))
             return f"discarded a damaged staged checkpoint set ({staged_trainer.name}: {error})"
-        pairs = [(path, _staged_path(path, match["set_id"])) for path in members]
-        moved = [final for final, staged in pairs if not staged.exists() and self._stamped_at(final, iteration)]
-        missing = [final for final, staged in pairs if not staged.exists() and final not in moved]
-        if missing or not moved:
+        if not staged.commit_begun:
             # never completely written, or written but not yet made durable (its commit had not begun:
             # after a power loss its files may hold holes); the previous set under the tag stays
-            for _, staged in pairs:
-                _remove(staged)
-            staged_trainer.unlink(missing_ok=True)
-            reason = f"{missing[0].name} was never completely written" if missing else "its commit had not begun"
-            return f"discarded checkpoint set '{tag}' of {iteration}: {reason}"
-        _commit([*pairs, (final_trainer, staged_trainer)])  # its files were made durable before the first move
-        return f"completed checkpoint set '{tag}' of {iteration}, whose commit a stop had interrupted"
+            self._discard(staged.files)
+            reason = f"{staged.missing[0].name} was never completely written" if staged.missing else "its commit had not begun"
+            return f"discarded checkpoint set '{staged.tag}' of {staged.iteration}: {reason}"
+        self._commit(staged.files, self.storage.rename)  # its files were made durable before the first move
+        return f"completed checkpoint set '{staged.tag}' of {staged.iteration}, whose commit a stop had interrupted"
+
+    def interrupted_commits(self) -> list[StagedSet]:
+        """The staged sets whose commit a stop interrupted, which the next `recover` completes (read only)."""
+        found = []
+        for staged_trainer in self._hidden(f".*_trainer{SUFFIX}~*{STAGED}"):
+            with contextlib.suppress(CheckpointLoadError):
+                staged = self._staged_set(staged_trainer)
+                if staged.commit_begun:
+                    found.append(staged)
+        return found
+
+    def _staged_set(self, staged_trainer: Path) -> StagedSet:
+        """What a staged trainer state says of its set; CheckpointLoadError when it cannot be read."""
+        match = _STAGED_NAME.match(staged_trainer.name)
+        parsed = Member.parse(match["name"]) if match else None
+        if parsed is None:
+            raise CheckpointLoadError("not a staged trainer state")
+        tag = parsed[1]  # the stamp may name another tag: the state may be a link
+        try:
+            state = self._read(staged_trainer)
+            iteration = TrainingIteration.from_dict(state["training_iteration"])
+            members = [self.directory / name for name in _set_files(state, tag)]
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointLoadError(f"{staged_trainer.name} lacks {error}") from None
+        pairs = [(path, _staged_path(path, match["set_id"])) for path in members]
+        still_staged = [staged for _, staged in pairs if self._exists(staged)]
+        moved = [final for final, staged in pairs if staged not in still_staged and self._stamped_at(final, iteration)]
+        missing = [final for final, staged in pairs if staged not in still_staged and final not in moved]
+        files = [*pairs, (self.directory / match["name"], staged_trainer)]
+        return StagedSet(tag, iteration, files, [*still_staged, staged_trainer], moved, missing)
 
     def _stamped_at(self, path: Path, iteration: TrainingIteration) -> bool:
         try:
@@ -421,25 +474,97 @@ class CheckpointStore:
             if target is None:
                 target = self._new_folder(f"abandoned_after_{iteration}")
             for path in info.files.values():
-                os.replace(path, target / path.name)
+                self.storage.rename(str(path), str(target / path.name))
             moved.append(info.tag)
         if moved:
-            sync_directory(self.directory)
+            self.storage.sync_folder(str(self.directory))
         return moved
 
     def _new_folder(self, name: str) -> Path:
         for attempt in itertools.count(1):
             folder = self.directory / (name if attempt == 1 else f"{name}.{attempt}")
             try:
-                folder.mkdir()
+                self.storage.make_folder(str(folder))
                 return folder
             except FileExistsError:
                 continue
         raise AssertionError("unreachable")
 
+    # ----------------------------------------------------------------------------- commit (writer thread)
+    def _link_staged(self, written: _Written, staged: Path) -> None:
+        """Stage a second name of a committed file (a copy where there are no hard links)."""
+        if not written.outcome.committed:
+            raise CheckpointWriteError(
+                f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved"
+            )
+        try:
+            self.storage.link(str(written.path), str(staged))
+        except OSError as error:
+            self.storage.remove(str(staged))
+            raise CheckpointWriteError(
+                f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}"
+            ) from error
+
+    def _commit_or_abort(self, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome) -> None:
+        """After every member's write: make the set durable (one barrier for all its files) and move it
+        into place, or, if a member is missing (its write failed and was reported), remove what was
+        staged and keep the previous set."""
+        missing = [final.name for final, staged_path in staged if not self._exists(staged_path)]
+        if missing:
+            self._discard(staged)
+            raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
+        self.storage.make_durable([str(staged_path) for _, staged_path in staged if staged_path not in outcome.linked])
+        self._commit(staged)
+        outcome.committed = True
+
+    def _discard(self, staged: list[tuple[Path, Path]]) -> None:
+        for _, staged_path in staged:
+            self.storage.remove(str(staged_path))
+
+    def _commit(self, staged: list[tuple[Path, Path]], rename: Callable[[str, str], object] | None = None) -> None:
+        """Rename the durable staged members over their final names in order (the trainer state last),
+        then make the renames durable. `rename` is the writer's by default, which frees a replaced file
+        after the commit."""
+        rename = rename or self._require_writer().replace
+        for final, staged_path in staged:
+            if not self._exists(staged_path):  # an interrupted commit already moved it
+                continue
+            if self.storage.is_folder(str(staged_path)):
+                self._replace_folder(staged_path, final)
+            elif self.storage.same_file(str(staged_path), str(final)):
+                self.storage.remove(str(staged_path))  # a link to the bytes already in place (a rename would leave both names)
+            else:
+                rename(str(staged_path), str(final))
+        self.storage.sync_folder(str(staged[-1][0].parent))
+
+    def _replace_folder(self, source: Path, final: Path) -> None:
+        """A rename of folder `source` over `final`: a folder in the way is moved aside first (`recover`
+        puts it back if the process stops before `source` takes its name) and removed after."""
+        if not self._exists(final):
+            self.storage.rename(str(source), str(final))
+            return
+        aside = source.with_name(source.name.removesuffix(STAGED) + REPLACED)
+        self.storage.rename(str(final), str(aside))
+        self.storage.rename(str(source), str(final))
+        self.storage.sync_folder(str(final.parent))
+        self.storage.remove(str(aside))
+
+    def _write_sharded(self, folder: Path, payload: dict[str, Any], is_main: bool) -> None:
+        """Every rank writes its shards of the state dict into `folder` (DCP returns once all shards and
+        the metadata are written); then rank 0 adds the payload's other fields, which mark it complete."""
+        dcp.save({"state_dict": payload["state_dict"]}, checkpoint_id=folder, no_dist=not distributed.is_distributed())
+        if is_main:
+            fields = {key: value for key, value in payload.items() if key != "state_dict"}
+            self.storage.write(
+                str(folder / SHARDED_FIELDS), lambda file: torch.save(fields, file), durable=True, sync_folder=True
+            )
+
     # ----------------------------------------------------------------------------- reading
     def exists(self, member: Member, tag: str) -> bool:
-        return self.path(member, tag).exists()
+        return self._exists(self.path(member, tag))
+
+    def _exists(self, path: Path) -> bool:
+        return self.storage.exists(str(path))
 
     def load(self, member: Member, tag: str, *, expected_iteration: TrainingIteration | None = None) -> dict[str, Any]:
         """The payload of one member, checked to be a checkpoint of this kind (and of `expected_iteration`).
@@ -451,7 +576,7 @@ class CheckpointStore:
             payload = self._read(path)
             payload["state_dict"] = _read_sharded(path)
         else:
-            payload = load_checkpoint(path)
+            payload = load_checkpoint(path, self.storage.open_read)
         return self._checked(payload, path, member, tag, expected_iteration)
 
     def load_into(
@@ -549,7 +674,7 @@ class CheckpointStore:
         except (CheckpointLoadError, KeyError, TypeError) as error:
             info.problem = f"unreadable trainer state: {error}"
             return info
-        missing = [name for name in listed if not (self.directory / name).exists()]
+        missing = [name for name in listed if not self._exists(self.directory / name)]
         info.complete = not missing
         info.problem = f"missing {', '.join(missing)}" if missing else None
         info.resumable = info.complete and not state.get(NOT_RESUMABLE)
@@ -564,21 +689,20 @@ class CheckpointStore:
         return found
 
     def _listing(self, hidden: bool = False) -> list[Path]:
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return []
-        return [Path(entry.path) for entry in entries if entry.name.startswith(".") == hidden]
+        return [self.directory / name for name in self.storage.list(str(self.directory)) if name.startswith(".") == hidden]
 
-    @staticmethod
-    def _read(path: Path) -> dict[str, Any]:
-        """A checkpoint's small fields without reading its tensors (memory-mapped; a folder's own file)."""
-        if path.is_dir():
+    def _read(self, path: Path) -> dict[str, Any]:
+        """A checkpoint's small fields without reading its tensors (memory-mapped where the file is local;
+        a folder's own file)."""
+        if self.storage.is_folder(str(path)):
             path = path / SHARDED_FIELDS
+        local = self.storage.local_path(str(path))
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if local is None:
+                raise CheckpointLoadError("not a local file")  # read whole, below
+            payload = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - load_checkpoint names what is wrong
-            payload = load_checkpoint(path)
+            payload = load_checkpoint(path, self.storage.open_read)
         if not isinstance(payload, dict):
             raise CheckpointLoadError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
         return payload
@@ -624,80 +748,6 @@ def _fingerprint(payload: Any) -> Any:
     return object()  # anything else (an array, an object) is never taken for the same bytes
 
 
-def _link_staged(written: _Written, staged: Path) -> None:
-    """On the writer thread: stage a second name of a committed file (a copy where there are no hard links)."""
-    if not written.outcome.committed:
-        raise CheckpointWriteError(
-            f"could not write {staged.name}: its bytes were to be linked from {written.path.name}, which was not saved"
-        )
-    try:
-        _link_or_copy(written.path, staged)
-    except OSError as error:
-        _remove(staged)
-        raise CheckpointWriteError(
-            f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}"
-        ) from error
-
-
-def _commit_or_abort(writer: CheckpointWriter, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome) -> None:
-    """On the writer thread, after every member's write: make the set durable (one barrier for all
-    its files) and move it into place, or, if a member is missing (its write failed and was
-    reported), remove what was staged and keep the previous set."""
-    missing = [final.name for final, staged_path in staged if not staged_path.exists()]
-    if missing:
-        _discard(staged)
-        raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
-    make_durable([staged_path for _, staged_path in staged if staged_path not in outcome.linked])
-    _commit(staged, replace=writer.replace)
-    outcome.committed = True
-
-
-def _discard(staged: list[tuple[Path, Path]]) -> None:
-    for _, staged_path in staged:
-        _remove(staged_path)
-
-
-def _commit(staged: list[tuple[Path, Path]], replace: Callable[[Path, Path], None] = os.replace) -> None:
-    """Renames the durable staged members over their final names in order (the trainer state last),
-    then makes the renames durable. `replace` may free the replaced files later (the writer's)."""
-    for final, staged_path in staged:
-        if not staged_path.exists():  # an interrupted commit already moved it
-            continue
-        if staged_path.is_dir():
-            _replace(staged_path, final)
-        elif final.exists() and os.path.samefile(staged_path, final):
-            staged_path.unlink()  # a link to the bytes already in place (a rename would leave both names)
-        else:
-            replace(staged_path, final)
-    sync_directory(staged[-1][0].parent)
-
-
-def _replace(source: Path, final: Path) -> None:
-    """`os.replace`, also for folders: a folder in the way is moved aside first (`recover` puts it
-    back if the process stops before `source` takes its name) and removed after."""
-    if not (source.is_dir() and final.exists()):
-        os.replace(source, final)
-        return
-    aside = source.with_name(source.name.removesuffix(STAGED) + REPLACED)
-    os.replace(final, aside)
-    os.replace(source, final)
-    sync_directory(final.parent)
-    _remove(aside)
-
-
-def _write_sharded(folder: Path, payload: dict[str, Any], is_main: bool) -> None:
-    """Every rank writes its shards of the state dict into `folder` (DCP returns once all shards and
-    the metadata are written); then rank 0 adds the payload's other fields, which mark it complete."""
-    dcp.save({"state_dict": payload["state_dict"]}, checkpoint_id=folder, no_dist=not distributed.is_distributed())
-    if is_main:
-        fields = {key: value for key, value in payload.items() if key != "state_dict"}
-        with open(folder / SHARDED_FIELDS, "wb") as file:
-            torch.save(fields, file)
-            file.flush()
-            os.fsync(file.fileno())
-        sync_directory(folder)
-
-
 def _read_sharded(folder: Path) -> dict[str, Any]:
     """The whole state dict of a `.dcp` folder in this process (no process group needed)."""
     try:
@@ -708,34 +758,6 @@ def _read_sharded(folder: Path) -> dict[str, Any]:
         raise CheckpointLoadError(f"cannot read sharded checkpoint {folder}: {one_line(error, 500)}") from None
 
 
-def _stage_link(source: Path, staged: Path) -> None:
-    """A second name of committed file or folder `source` at `staged`: hard links, durable copies where
-    the filesystem has none."""
-    if not source.is_dir():
-        _link_or_copy(source, staged)
-        return
-    staged.mkdir()
-    for file in source.iterdir():
-        _link_or_copy(file, staged / file.name)
-    sync_directory(staged)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # no hard links here (a missing source fails the copy too)
-        shutil.copyfile(source, target)
-        with open(target, "rb+") as file:
-            os.fsync(file.fileno())
-
-
 def _set_files(trainer_state: dict[str, Any], tag: str) -> list[str]:
     """The files of the set a trainer state belongs to, under `tag` (older states list plain names)."""
     return [name.replace(TAG_FIELD, tag) for name in trainer_state["files"]]
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -20,20 +20,18 @@ from typing import Any
 import torch
 
 from noether.core.checkpoint_store import (
-    _STAGED_NAME,
     STAGED,
-    SUFFIX,
     CheckpointInfo,
     CheckpointStore,
     Member,
-    _set_files,
-    _staged_path,
     iteration_of_tag,
 )
 from noether.core.config import load_yaml
 from noether.core.providers.path import PathProvider
+from noether.core.storage import sync_directory
+from noether.core.utils.formatting import format_bytes, path_size
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, load_checkpoint, sync_directory
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
 PART_NAMES = {"model": "weights", "optim": "optimizer", "trainer": "trainer"}
 HOST = socket.gethostname()
@@ -61,18 +59,18 @@ def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
     for info in infos:
         iteration = "?" if info.iteration is None else str(info.iteration)
         values = [_format_value(value_at(rows, key, info.iteration)) for key in metrics]
-        size = format_size(sum(disk_size(path) for path in info.files.values()))
+        size = format_bytes(info.size)
         table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
     committing = {path for commit in interrupted_commits(store) for path in commit.staged}
     for leftover in store.staged_leftovers():
         if leftover in committing:
-            size = format_size(disk_size(leftover))
+            size = format_bytes(path_size(leftover))
             lines.append(f"{leftover.name}  {size}  staged by an interrupted commit (the next run completes it)")
             continue
         what = "staged, never committed" if leftover.name.endswith(STAGED) else "left by an interrupted deletion"
-        lines.append(f"{leftover.name}  {format_size(disk_size(leftover))}  not usable: {what} (the next run removes it)")
+        lines.append(f"{leftover.name}  {format_bytes(path_size(leftover))}  not usable: {what} (the next run removes it)")
     return lines
 
 
@@ -93,24 +91,6 @@ def describe_files(info: CheckpointInfo) -> str:
         name = PART_NAMES[member.part] if member.ema_factor is None else f"ema={member.ema_factor}"
         by_model.setdefault(member.model_name, []).append(name)
     return " ".join(f"{model}[{','.join(parts)}]" for model, parts in by_model.items())
-
-
-def disk_size(path: Path) -> int:
-    """Bytes of a member, a file or a folder of files (a sharded checkpoint)."""
-    if path.is_dir():
-        return sum(child.stat().st_size for child in path.rglob("*") if child.is_file())
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def format_size(size: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError
 
 
 def best_callback_configs(paths: PathProvider) -> list[dict[str, Any]]:
@@ -199,33 +179,12 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str], li
 
 
 def interrupted_commits(store: CheckpointStore) -> list[InterruptedCommit]:
-    """The staged sets that `recover` would complete: every file either still staged by that set's save or
-    already moved under its final name with that set's iteration, at least one moved. (What `recover` does
-    with a staged trainer state, decided without doing it: a run tool never writes into the run.)"""
-    found = []
-    for staged_trainer in sorted(store.directory.glob(f".*_trainer{SUFFIX}~*{STAGED}")):
-        match = _STAGED_NAME.match(staged_trainer.name)
-        parsed = Member.parse(match["name"]) if match else None
-        if parsed is None:
-            continue
-        tag = parsed[1]
-        try:
-            state = load_checkpoint(staged_trainer)
-            iteration = TrainingIteration.from_dict(state["training_iteration"])
-            names = _set_files(state, tag)
-        except (CheckpointLoadError, KeyError, TypeError, ValueError):
-            continue  # damaged: `recover` discards it, a leftover
-        staged = {name: _staged_path(store.directory / name, match["set_id"]) for name in names}
-        moved = [name for name, path in staged.items() if not path.exists() and _written_at(store, name) == iteration]
-        if moved and all(path.exists() or name in moved for name, path in staged.items()):
-            still_staged = {path for path in staged.values() if path.exists()} | {staged_trainer}
-            found.append(InterruptedCommit(tag, iteration, {*names, match["name"]}, still_staged))
-    return found
-
-
-def _written_at(store: CheckpointStore, file_name: str) -> TrainingIteration | None:
-    parsed = Member.parse(file_name)
-    return None if parsed is None else store.written_at(*parsed)
+    """The staged sets that `recover` would complete (decided without doing it: a run tool never writes
+    into the run)."""
+    return [
+        InterruptedCommit(staged.tag, staged.iteration, {final.name for final, _ in staged.files}, set(staged.still_staged))
+        for staged in store.interrupted_commits()
+    ]
 
 
 def _stamp_disagreements(info: CheckpointInfo, stamps: dict[Member, dict[str, Any]]) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from noether.core import storage
 from noether.core.writers import checkpoint_writer
 from noether.core.writers.checkpoint_writer import (
     CheckpointLoadError,
@@ -223,7 +224,7 @@ def test_closed_writer_refuses_saves(tmp_path):
 def test_stale_tmp_files_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = checkpoint_writer._HOST
+    host = storage._HOST
     stale = f".a.th~{host}~{dead.pid}~0.tmp"
     kept = [
         f".a.th~{host}~{os.getpid()}~0.tmp",  # a live process (us)

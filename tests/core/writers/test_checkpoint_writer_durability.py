@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from noether.core import checkpoint_store
-from noether.core.writers import checkpoint_writer
-from noether.core.writers.checkpoint_writer import CheckpointWriter, load_checkpoint, make_durable, sync_directory
+from noether.core import storage
+from noether.core.storage import make_durable, sync_directory
+from noether.core.writers.checkpoint_writer import CheckpointWriteError, CheckpointWriter, load_checkpoint
 from noether.training.run import train
 from tests.conftest import tiny_config
 
@@ -39,15 +39,15 @@ def bad_crc_member(path: Path) -> str | None:
 @pytest.mark.parametrize("use_syncfs", [True, False])
 def test_a_set_staged_without_fsync_is_made_durable_at_once_and_moved_into_place(tmp_path, monkeypatch, use_syncfs):
     if not use_syncfs:
-        monkeypatch.setattr(checkpoint_writer, "_syncfs", None)  # the per-file fsync path of other platforms
-    elif checkpoint_writer._syncfs is None:
+        monkeypatch.setattr(storage, "_syncfs", None)  # the per-file fsync path of other platforms
+    elif storage._syncfs is None:
         pytest.skip("no syncfs on this platform")
     final = {tmp_path / f"cp=latest_{kind}.th": payload(seed) for seed, kind in enumerate(["model", "optim", "trainer"])}
     staged = {path: path.with_name(f".{path.name}.staged") for path in final}
     syncfs_calls, fsynced = [], []
-    real_syncfs, real_fsync = checkpoint_writer._syncfs, os.fsync
+    real_syncfs, real_fsync = storage._syncfs, os.fsync
     if real_syncfs is not None:
-        monkeypatch.setattr(checkpoint_writer, "_syncfs", lambda fd: syncfs_calls.append(fd) or real_syncfs(fd))
+        monkeypatch.setattr(storage, "_syncfs", lambda fd: syncfs_calls.append(fd) or real_syncfs(fd))
     monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(os.fstat(fd).st_ino), real_fsync(fd))[1])
     with CheckpointWriter() as writer:
         for path, data in final.items():
@@ -94,7 +94,7 @@ def test_a_barrier_that_fails_inside_a_commit_is_reported_and_moves_nothing(tmp_
             writer.replace(tmp_path / ".staged", target)
 
         writer.call_after_writes(commit)
-        with pytest.raises(checkpoint_writer.CheckpointWriteError, match="never_written"):
+        with pytest.raises(CheckpointWriteError, match="never_written"):
             writer.wait()
     assert load_checkpoint(target)["checkpoint_tag"] == "tag0"
 
@@ -187,7 +187,7 @@ class DurabilitySpy:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple] = []
         self._inside_barrier = threading.local()
-        real_make_durable, real_replace, real_link, real_fsync = checkpoint_store.make_durable, os.replace, os.link, os.fsync
+        real_make_durable, real_replace, real_link, real_fsync = storage.make_durable, os.replace, os.link, os.fsync
 
         def make_durable(paths: list[Path]) -> None:
             self.events.append(("barrier", [Path(path) for path in paths]))
@@ -211,7 +211,7 @@ class DurabilitySpy:
                     self.events.append(("fsync outside a barrier", Path(os.readlink(f"/proc/self/fd/{fd}"))))
             real_fsync(fd)
 
-        monkeypatch.setattr(checkpoint_store, "make_durable", make_durable)
+        monkeypatch.setattr(storage, "make_durable", make_durable)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(os, "link", link)
         monkeypatch.setattr(os, "fsync", fsync)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from noether.core.config import ConfigError
-from noether.core.writers.checkpoint_writer import sync_directory
+from noether.core.storage import sync_directory
 
 RUN_MARKER = "config.yaml"
 """The file that makes a directory a run directory: written when a run starts, before its first checkpoint."""

@@ -6,15 +6,15 @@ moment therefore leaves either the previous file or the new one, never a torn on
 
 By default the training loop only pays for copying the tensors into reusable host buffers (for a
 payload of at most 1 MB of CPU tensors: for serializing it); the serialization and the disk write
-happen on a background thread.
+happen on a background thread. Where the bytes go is the writer's `Storage` (the local filesystem
+unless told otherwise).
 
 A set of files can share one durability barrier instead of one fsync each: write them with
-``save(..., fsync=False)`` under names that nothing reads yet, call ``make_durable`` on all of them,
-then rename them into place and ``sync_directory``.
+``save(..., fsync=False)`` under names that nothing reads yet, call the storage's ``make_durable`` on
+all of them, then rename them into place and sync their folder.
 
 The files are torch.save zip archives without CRC32 checksums (computing them took half of the
-write time): ``torch.load`` reads them, but tools such as ``unzip -t`` report checksum errors. On
-Linux the disk write of a large file starts while it is still being serialized (``_EarlyWriteback``).
+write time): ``torch.load`` reads them, but tools such as ``unzip -t`` report checksum errors.
 """
 
 from __future__ import annotations
@@ -23,32 +23,21 @@ import atexit
 import contextlib
 import contextvars
 import copy
-import ctypes
-import ctypes.util
 import io
-import itertools
 import os
 import pickle
-import re
-import socket
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import SimpleQueue
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["CheckpointLoadError", "CheckpointWriteError", "CheckpointWriter", "load_checkpoint", "make_durable", "sync_directory"]
+from noether.core.storage import LocalStorage, Storage
 
-# Temporary files are named ".<final name>~<host>~<pid>~<n>.tmp": the leading dot and the ".tmp"
-# suffix keep them from being mistaken for checkpoints, host and pid tell whether the process that
-# wrote one is gone, so that its leftovers may be removed.
-_HOST = socket.gethostname()
-_TMP_NAME = re.compile(r"^\..+~(?P<host>[^~]+)~(?P<pid>\d+)~\d+\.tmp$")
-_tmp_counter = itertools.count()
+__all__ = ["CheckpointLoadError", "CheckpointWriteError", "CheckpointWriter", "load_checkpoint"]
 
 # How many distinct payload structures (e.g. model weights, optimizer state) keep their host
 # buffers; older ones are dropped so that a payload whose shapes keep changing cannot pile up memory.
@@ -72,37 +61,44 @@ class CheckpointWriteError(Exception):
     """A checkpoint could not be written; the previous file under that name, if any, is intact."""
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Loads a checkpoint onto the CPU without executing pickled code.
+def load_checkpoint(path: str | os.PathLike, open_read: Callable[[str], BinaryIO] | None = None) -> dict:
+    """Loads a checkpoint onto the CPU without executing pickled code (from `open_read(path)`, a
+    storage's reader, when given).
 
     Every failure is reported as a CheckpointLoadError with a one-line message naming the file, so
     that a resume from a bad file fails with a clear reason instead of a deep torch traceback.
     """
     path = Path(path)
+    open_read = open_read or _open_file
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with open_read(str(path)) as file:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointLoadError(f"checkpoint file not found: {path}") from None
     except (PermissionError, IsADirectoryError) as e:
         raise CheckpointLoadError(f"cannot read checkpoint file {path}: {e.strerror}") from e
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e) or _is_unparsable(str(e)):
-            raise CheckpointLoadError(_unreadable_reason(path)) from e
+            raise CheckpointLoadError(_unreadable_reason(path, open_read)) from e
         raise CheckpointLoadError(
             f"refusing to load {path}: it is not a plain tensor checkpoint "
             f"(weights_only=True rejected it: {_weights_only_reason(str(e))})"
         ) from e
     except Exception as e:
-        raise CheckpointLoadError(_unreadable_reason(path)) from e
+        raise CheckpointLoadError(_unreadable_reason(path, open_read)) from e
     if not isinstance(checkpoint, dict):
         raise CheckpointLoadError(f"refusing to load {path}: it holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
 
 
-def _unreadable_reason(path: Path) -> str:
+def _open_file(path: str) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+def _unreadable_reason(path: Path, open_read: Callable[[str], BinaryIO]) -> str:
     """Tells a damaged checkpoint (a zip archive, possibly cut short) from a file of another kind."""
     try:
-        with open(path, "rb") as f:
+        with open_read(str(path)) as f:
             header = f.read(len(_ZIP_MAGIC))
     except OSError as e:
         return f"cannot read checkpoint file {path}: {e.strerror}"
@@ -148,14 +144,13 @@ class CheckpointWriter:
     A background write that fails is raised as CheckpointWriteError by the next ``check``, ``save``,
     ``wait`` or ``close``. Writes still pending when the interpreter exits are completed then.
 
-    Leftover temporary files of a killed process are removed from a directory the first time this
-    writer writes into it; only files of this module's naming pattern written on this host by a
-    process that no longer exists are touched.
+    The files go to ``storage`` (see noether.core.storage; the local filesystem by default).
     """
 
-    def __init__(self, asynchronous: bool = True, max_pending_bytes: int = 4 * 2**30) -> None:
+    def __init__(self, asynchronous: bool = True, max_pending_bytes: int = 4 * 2**30, storage: Storage | None = None) -> None:
         if max_pending_bytes < 1:
             raise ValueError(f"max_pending_bytes must be positive, got {max_pending_bytes}")
+        self.storage: Storage = storage or LocalStorage()
         self.asynchronous = asynchronous
         self.max_pending_bytes = max_pending_bytes
         self._cond = threading.Condition()
@@ -166,8 +161,7 @@ class CheckpointWriter:
         # buffer sets by tensor structure, least recently used first; only the caller's thread
         # touches the dict, the writer thread only clears the busy flags (under self._cond)
         self._pool: OrderedDict[tuple, list[_BufferSet]] = OrderedDict()
-        self._swept_dirs: set[Path] = set()
-        self._replaced: list[Path] = []  # old files to delete once the writes that replaced them finished
+        self._replaced: list[str] = []  # old files to delete once the writes that replaced them finished
         self._copy_streams: dict[torch.device, Any] = {}  # per GPU, the side stream of device-to-host copies
         if asynchronous:
             self._queue: SimpleQueue = SimpleQueue()
@@ -186,7 +180,7 @@ class CheckpointWriter:
         self.check()
         if self._closed:
             raise RuntimeError("CheckpointWriter is closed")
-        path = Path(path).absolute()  # the write may happen after the working directory changed
+        path = os.path.abspath(path)  # the write may happen after the working directory changed
         if not self.asynchronous:
             with _crc_free_saves():
                 self._write(path, payload, sync_directory, fsync)
@@ -242,15 +236,12 @@ class CheckpointWriter:
             if counted:
                 self._queue.put((action,))
 
-    def replace(self, source: Path, path: Path) -> None:
-        """``os.replace(source, path)`` for an action on the writer thread (a set's commit): the file
-        ``path`` named is deleted only after the action, so that whoever waits for the commit does not
-        wait for its blocks to be released (about 1 s per GB on a disk mounted with ``discard``)."""
-        replaced = _second_name(path)
-        try:
-            os.replace(source, path)
-        finally:
-            self._free_later(replaced)
+    def replace(self, source: str | os.PathLike, path: str | os.PathLike) -> None:
+        """The storage's rename of ``source`` over ``path`` for an action on the writer thread (a set's
+        commit): the file ``path`` named is deleted only after the action, so that whoever waits for the
+        commit does not wait for its blocks to be released (about 1 s per GB on a disk mounted with
+        ``discard``)."""
+        self._free_later(self.storage.rename(os.fspath(source), os.fspath(path), keep_replaced=True))
 
     def check(self) -> None:
         """Raises the first error a background write hit since the last check."""
@@ -328,16 +319,16 @@ class CheckpointWriter:
                     del job, snapshot  # do not keep the payload alive while idle
                     self._finish(buffers, size)
             while self._replaced:
-                _unlink_quietly(self._replaced.pop())
+                self.storage.remove(self._replaced.pop())
 
-    def _free_later(self, replaced: Path | None) -> None:
+    def _free_later(self, replaced: str | None) -> None:
         """Deletes a replaced file's last name after the job that replaced it has finished."""
         if replaced is None:
             return
         if self.asynchronous:
             self._replaced.append(replaced)
         else:
-            _unlink_quietly(replaced)
+            self.storage.remove(replaced)
 
     def _run_action(self, action: Callable[[], None]) -> None:
         try:
@@ -362,12 +353,15 @@ class CheckpointWriter:
             self._pending_bytes -= size
             self._cond.notify_all()
 
-    def _write(self, path: Path, payload: dict | memoryview, sync_directory: bool, fsync: bool) -> None:
+    def _write(self, path: str, payload: dict | memoryview, sync_directory: bool, fsync: bool) -> None:
+        def write_bytes(file: BinaryIO) -> None:
+            if isinstance(payload, memoryview):
+                file.write(payload)
+            else:
+                torch.save(payload, file)
+
         try:
-            if path.parent not in self._swept_dirs:
-                _remove_stale_tmp_files(path.parent)
-                self._swept_dirs.add(path.parent)
-            self._free_later(_write_atomic(path, payload, sync_directory, fsync))
+            self._free_later(self.storage.write(path, write_bytes, durable=fsync, sync_folder=sync_directory))
         except Exception as e:
             raise CheckpointWriteError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
 
@@ -383,72 +377,6 @@ def _os_reason(error: BaseException) -> str:
     return str(error)
 
 
-def make_durable(paths: list[Path]) -> None:
-    """Makes the contents of files written with ``save(..., fsync=False)`` durable, in one barrier where possible.
-
-    Files on one filesystem share a single ``syncfs`` (Linux), which costs about one journal commit
-    instead of one per file; elsewhere each file is fsync'ed. Directory entries are not covered:
-    rename the files into place afterwards, then call ``sync_directory``.
-    """
-    descriptors = []
-    try:
-        for path in dict.fromkeys(paths):
-            descriptors.append(os.open(path, os.O_RDONLY))
-        if len(descriptors) > 1 and _syncfs is not None and len({os.fstat(fd).st_dev for fd in descriptors}) == 1:
-            if _syncfs(descriptors[0]) == 0:
-                return
-        for fd in descriptors:
-            os.fsync(fd)
-    finally:
-        for fd in descriptors:
-            os.close(fd)
-
-
-def _linux_libc_call(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
-    """A libc function that Python's os module lacks, returning an int; None off Linux or where libc has none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        function = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes, function.restype = argtypes, ctypes.c_int
-    return function
-
-
-_syncfs = _linux_libc_call("syncfs", [ctypes.c_int])
-_sync_file_range = _linux_libc_call("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
-_SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages, do not wait for them
-_WRITEBACK_CHUNK = 8 << 20
-
-
-class _EarlyWriteback:
-    """The file torch.save writes into: every 8 MB it asks the kernel to start writing what came so
-    far to disk, so that the disk works while the rest is serialized and the closing fsync waits only
-    for the tail. Left to itself the kernel starts writing only at its dirty-memory threshold, often
-    after a whole checkpoint; a 1.2 GB checkpoint then took write + fsync in series (about 4.5 s on
-    the project's VMs against about 3.4 s overlapped). A hint only: errors surface in the fsync."""
-
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        self._fd = file.fileno()
-        self._written = 0
-        self._writeback_started = 0
-
-    def write(self, data: Any) -> int:
-        written = self._file.write(data)
-        self._written += written
-        pending = self._written - self._writeback_started
-        if pending >= _WRITEBACK_CHUNK:
-            self._file.flush()
-            _sync_file_range(self._fd, self._writeback_started, pending, _SYNC_FILE_RANGE_WRITE)
-            self._writeback_started = self._written
-        return written
-
-    def flush(self) -> None:
-        self._file.flush()
-
-
 def _crc_free_saves() -> contextlib.AbstractContextManager:
     """Turns off torch.save's CRC32 for the calling thread only, where torch's serialization config
     keeps overrides per thread (torch >= 2.10); elsewhere nothing changes, so a user's own
@@ -462,7 +390,7 @@ def _crc_free_saves() -> contextlib.AbstractContextManager:
     return config.patch("save.compute_crc32", False) if per_thread else contextlib.nullcontext()
 
 
-def _serialized(path: Path, payload: dict) -> memoryview:
+def _serialized(path: str, payload: dict) -> memoryview:
     """The bytes torch.save writes for ``payload`` (without the CRC, like every file of the writer)."""
     buffer = io.BytesIO()
     try:
@@ -471,92 +399,6 @@ def _serialized(path: Path, payload: dict) -> memoryview:
     except Exception as e:
         raise CheckpointWriteError(f"could not write checkpoint {path}: {_os_reason(e)}") from e
     return buffer.getbuffer()
-
-
-def _write_atomic(path: Path, payload: dict | memoryview, sync_parent: bool, fsync: bool) -> Path | None:
-    """Writes ``payload`` (or its bytes, already serialized) to a hidden temporary file next to ``path``,
-    makes it durable, then renames it over ``path``; the temporary file is removed if anything fails.
-
-    The file it replaces keeps a hidden temporary name, returned for the caller to delete once the
-    new file is in place, so that releasing its blocks does not delay the new file (a crash leaves
-    it to the sweep of stale temporary files).
-    """
-    tmp = _tmp_name(path)
-    replaced = _second_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            if isinstance(payload, memoryview):
-                f.write(payload)
-            else:
-                torch.save(payload, f if _sync_file_range is None else _EarlyWriteback(f))
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, replaced):
-            if leftover is not None:
-                _unlink_quietly(leftover)
-        raise
-    # makes the rename itself survive a power loss
-    if sync_parent:
-        sync_directory(path.parent)
-    return replaced
-
-
-def _second_name(path: Path) -> Path | None:
-    """A hidden temporary name for the file at ``path`` (None if there is none, or no hard links),
-    which keeps it, and the cost of freeing it, alive past a rename over ``path``."""
-    name = _tmp_name(path)
-    try:
-        os.link(path, name)
-    except OSError:
-        return None
-    return name
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
-
-
-def _unlink_quietly(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.unlink()
-
-
-def sync_directory(directory: Path) -> None:
-    """Makes the renames and new names in ``directory`` durable (a no-op where directories cannot be fsync'ed)."""
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_tmp_files(directory: Path) -> None:
-    """Removes temporary files that a process on this host, now gone, left behind."""
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return  # the write that follows reports the real problem
-    for entry in entries:
-        match = _TMP_NAME.match(entry.name)
-        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass  # another process may have removed it first
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _unique_tensors(payload: dict) -> dict[tuple, torch.Tensor]:
