@@ -14,6 +14,7 @@ from noether.core.writers.checkpoint_writer import CheckpointLoadError, Checkpoi
 from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
 from noether.tools.checkpoints import RunToolError
+from noether.training.trainers.nonfinite import NonFiniteLossError
 
 VERIFY_DAMAGED = 1
 VERIFY_INTERRUPTED = 3
@@ -163,8 +164,14 @@ def _report_user_errors(prog: str, command: Callable[[], None]) -> int:
     try:
         command()
     except USER_ERRORS as error:
-        # one write, so that the lines of processes sharing stderr (torchrun) do not interleave
-        sys.stderr.write(f"{prog}: error: {_one_line(error)}\n")
-        sys.stderr.flush()
-        return 2
+        return _report(prog, error, exit_code=2)
+    except NonFiniteLossError as error:  # the run stopped as configured; its error checkpoint is written
+        return _report(prog, error, exit_code=1)
     return 0
+
+
+def _report(prog: str, error: Exception, exit_code: int) -> int:
+    # one write, so that the lines of processes sharing stderr (torchrun) do not interleave
+    sys.stderr.write(f"{prog}: error: {_one_line(error)}\n")
+    sys.stderr.flush()
+    return exit_code

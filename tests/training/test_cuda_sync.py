@@ -1,6 +1,7 @@
 """On a GPU, the update loop of the full stack (EMA, training-loss tracking, checkpoint and best callbacks,
-bf16 autocast) waits for the device nowhere between the updates that log or save: a synchronization there
-would stall the CPU's kernel launches every update. Skipped without CUDA."""
+bf16 autocast) waits for the device nowhere between the updates that log or save, but for the one read of
+the non-finite-loss check before each optimizer step: any other synchronization there would stall the CPU's
+kernel launches every update. Skipped without CUDA."""
 
 from __future__ import annotations
 

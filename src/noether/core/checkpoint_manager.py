@@ -183,16 +183,24 @@ class CheckpointManager:
         self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter)
         return tag
 
-    def save_on_failure(self, counter: UpdateCounter, error: BaseException, *, before_update: Callable[[], None] | None) -> None:
+    def save_on_failure(
+        self,
+        counter: UpdateCounter,
+        error: BaseException,
+        *,
+        before_update: Callable[[], None] | None,
+        every_rank: bool = False,
+    ) -> None:
         """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then wait for every write.
 
-        The error may have hit this rank alone, so nothing here waits for the other ranks; shards are
-        written by every rank together, so a sharded run with several processes gets no error set.
+        Unless `every_rank` says every process raised the same error at the same step, the error may have
+        hit this rank alone, so nothing here waits for the other ranks; shards are written by every rank
+        together, so a sharded run with several processes then gets no error set.
         Snapshots asked for earlier in the failed step are written first: the callback states of the
         error set already count them. `before_update` undoes what a half-done update drew from the RNG.
         """
         try:
-            if self.sharded and distributed.is_distributed():
+            if self.sharded and distributed.is_distributed() and not every_rank:
                 logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
             elif not isinstance(error, KeyboardInterrupt):
                 pending, self._pending = self._pending, []
@@ -202,7 +210,7 @@ class CheckpointManager:
                 if before_update is not None:
                     before_update()
                 tag = f"{counter.cur_iteration}.error"
-                self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter, all_ranks=False)
+                self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter, all_ranks=every_rank)
                 if self.is_main_process:
                     logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
             self.store.wait()

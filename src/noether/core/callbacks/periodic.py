@@ -43,6 +43,11 @@ class PeriodicCallback(CallbackBase):
     def track_after_update_step(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         """Called after every optimizer update, whatever the schedule (keep it cheap)."""
 
+    def track_after_skipped_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        """Called instead of `track_after_update_step` after an update whose loss was not finite and whose
+        gradients were dropped (`trainer.on_nonfinite_loss: skip`): forget what `track_after_accumulation_step`
+        kept of it."""
+
     def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.is_due_after_update(update_counter):
             self.periodic_callback(interval_type=self.update_interval_type, update_counter=update_counter, **kwargs)

@@ -43,13 +43,14 @@ from noether.data.samplers.interleaved import (
     TrainingBatching,
     collate_tagged,
 )
+from noether.training.trainers.nonfinite import SKIPPED_UPDATES_KEY, NonFiniteLossError, NonFiniteLossGuard, OnNonfiniteLoss
 
 logger = logging.getLogger("noether.trainer")
 
 TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
 Precision = Literal["float32", "bfloat16", "float16"]
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
-PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step")
+PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step", "track_after_skipped_update")
 
 
 class NothingLeftToTrainError(ConfigError):
@@ -71,6 +72,9 @@ class BaseTrainerConfig(RegistryConfig):
     log_every_n_updates: PositiveInt | None = None
     max_grad_norm: PositiveFloat | None = None
     """Clip the gradients of all trained parameters to this total norm before each optimizer step (logged as `grad_norm`)."""
+    on_nonfinite_loss: OnNonfiniteLoss = "stop"
+    """A NaN or infinite loss: `stop` before that update's optimizer step (with an error checkpoint of the state
+    before it), or `skip` the update (its gradients dropped, counted as `nonfinite/skipped_updates`)."""
     callbacks: list[by_kind(CallBackBaseConfig)] = []
 
     @model_validator(mode="after")
@@ -111,6 +115,7 @@ class BaseTrainer:
         """Why a callback ended training before its limit (a run stopped so has finished)."""
         self.grad_norm: torch.Tensor | None = None
         """The total gradient norm of the last update, before clipping (with max_grad_norm)."""
+        self.nonfinite = NonFiniteLossGuard(trainer_config.on_nonfinite_loss)
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -187,8 +192,9 @@ class BaseTrainer:
             stop_agreed = False
             try:
                 while not counter.is_finished and not stop_agreed and self.early_stop is None:
-                    self._train_update(model, trainer_model, data_iter, counter)
-                    self._dispatch("track_after_update_step", update_counter=counter, periodic_only=True)
+                    stepped = self._train_update(model, trainer_model, data_iter, counter)
+                    tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
+                    self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
                     if counter.is_full_epoch:
                         self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
@@ -204,7 +210,9 @@ class BaseTrainer:
             except BaseException as error:
                 boundary = self._update_boundary_rng  # set while an update is under way: forget its partial draws
                 undo_partial_update = None if boundary is None else functools.partial(_restore_torch_rng_states, boundary)
-                checkpoints.save_on_failure(counter, error, before_update=undo_partial_update)
+                # a non-finite loss stops every process at the same update: all of them can write the error set
+                every_rank = isinstance(error, NonFiniteLossError)
+                checkpoints.save_on_failure(counter, error, before_update=undo_partial_update, every_rank=every_rank)
                 raise
 
             # signals from here on only ask for what happens anyway: the final checkpoints, complete
@@ -225,12 +233,14 @@ class BaseTrainer:
 
     def _train_update(
         self, model: ModelBase, trainer_model: torch.nn.Module, data_iter: Iterator, counter: UpdateCounter
-    ) -> None:
-        """Accumulate gradients over the micro-batches of one update, then step every optimizer."""
+    ) -> bool:
+        """Accumulate gradients over the micro-batches of one update, then step every optimizer. False: the
+        update was skipped (a non-finite loss under `on_nonfinite_loss: skip`), its gradients dropped."""
         model.set_learning_rates(counter.update)
         # what an error checkpoint restores if the update fails half done (Python's and NumPy's generators
         # restart per batch, and callbacks keep an update's losses out of their state until it completes)
         self._update_boundary_rng = _torch_rng_states(self.device)
+        self.nonfinite.begin_update(model)
         local_batch_size = self.batching.local_batch_size
         steps = self.batching.accumulation_steps
         scaling = self.grad_scaler.is_enabled()
@@ -251,17 +261,24 @@ class BaseTrainer:
                 weight = _batch_length(batch) / local_batch_size if steps > 1 else 1.0
                 loss = losses["total"] if weight == 1.0 else losses["total"] * weight
                 (self.grad_scaler.scale(loss) if scaling else loss).backward()
+            self.nonfinite.track(losses)
             self._dispatch(
                 "track_after_accumulation_step", update_counter=counter, losses=losses, weight=weight, periodic_only=True
             )
-        if self.config.max_grad_norm is not None:
-            self._clip_gradients(model, unscale=scaling)
-        model.optimizer_step(self.grad_scaler if scaling else None)
-        if scaling:
-            self.grad_scaler.update()
+        # before any unscaling: a skipped update leaves the grad scaler as it was
+        stepped = self.nonfinite.update_is_finite(counter)
+        if stepped:
+            if self.config.max_grad_norm is not None:
+                self._clip_gradients(model, unscale=scaling)
+            model.optimizer_step(self.grad_scaler if scaling else None)
+            if scaling:
+                self.grad_scaler.update()
+        else:
+            self.context.log_writer.add_scalar(SKIPPED_UPDATES_KEY, self.nonfinite.skipped_updates)
         model.optimizer_zero_grad()
         counter.add_update()
         self._update_boundary_rng = None
+        return stepped
 
     def _clip_gradients(self, model: ModelBase, *, unscale: bool) -> None:
         """Clip to max_grad_norm over every trained parameter: after the gradients of all processes are
@@ -380,6 +397,7 @@ class BaseTrainer:
         checkpoints.register("metrics_rows", lambda: self.context.log_writer.rows_written)
         checkpoints.register("effective_batch_size", lambda: self.config.effective_batch_size, check=self._check_batch_size)
         checkpoints.register("early_stop", lambda: self.early_stop, self._load_early_stop)
+        checkpoints.register("nonfinite_skipped_updates", lambda: self.nonfinite.skipped_updates, self._load_skipped_updates)
         checkpoints.register_members(self._callback_members)
 
     def callback_states(self) -> dict[str, Any]:
@@ -410,6 +428,9 @@ class BaseTrainer:
 
     def _load_early_stop(self, reason: str | None, tag: str) -> None:
         self.early_stop = reason
+
+    def _load_skipped_updates(self, skipped: int | None, tag: str) -> None:
+        self.nonfinite.skipped_updates = skipped or 0
 
     def _check_batch_size(self, saved_batch_size: int | None, tag: str) -> None:
         """Epochs, the data order and the learning-rate schedule all count in updates of this size."""

@@ -47,6 +47,9 @@ class TrainingLossCallback(PeriodicCallback):
                 grad_norm.detach().float().clone() if self.grad_norm_sum is None else self.grad_norm_sum.add_(grad_norm)
             )
 
+    def track_after_skipped_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        self.update_losses.clear()
+
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if interval_type == "eval" or not self.step_count:
             return
