@@ -25,6 +25,7 @@ is listed in one place and restored in the order it was registered.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -107,6 +108,9 @@ class CheckpointManager:
         self._retention_owners: list[RetentionOwner] = []
         self._members_of_callbacks: Callable[[str, UpdateCounter], Members] = lambda tag, counter: {}
         self._skipped_own_tags: set[str] = set()
+        self.last_save_seconds: float | None = None
+        """How long the last resumable set took from the save call until it was committed (on this process's
+        clock; None before the first): what a save before a deadline must be given."""
 
     @property
     def is_main_process(self) -> bool:
@@ -242,6 +246,7 @@ class CheckpointManager:
     def _save_resumable(self, request: SaveRequest, counter: UpdateCounter, *, all_ranks: bool = True) -> list[Member]:
         """Weights, optimizer state, callbacks' members and the trainer state under `request.tag`.
         Returns the members written (none on a rank that writes nothing)."""
+        started = time.monotonic()
         local = {name: part.save() for name, part in self._parts.items() if part.per_rank}
         per_rank = distributed.gather_to_all(local) if all_ranks else [local]
         sharded = self.sharded and all_ranks
@@ -260,6 +265,8 @@ class CheckpointManager:
         if trainer_state is not None and not request.optim and self._has_optimizer(request):
             trainer_state[NOT_RESUMABLE] = "no optimizer state (saved without it): training cannot continue from it"
         self.store.save(request.tag, counter.cur_iteration, members, trainer_state, trainer_model_name=self.model.name)
+        if self.is_main_process:
+            self.store.after_commits(lambda: setattr(self, "last_save_seconds", time.monotonic() - started))
         return [*members, Member(self.model.name, "trainer")] if self.is_main_process else list(members)
 
     def _has_optimizer(self, request: SaveRequest) -> bool:

@@ -333,6 +333,10 @@ class CheckpointStore:
 
         self._require_writer().call_after_writes(prune_now)
 
+    def after_commits(self, action: Callable[[], None]) -> None:
+        """Run `action` once every earlier save is committed (on the writer thread; at once when synchronous)."""
+        self._require_writer().call_after_writes(action)
+
     def check(self) -> None:
         """Raise the first failure of a background write, if any, without waiting."""
         self._require_writer().check()

@@ -43,6 +43,7 @@ from noether.data.samplers.interleaved import (
     TrainingBatching,
     collate_tagged,
 )
+from noether.training.trainers.deadline import Deadline
 from noether.training.trainers.nonfinite import SKIPPED_UPDATES_KEY, NonFiniteLossError, NonFiniteLossGuard, OnNonfiniteLoss
 
 logger = logging.getLogger("noether.trainer")
@@ -72,6 +73,9 @@ class BaseTrainerConfig(RegistryConfig):
     log_every_n_updates: PositiveInt | None = None
     max_grad_norm: PositiveFloat | None = None
     """Clip the gradients of all trained parameters to this total norm before each optimizer step (logged as `grad_norm`)."""
+    stop_before: PositiveFloat | Literal["slurm"] | None = None
+    """A Unix time (or `slurm`: the job's SLURM_JOB_END_TIME) before which the run writes an interrupt checkpoint
+    and stops on its own: when the time left is less than the last save took, plus the longest step, plus 30 s."""
     on_nonfinite_loss: OnNonfiniteLoss = "stop"
     """A NaN or infinite loss: `stop` before that update's optimizer step (with an error checkpoint of the state
     before it), or `skip` the update (its gradients dropped, counted as `nonfinite/skipped_updates`)."""
@@ -116,6 +120,7 @@ class BaseTrainer:
         self.grad_norm: torch.Tensor | None = None
         """The total gradient norm of the last update, before clipping (with max_grad_norm)."""
         self.nonfinite = NonFiniteLossGuard(trainer_config.on_nonfinite_loss)
+        self.deadline = Deadline.from_config(trainer_config.stop_before)
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -192,6 +197,8 @@ class BaseTrainer:
             stop_agreed = False
             try:
                 while not counter.is_finished and not stop_agreed and self.early_stop is None:
+                    if self.deadline is not None:
+                        self.deadline.step_started()
                     stepped = self._train_update(model, trainer_model, data_iter, counter)
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
@@ -201,9 +208,11 @@ class BaseTrainer:
                     self.context.log_writer.flush(counter)
                     checkpoints.flush(counter)
                     checkpoints.check()
+                    if self.deadline is not None and self.stop_requested is None:
+                        self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
                     if stop_agreed and self.stop_requested is None:
-                        self.stop_requested = "a signal to another process"
+                        self.stop_requested = "a signal or the deadline of another process"
                 if stop_agreed and not counter.is_finished and self.early_stop is None:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     checkpoints.save_interrupt(counter)
