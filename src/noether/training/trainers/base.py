@@ -212,7 +212,7 @@ class BaseTrainer:
                         self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
                     if stop_agreed and self.stop_requested is None:
-                        self.stop_requested = "a signal or the deadline of another process"
+                        self.stop_requested = "a signal to another process"
                 if stop_agreed and not counter.is_finished and self.early_stop is None:
                     logger.info(f"stopping on {self.stop_requested} after update {counter.update}")
                     checkpoints.save_interrupt(counter)
