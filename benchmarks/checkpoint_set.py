@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from noether.core.writers.checkpoint_writer import CheckpointWriter, make_durable, sync_directory
+from noether.core.storage import make_durable, sync_directory
+from noether.core.writers.checkpoint_writer import CheckpointWriter
 from noether.examples.digits import DigitsClassifier, DigitsClassifierConfig
 
 EMA_FACTORS = (0.99, 0.999)

@@ -58,7 +58,7 @@ def test_training_run_writes_the_run_directory(tmp_path, write_config):
         assert summary[key] == [record[key] for record in records if key in record][-1]
 
     tags = [str(TrainingIteration.from_dict(record)) for record in epoch_ends] + ["latest", "last"]
-    expected = {f"classifier_cp={tag}_{part}.th" for tag in tags for part in ("model", "optim", "trainer")}
+    expected = {f"classifier_cp={tag}_{part}" for tag in tags for part in ("model.th", "optim.th", "trainer.th", "hashes.json")}
     assert {path.name for path in (run_dir / "checkpoints").iterdir()} == expected
 
     weights = torch.load(run_dir / "checkpoints" / f"classifier_cp={tags[0]}_model.th", weights_only=True)
@@ -183,12 +183,12 @@ def replace_by_file_of_another_kind(path: Path, source_part: str) -> None:
         (
             "classifier_ema=0.9_cp=latest_model.th",
             lambda path: replace_by_file_of_another_kind(path, "trainer"),
-            "written by noether (no 'state_dict')",
+            "checkpoint 'latest' is damaged: {path} is not the file that was written (its content hash differs)",
         ),
         (
             "classifier_ema=0.9_cp=latest_model.th",
             lambda path: replace_by_file_of_another_kind(path, "optim"),
-            "{path} does not fit EMA 0.9 of this model: EMA state dict for factor 0.9 does not match the module",
+            "checkpoint 'latest' is damaged: {path} is not the file that was written (its content hash differs)",
         ),
         (
             "classifier_cp=latest_model.th",

@@ -40,10 +40,13 @@ def save_set(store: CheckpointStore, tag: str, update: int, value: float) -> Non
 
 
 def stage_again(directory: Path, tag: str, staged_members: tuple[Member, ...], set_id: str = "abc-1") -> None:
-    """Put committed members of `tag` back under staged names, as a stop in the middle of a commit leaves them."""
-    for member in staged_members:
-        path = directory / member.file_name(tag)
-        path.rename(directory / f".{path.name}~{set_id}.staged")
+    """Put committed members of `tag` back under staged names, as a stop in the middle of a commit leaves them
+    (the hashes file is committed after the members, before the trainer state)."""
+    names = [member.file_name(tag) for member in staged_members]
+    if any(member.part != "trainer" for member in staged_members):
+        names.append(f"net_cp={tag}_hashes.json")
+    for name in names:
+        (directory / name).rename(directory / f".{name}~{set_id}.staged")
 
 
 def test_a_set_is_stamped_listed_and_resumable(store):
@@ -52,9 +55,14 @@ def test_a_set_is_stamped_listed_and_resumable(store):
     store.wait()
 
     assert sorted(p.name for p in store.directory.iterdir() if p.name != ".lock") == sorted(
-        f"net{ema}_cp={tag}_{part}.th"
-        for tag in ("E0_U3_S24", "latest")
-        for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
+        [
+            *(
+                f"net{ema}_cp={tag}_{part}.th"
+                for tag in ("E0_U3_S24", "latest")
+                for ema, part in (("", "model"), ("", "optim"), ("_ema=0.99", "model"), ("", "trainer"))
+            ),
+            *(f"net_cp={tag}_hashes.json" for tag in ("E0_U3_S24", "latest")),
+        ]
     )
     weights = store.load(WEIGHTS, "latest")
     assert torch.equal(weights["state_dict"]["w"], torch.full((4,), 2.0))

@@ -50,6 +50,7 @@ def test_weights_optimizer_and_ema_are_folders_that_read_back_whole(store):
 
     names = sorted(path.name for path in store.directory.iterdir() if path.name != ".lock")
     assert names == [
+        "net_cp=latest_hashes.json",
         "net_cp=latest_model.dcp",
         "net_cp=latest_optim.dcp",
         "net_cp=latest_trainer.th",
@@ -124,3 +125,14 @@ def test_a_linked_folder_holds_the_same_files_and_deletion_removes_a_tag_whole(s
     store.delete("best")
     store.wait()
     assert not source.exists() and link.is_dir()
+
+
+def test_every_shard_file_has_a_content_hash_that_finds_a_changed_byte(store):
+    save_set(store, "latest", 5, 2.0)
+    store.wait()
+    assert store.content_check("latest").changed == [] and store.content_check("latest").unhashed == []
+    shard = next(path for path in (store.path(OPTIM, "latest")).iterdir() if path.suffix == ".distcp")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert store.content_check("latest").changed == [f"net_cp=latest_optim.dcp/{shard.name}"]

@@ -161,3 +161,15 @@ def test_a_damaged_file_in_memory_is_named_like_one_on_disk():
 def test_sharded_sets_need_a_local_folder():
     with pytest.raises(ValueError, match="needs /runs/a/checkpoints on a local filesystem"):
         CheckpointStore(Path("/runs/a/checkpoints"), "a", storage=MemoryStorage(), sharded=True)
+
+
+def test_a_changed_byte_in_memory_is_found_by_the_content_check():
+    storage = MemoryStorage()
+    store = CheckpointStore(Path("/runs/a/checkpoints"), "a", CheckpointWriter(asynchronous=False, storage=storage))
+    store.save("best", TrainingIteration(1, 4, 32), {Member("net", "model"): {"state_dict": {"w": torch.arange(64.0)}}})
+    assert store.content_check("best").changed == []
+    path = "/runs/a/checkpoints/net_cp=best_model.th"
+    data = bytearray(storage.files[path].data)
+    data[len(data) // 2] ^= 0x01
+    storage.files[path].data = bytes(data)
+    assert store.content_check("best").changed == ["net_cp=best_model.th"]

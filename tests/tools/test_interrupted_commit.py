@@ -31,7 +31,7 @@ def test_a_set_killed_mid_commit_is_reported_as_interrupted_and_the_next_start_c
 
     assert result.returncode == 3, result.stdout
     assert result.stdout.splitlines() == [
-        f"latest: interrupted commit of the set of {NEW_ITERATION} (1 of 4 files moved into place, the rest staged): "
+        f"latest: interrupted commit of the set of {NEW_ITERATION} (1 of 5 files moved into place, the rest staged): "
         "the next start of the run completes it",
         "ok: all 19 files of 7 checkpoints load and agree, "
         "apart from the 1 interrupted commit(s) above (the next start completes them)",

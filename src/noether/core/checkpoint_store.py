@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
+import json
 import os
 import re
 import warnings
@@ -51,7 +52,13 @@ from noether.core import distributed
 from noether.core.storage import LocalStorage, Storage
 from noether.core.utils.formatting import one_line, path_size
 from noether.core.utils.training.iteration import TrainingIteration
-from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError, CheckpointWriter, load_checkpoint
+from noether.core.writers.checkpoint_writer import (
+    CheckpointLoadError,
+    CheckpointWriteError,
+    CheckpointWriter,
+    file_digest,
+    load_checkpoint,
+)
 
 Part = Literal["model", "optim", "trainer"]
 SUFFIX = ".th"
@@ -67,6 +74,7 @@ _MEMBER_NAME = re.compile(
 _STAGED_NAME = re.compile(r"^\.(?P<name>.+)~(?P<set_id>[0-9a-f]+-\d+)(?:" + re.escape(STAGED) + "|" + re.escape(REPLACED) + ")$")
 _set_ids = itertools.count()
 TAG_FIELD = "{tag}"  # in the file names a trainer state lists: the tag the state lies under
+HASHES_SUFFIX = "_hashes.json"  # `{model}_cp={tag}_hashes.json`: the content hash of every file of a set
 NOT_RESUMABLE = "not_resumable"  # in a trainer state whose set training cannot continue from: why not
 
 
@@ -116,6 +124,16 @@ class CheckpointInfo:
     @property
     def size(self) -> int:
         return sum(path_size(path) for path in self.files.values())
+
+
+@dataclass
+class ContentCheck:
+    """What reading a set's files back found."""
+
+    changed: list[str] = field(default_factory=list)
+    """Files whose bytes are not those written (their content hash differs): damaged on disk or in transfer."""
+    unhashed: list[str] = field(default_factory=list)
+    """Files with no recorded hash (written before hashes were recorded): they load, nothing more is known."""
 
 
 @dataclass(frozen=True)
@@ -233,13 +251,17 @@ class CheckpointStore:
                     self._write_or_link(member, tag, iteration, payload, staged[-1], outcome)
             if not is_main:
                 return True  # rank 0 commits once every rank's shards are written
+            hashes_model = trainer_model_name or min((member.model_name for member in members), default="model")
+            hashes = self.directory / _hashes_name(hashes_model, tag)
+            listed.append(_hashes_name(hashes_model, TAG_FIELD))
             if trainer_state is not None:
                 final = self.path(Member(trainer_model_name or "model", "trainer"), tag)
                 staged.append((final, _staged_path(final, set_id)))
                 payload = {**trainer_state, **stamp(tag, iteration, self.run_id), "files": listed}
                 writer.save(staged[-1][1], payload, sync_directory=False, fsync=False)
             # an earlier write's failure reported here leaves this set to the discard below
-            writer.call_after_writes(lambda: self._commit_or_abort(tag, staged, outcome))
+            hashed = _Hashes(iteration, hashes, _staged_path(hashes, set_id))
+            writer.call_after_writes(lambda: self._commit_or_abort(tag, staged, outcome, hashed))
         except BaseException:
             if not is_main:
                 raise  # rank 0 removes what was staged
@@ -272,7 +294,7 @@ class CheckpointStore:
         fingerprint = _fingerprint(payload)
         written = self._written.get(member)
         if written is not None and written.iteration == iteration and written.fingerprint == fingerprint:
-            writer.call_after_writes(lambda: self._link_staged(written, staged))
+            writer.call_after_writes(lambda: self._link_staged(written, staged, outcome))
             outcome.linked.add(staged)
             return
         writer.save(staged, {**payload, **stamp(tag, iteration, self.run_id)}, sync_directory=False, fsync=False)
@@ -293,9 +315,13 @@ class CheckpointStore:
             final = self.directory / member.file_name(tag, sharded=self.sharded)
             staged.append((final, _staged_path(final, set_id)))
         outcome = _SetOutcome()
-        outcome.linked.update(staged_path for _, staged_path in staged)  # links share their source's durable bytes
 
         def stage_and_commit() -> None:
+            for hashes in self._hashes_of(source_tag):  # the same digests: they name the files by pattern
+                renamed = self.directory / hashes.name.replace(f"_cp={source_tag}{HASHES_SUFFIX}", f"_cp={tag}{HASHES_SUFFIX}")
+                sources.insert(len(sources) - has_trainer, hashes)
+                staged.insert(len(staged) - has_trainer, (renamed, _staged_path(renamed, set_id)))
+            outcome.linked.update(staged_path for _, staged_path in staged)  # links share their source's durable bytes
             for source, (final, staged_path) in zip(sources, staged):
                 try:
                     self.storage.link(str(source), str(staged_path))
@@ -305,6 +331,7 @@ class CheckpointStore:
                     raise CheckpointWriteError(f"could not write {final.name} as a link to {source.name}: {reason}") from error
             self._commit_or_abort(tag, staged, outcome)
 
+        has_trainer = int(any(member.part == "trainer" for member in members))
         writer.call_after_writes(stage_and_commit)
 
     def delete(self, tag: str) -> None:
@@ -369,7 +396,7 @@ class CheckpointStore:
         marker = files[0][1].with_name(f".{files[0][1].name}{DELETING}")
         self.storage.rename(str(files[0][1]), str(marker))
         self.storage.sync_folder(str(self.directory))
-        for _, path in files[1:]:
+        for path in [*(path for _, path in files[1:]), *self._hashes_of(tag)]:
             self.storage.remove(str(path))
         self.storage.remove(str(marker))
         self.storage.sync_folder(str(self.directory))
@@ -388,7 +415,7 @@ class CheckpointStore:
         for marker in self._hidden(f".*{DELETING}"):
             parsed = Member.parse(marker.name[1 : -len(DELETING)])
             if parsed is not None:
-                for path in self._members_on_disk(parsed[1]).values():
+                for path in [*self._members_on_disk(parsed[1]).values(), *self._hashes_of(parsed[1])]:
                     self.storage.remove(str(path))
                 actions.append(f"finished deleting checkpoint '{parsed[1]}'")
             self.storage.remove(str(marker))
@@ -458,7 +485,7 @@ class CheckpointStore:
 
     def _stamped_at(self, path: Path, iteration: TrainingIteration) -> bool:
         try:
-            payload = self._read(path)
+            payload = self._read_hashes(path) if path.name.endswith(HASHES_SUFFIX) else self._read(path)
         except CheckpointLoadError:
             return False
         # the iteration, not the tag: a member may be a link to the same bytes written under another tag
@@ -477,7 +504,7 @@ class CheckpointStore:
                 continue
             if target is None:
                 target = self._new_folder(f"abandoned_after_{iteration}")
-            for path in info.files.values():
+            for path in [*info.files.values(), *self._hashes_of(info.tag)]:
                 self.storage.rename(str(path), str(target / path.name))
             moved.append(info.tag)
         if moved:
@@ -495,7 +522,7 @@ class CheckpointStore:
         raise AssertionError("unreachable")
 
     # ----------------------------------------------------------------------------- commit (writer thread)
-    def _link_staged(self, written: _Written, staged: Path) -> None:
+    def _link_staged(self, written: _Written, staged: Path, outcome: _SetOutcome) -> None:
         """Stage a second name of a committed file (a copy where there are no hard links)."""
         if not written.outcome.committed:
             raise CheckpointWriteError(
@@ -508,18 +535,51 @@ class CheckpointStore:
             raise CheckpointWriteError(
                 f"could not write {staged.name} as a link to {written.path.name}: {error.strerror or error}"
             ) from error
+        outcome.digests[staged] = written.outcome.digests.get(written.path)
 
-    def _commit_or_abort(self, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome) -> None:
-        """After every member's write: make the set durable (one barrier for all its files) and move it
-        into place, or, if a member is missing (its write failed and was reported), remove what was
-        staged and keep the previous set."""
+    def _commit_or_abort(
+        self, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome, hashes: _Hashes | None = None
+    ) -> None:
+        """After every member's write: record the set's content hashes (`hashes`; a linked set brings its
+        source's), make the set durable (one barrier for all its files) and move it into place, or, if a
+        member is missing (its write failed and was reported), remove what was staged and keep the previous set."""
         missing = [final.name for final, staged_path in staged if not self._exists(staged_path)]
         if missing:
             self._discard(staged)
             raise CheckpointWriteError(f"checkpoint '{tag}' not saved ({', '.join(missing)} could not be written)")
+        if hashes is not None:
+            try:
+                self._stage_hashes(tag, staged, outcome, hashes)
+            except OSError as error:
+                self._discard(staged)
+                raise CheckpointWriteError(
+                    f"checkpoint '{tag}' not saved ({hashes.final.name}: {error.strerror or error})"
+                ) from error
         self.storage.make_durable([str(staged_path) for _, staged_path in staged if staged_path not in outcome.linked])
         self._commit(staged)
         outcome.committed = True
+
+    def _stage_hashes(self, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome, hashes: _Hashes) -> None:
+        """Write the digest of every staged file (as the writer computed it while writing; a linked file's from
+        its source; the files of a `.dcp` folder read once) into the set's hashes file, staged before the
+        trainer state so that it is committed with the set."""
+        writer = self._require_writer()
+        digests: dict[str, str] = {}
+        for final, staged_path in staged:
+            key = _pattern(final.name, tag)
+            if self.storage.is_folder(str(staged_path)):
+                for name in self.storage.list(str(staged_path)):
+                    with self.storage.open_read(str(staged_path / name)) as file:
+                        digests[f"{key}/{name}"] = file_digest(file)
+                continue
+            digest = outcome.digests.pop(staged_path, None) or writer.pop_digest(staged_path)
+            if digest is not None:
+                digests[key] = digest
+                outcome.digests[final] = digest
+        content = json.dumps({"training_iteration": hashes.iteration.to_dict(), "xxh3_64": digests}, indent=1).encode()
+        self.storage.write(str(hashes.staged), lambda file: file.write(content), durable=False, sync_folder=False)
+        trainer_last = staged[-1][0].name.endswith(f"_trainer{SUFFIX}")
+        staged.insert(len(staged) - trainer_last, (hashes.final, hashes.staged))
 
     def _discard(self, staged: list[tuple[Path, Path]]) -> None:
         for _, staged_path in staged:
@@ -645,15 +705,57 @@ class CheckpointStore:
     def info(self, tag: str) -> CheckpointInfo:
         return self._describe(tag, self._members_on_disk(tag))
 
+    def content_check(self, tag: str) -> ContentCheck:
+        """Every file of `tag` read once and hashed, against the digests recorded when the set was written."""
+        check = ContentCheck()
+        recorded, recorded_at = {}, None
+        for hashes in self._hashes_of(tag)[:1]:
+            try:
+                content = self._read_hashes(hashes)
+                recorded, recorded_at = dict(content["xxh3_64"]), TrainingIteration.from_dict(content["training_iteration"])
+            except (CheckpointLoadError, KeyError, TypeError, ValueError):
+                check.changed.append(f"{hashes.name} (unreadable)")
+        for member, path in sorted(self._members_on_disk(tag).items(), key=lambda item: item[1].name):
+            key = member.file_name(TAG_FIELD, sharded=path.suffix == SHARDED_SUFFIX)
+            if self.storage.is_folder(str(path)):
+                files = [(f"{key}/{name}", path / name) for name in self.storage.list(str(path))]
+            else:
+                files = [(key, path)]
+            for key_of_file, file_path in files:
+                expected = recorded.get(key_of_file)
+                shown = str(file_path.relative_to(self.directory))
+                if expected is None:
+                    check.unhashed.append(shown)
+                    continue
+                with self.storage.open_read(str(file_path)) as file:
+                    actual = file_digest(file)
+                # a file that cannot be read or belongs to another save than the hashes is left to the loader and
+                # the stamp checks, which say what is wrong with it (a weights-only set whose commit was cut short
+                # holds files of two saves, each sound)
+                if actual != expected and self.written_at(member, tag) == recorded_at:
+                    check.changed.append(shown)
+        return check
+
     def newest_resumable(self) -> CheckpointInfo | None:
-        """The resumable tag of the latest training iteration. On a tie, a tag named by its iteration
+        """The resumable tag of the latest training iteration (see `resumable_newest_first`)."""
+        return next(iter(self.resumable_newest_first()), None)
+
+    def resumable_newest_first(self) -> list[CheckpointInfo]:
+        """The resumable tags, latest training iteration first. On a tie, a tag named by its iteration
         (periodic, interrupt, error) before `last` (saved after `after_training` logged its final values,
         which a continued run would log again) before `latest`."""
-        resumable = [info for info in self.tags() if info.resumable]
-        if not resumable:
-            return None
         preference = {"latest": 0, "last": 1}
-        return max(resumable, key=lambda info: (info.iteration, preference.get(info.tag, 2)))
+        resumable = [info for info in self.tags() if info.resumable]
+        return sorted(resumable, key=lambda info: (info.iteration, preference.get(info.tag, 2)), reverse=True)
+
+    def refuse_if_changed(self, tag: str) -> None:
+        """CheckpointLoadError naming the first file of `tag` whose bytes are not those written."""
+        changed = self.content_check(tag).changed
+        if changed:
+            raise CheckpointLoadError(
+                f"checkpoint '{tag}' is damaged: {self.directory / changed[0]} is not the file that was written (its content hash "
+                "differs); use another checkpoint"
+            )
 
     def staged_leftovers(self) -> list[Path]:
         """Files of sets that were being written or deleted when a process stopped."""
@@ -683,6 +785,19 @@ class CheckpointStore:
         info.problem = f"missing {', '.join(missing)}" if missing else None
         info.resumable = info.complete and not state.get(NOT_RESUMABLE)
         return info
+
+    def _read_hashes(self, path: Path) -> dict[str, Any]:
+        try:
+            with self.storage.open_read(str(path)) as file:
+                content = json.load(file)
+        except (OSError, ValueError) as error:
+            raise CheckpointLoadError(f"cannot read {path}: {error}") from None
+        if not isinstance(content, dict):
+            raise CheckpointLoadError(f"{path} holds no hashes")
+        return content
+
+    def _hashes_of(self, tag: str) -> list[Path]:
+        return sorted(path for path in self._listing() if path.name.endswith(f"_cp={tag}{HASHES_SUFFIX}"))
 
     def _members_on_disk(self, tag: str) -> dict[Member, Path]:
         found = {}
@@ -718,12 +833,34 @@ def _staged_path(path: Path, set_id: str) -> Path:
 
 
 class _SetOutcome:
-    """A set's staged links (already durable: the commit's barrier skips them) and whether it was
-    committed (set on the writer thread, read by the links to its files queued after it)."""
+    """A set's staged links (already durable: the commit's barrier skips them), whether it was committed
+    (set on the writer thread, read by the links to its files queued after it), and the digests of its files
+    (of staged links until the commit, then of its committed files, by path)."""
 
     def __init__(self) -> None:
         self.linked: set[Path] = set()
         self.committed = False
+        self.digests: dict[Path, str | None] = {}
+
+
+@dataclass(frozen=True)
+class _Hashes:
+    """Where a set's hashes file goes, and the iteration it records."""
+
+    iteration: TrainingIteration
+    final: Path
+    staged: Path
+
+
+def _hashes_name(model_name: str, tag: str) -> str:
+    return f"{model_name}_cp={tag}{HASHES_SUFFIX}"
+
+
+def _pattern(file_name: str, tag: str) -> str:
+    """A member's file name with its tag replaced by TAG_FIELD, as hashes and trainer states name files."""
+    parsed = Member.parse(file_name)
+    assert parsed is not None and parsed[1] == tag, file_name
+    return parsed[0].file_name(TAG_FIELD, sharded=file_name.endswith(SHARDED_SUFFIX))
 
 
 @dataclass(frozen=True)

@@ -146,13 +146,15 @@ class InterruptedCommit:
 
 
 def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str], list[InterruptedCommit]]:
-    """(one line per bad file or incomplete tag, one line per staged leftover, the interrupted commits).
+    """(one line per bad file or incomplete tag, one line per file without a content hash or staged leftover,
+    the interrupted commits).
 
     The files of a set whose commit was interrupted disagree with the previous set under that tag until
     the next start completes it: they are reported as that interrupted commit, not as bad files."""
     interrupted = interrupted_commits(store)
     in_commit = {(commit.tag, name) for commit in interrupted for name in commit.final_names}
-    problems = []
+    problems: list[str] = []
+    unhashed: list[str] = []
     for info in store.tags():
         committing = any((info.tag, path.name) in in_commit for path in info.files.values())
         if info.problem is not None and not committing:
@@ -169,13 +171,17 @@ def verify_checkpoints(store: CheckpointStore) -> tuple[list[str], list[str], li
         # files of an interrupted commit disagree with the rest of their tag until the next start completes it
         settled = {member: stamp for member, stamp in stamps.items() if (info.tag, info.files[member].name) not in in_commit}
         problems.extend(_stamp_disagreements(info, settled))
+        if not committing:
+            content = store.content_check(info.tag)
+            problems.extend(f"{name}: its bytes changed since it was written (content hash differs)" for name in content.changed)
+            unhashed.extend(f"{name}: no hash (written before content hashes were recorded), loads" for name in content.unhashed)
     staged_by_commits = {path for commit in interrupted for path in commit.staged}
     leftovers = [
         f"{path.name}: staged leftover of an unfinished save or deletion, not a checkpoint"
         for path in store.staged_leftovers()
         if path not in staged_by_commits
     ]
-    return problems, leftovers, interrupted
+    return problems, [*unhashed, *leftovers], interrupted
 
 
 def interrupted_commits(store: CheckpointStore) -> list[InterruptedCommit]:

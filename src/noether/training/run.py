@@ -264,11 +264,26 @@ def _choose_checkpoint(store: CheckpointStore, resume: str | None, checkpoint: s
             logger.warning(f"run {store.run_id} has no complete checkpoint; starting it afresh (its files are set aside)")
         return None
     if checkpoint is not None:
+        store.refuse_if_changed(checkpoint)
         return checkpoint
     if newest is None:
         raise ConfigError(f"run {store.directory.parent} has no complete checkpoint to resume from")
-    logger.info(f"resuming from the newest complete checkpoint '{newest.tag}' ({newest.iteration})")
-    return newest.tag
+    return _newest_sound(store)
+
+
+def _newest_sound(store: CheckpointStore) -> str:
+    """The newest resumable checkpoint whose files are those written; each damaged one skipped is logged."""
+    for info in store.resumable_newest_first():
+        changed = store.content_check(info.tag).changed
+        if changed:
+            logger.warning(
+                f"checkpoint '{info.tag}' ({info.iteration}) is skipped: {', '.join(changed)} changed since it was "
+                "written (content hash); trying the next newest"
+            )
+            continue
+        logger.info(f"resuming from the newest complete checkpoint '{info.tag}' ({info.iteration})")
+        return info.tag
+    raise CheckpointLoadError(f"run {store.directory.parent} has no undamaged checkpoint to resume from (see the log)")
 
 
 def _ends_after(last: CheckpointInfo, newest: CheckpointInfo | None) -> bool:
@@ -302,7 +317,7 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
     try:
         is_main = setup.rank == 0
         configure_logging(None, is_main)
-        eval_dir = Path(_on_main(is_main, lambda: _prepare_evaluation(paths, lock)))
+        eval_dir = Path(_on_main(is_main, lambda: _prepare_evaluation(paths, lock, checkpoint)))
         log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", is_main)
         trainer = build_trainer(config, paths, log_writer, setup)
         try:
@@ -316,9 +331,10 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
         distributed.teardown()
 
 
-def _prepare_evaluation(paths: PathProvider, lock: RunLock) -> str:
+def _prepare_evaluation(paths: PathProvider, lock: RunLock, checkpoint: str) -> str:
     """Finish what a crashed run left half done, unless a live process owns the run (then its unfinished
-    saves are its own) or the directory is read-only (then they are reported). Returns where eval results go."""
+    saves are its own) or the directory is read-only (then they are reported); refuse a damaged `checkpoint`.
+    Returns where eval results go."""
     store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
     try:
         lock.acquire()
@@ -328,10 +344,12 @@ def _prepare_evaluation(paths: PathProvider, lock: RunLock) -> str:
         for leftover in store.staged_leftovers():
             logger.warning(f"{leftover.name} is left from an unfinished save (read-only run directory: not cleaned up)")
         logger.warning(f"{paths.run_dir} is read-only: evaluation results are printed, not saved")
+        store.refuse_if_changed(checkpoint)
         return tempfile.mkdtemp(prefix="noether-eval-")
     else:
         for action in store.recover():
             logger.info(action)
+    store.refuse_if_changed(checkpoint)
     eval_dir = paths.run_dir / "eval"
     eval_dir.mkdir(exist_ok=True)
     return str(eval_dir)

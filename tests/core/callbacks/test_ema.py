@@ -186,7 +186,7 @@ def test_children_run_on_their_own_schedule_on_the_ema_weights_and_leave_the_liv
     assert trainer.callbacks[-1].emas[None].copy_count == 2 * len(FACTORS)
     assert_identical(trainer.context.model.state_dict(), without_ema.context.model.state_dict())
 
-    ema_files = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    ema_files = sorted(path.name for path in (run_dir / "checkpoints").iterdir() if not path.name.endswith("_hashes.json"))
     assert ema_files == sorted(ema_file(run_dir, f, t).name for f in FACTORS for t in (tag(3, 27), "latest", "last"))
     assert load(ema_file(run_dir, 0.9, "latest"))["training_iteration"]["epoch"] == 3
     assert load(ema_file(run_dir, 0.9, "last"))["training_iteration"]["epoch"] == 4
