@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# the CPU build of torch first, pinned, so nothing pulls a CUDA build
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test,wandb,mlflow]"
+	$(PYTHON) -m pip install --quiet -e ".[test,wandb,mlflow,s3]"
 	touch $(STAMP)
 
 run: $(STAMP)

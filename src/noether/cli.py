@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from noether.core.config import ConfigError, load_yaml
+from noether.core.object_storage import UploadError
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriteError
 from noether.core.writers.log_writer import LogWriteError
 from noether.data.container import UnknownDatasetKeyError
@@ -62,7 +63,7 @@ def train_main(argv: list[str] | None = None) -> int:
     def train_and_print() -> None:
         paths = train(_load_config(arguments.args), resume=arguments.resume, checkpoint=arguments.checkpoint)
         if os.environ.get("RANK", "0") == "0":  # under torchrun, one line rather than one per process
-            print(paths.run_dir)
+            print(paths.location)
 
     return _report_user_errors(parser.prog, train_and_print)
 
@@ -70,7 +71,7 @@ def train_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-eval", description="Evaluate a checkpoint with the config's callbacks.")
     parser.add_argument("args", nargs="*", metavar="CONFIG [dotted.key=value ...]")
-    parser.add_argument("--run", required=True, metavar="RUN", help="run id or directory")
+    parser.add_argument("--run", required=True, metavar="RUN", help="run id, directory or run URL (s3://...)")
     parser.add_argument(
         "--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total"
     )
@@ -143,14 +144,17 @@ def plot_main(argv: list[str] | None = None) -> int:
 
     def plot_and_print() -> None:
         paths, _ = open_run(arguments.run, arguments.output_path)
-        for path in plot_run(paths, arguments.output or paths.run_dir / "plots"):
+        default = (
+            Path(f"{paths.run_id}-plots") if paths.remote_url else paths.run_dir / "plots"
+        )  # a bucket's run is a temporary copy
+        for path in plot_run(paths, arguments.output or default):
             print(path)
 
     return _report_user_errors(parser.prog, plot_and_print)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run id (under --output-path) or run directory")
+    parser.add_argument("run", metavar="RUN", help="run id (under --output-path), run directory or run URL (s3://...)")
     parser.add_argument("--output-path", default="outputs", help="where run ids are looked up (default: outputs)")
 
 
@@ -165,7 +169,7 @@ def _report_user_errors(prog: str, command: Callable[[], None]) -> int:
         command()
     except USER_ERRORS as error:
         return _report(prog, error, exit_code=2)
-    except NonFiniteLossError as error:  # the run stopped as configured; its error checkpoint is written
+    except (NonFiniteLossError, UploadError) as error:  # the run stopped as configured / its files are in the cache
         return _report(prog, error, exit_code=1)
     return 0
 

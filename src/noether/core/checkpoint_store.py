@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -76,6 +76,18 @@ _set_ids = itertools.count()
 TAG_FIELD = "{tag}"  # in the file names a trainer state lists: the tag the state lies under
 HASHES_SUFFIX = "_hashes.json"  # `{model}_cp={tag}_hashes.json`: the content hash of every file of a set
 NOT_RESUMABLE = "not_resumable"  # in a trainer state whose set training cannot continue from: why not
+
+
+class Mirror(Protocol):
+    """A copy of the run elsewhere (an object store), told of each change once the store has made it durable."""
+
+    def committed(self, files: list[Path]) -> None:
+        """A set's files, in commit order: members, hashes file, trainer state (if any)."""
+
+    def removed(self, files: list[Path]) -> None: ...
+
+    def set_aside_after(self, iteration: TrainingIteration, folder: str) -> None:
+        """Every set written after `iteration` moved into `folder` (see `CheckpointStore.set_aside_after`)."""
 
 
 @dataclass(frozen=True)
@@ -183,8 +195,10 @@ class CheckpointStore:
         *,
         sharded: bool = False,
         storage: Storage | None = None,
+        mirror: Mirror | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.mirror = mirror
         self.run_id = run_id
         self._writer = writer
         self.storage: Storage = writer.storage if writer is not None else storage or LocalStorage()
@@ -396,10 +410,13 @@ class CheckpointStore:
         marker = files[0][1].with_name(f".{files[0][1].name}{DELETING}")
         self.storage.rename(str(files[0][1]), str(marker))
         self.storage.sync_folder(str(self.directory))
-        for path in [*(path for _, path in files[1:]), *self._hashes_of(tag)]:
+        others = [*(path for _, path in files[1:]), *self._hashes_of(tag)]
+        for path in others:
             self.storage.remove(str(path))
         self.storage.remove(str(marker))
         self.storage.sync_folder(str(self.directory))
+        if self.mirror is not None:
+            self.mirror.removed([files[0][1], *others])
 
     # ----------------------------------------------------------------------------- recovery
     def recover(self) -> list[str]:
@@ -509,6 +526,8 @@ class CheckpointStore:
             moved.append(info.tag)
         if moved:
             self.storage.sync_folder(str(self.directory))
+        if self.mirror is not None:
+            self.mirror.set_aside_after(iteration, target.name if target is not None else f"abandoned_after_{iteration}")
         return moved
 
     def _new_folder(self, name: str) -> Path:
@@ -558,6 +577,8 @@ class CheckpointStore:
         self.storage.make_durable([str(staged_path) for _, staged_path in staged if staged_path not in outcome.linked])
         self._commit(staged)
         outcome.committed = True
+        if self.mirror is not None:
+            self.mirror.committed([final for final, _ in staged])
 
     def _stage_hashes(self, tag: str, staged: list[tuple[Path, Path]], outcome: _SetOutcome, hashes: _Hashes) -> None:
         """Write the digest of every staged file (as the writer computed it while writing; a linked file's from
@@ -704,6 +725,18 @@ class CheckpointStore:
 
     def info(self, tag: str) -> CheckpointInfo:
         return self._describe(tag, self._members_on_disk(tag))
+
+    def committed_sets(self) -> list[list[Path]]:
+        """The files of every whole set on disk, each in commit order (members, hashes file, trainer state)."""
+        sets = []
+        for info in self.tags():
+            has_trainer = any(member.part == "trainer" for member in info.files)
+            if info.files and (info.complete or not has_trainer):
+                ordered = sorted(info.files.items(), key=lambda item: item[0].part == "trainer")
+                members = [path for member, path in ordered if member.part != "trainer"]
+                trainer = [path for member, path in ordered if member.part == "trainer"]
+                sets.append([*members, *self._hashes_of(info.tag), *trainer])
+        return sets
 
     def content_check(self, tag: str) -> ContentCheck:
         """Every file of `tag` read once and hashed, against the digests recorded when the set was written."""

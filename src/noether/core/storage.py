@@ -83,7 +83,8 @@ class Storage(Protocol):
 # ------------------------------------------------------------------------------------- local filesystem
 # Temporary files are named ".<final name>~<host>~<pid>~<n>.tmp": the leading dot and the suffix keep
 # them from being taken for checkpoints, host and pid tell whether the process that wrote one is gone.
-_HOST = socket.gethostname()
+HOST = socket.gethostname()
+"""This machine's name, recorded beside process ids: a pid means something only on its own host."""
 _TMP_NAME = re.compile(r"^\..+~(?P<host>[^~]+)~(?P<pid>\d+)~\d+\.tmp$")
 _tmp_counter = itertools.count()
 
@@ -272,7 +273,7 @@ def _second_name(path: str) -> str | None:
 
 def _tmp_name(path: str) -> str:
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}~{_HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
+    return os.path.join(folder, f".{name}~{HOST}~{os.getpid()}~{next(_tmp_counter)}.tmp")
 
 
 def _unlink_quietly(path: str) -> None:
@@ -297,11 +298,12 @@ def _remove_stale_tmp_files(folder: str) -> None:
         return  # the write that follows reports the real problem
     for entry in entries:
         match = _TMP_NAME.match(entry.name)
-        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+        if match and match["host"] == HOST and not process_alive(int(match["pid"])):
             _unlink_quietly(entry.path)  # another process may have removed it first
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -6,11 +6,12 @@ decides what to show and how to write it out.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import shutil
-import socket
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ from noether.core.checkpoint_store import (
     iteration_of_tag,
 )
 from noether.core.config import load_yaml
+from noether.core.object_storage import fetch_run, is_url
 from noether.core.providers.path import PathProvider
-from noether.core.storage import sync_directory
+from noether.core.storage import HOST, process_alive, sync_directory
 from noether.core.utils.formatting import format_bytes, path_size
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
 PART_NAMES = {"model": "weights", "optim": "optimizer", "trainer": "trainer"}
-HOST = socket.gethostname()
 EXPORT_STAGING = re.compile(r"^\.(?P<name>.+)~export~(?P<host>[^~]+)~(?P<pid>\d+)\.tmp$")
 """`.{file}~export~{host}~{pid}.tmp/`: the folder an export writes in before its file is renamed into place."""
 
@@ -44,7 +45,15 @@ class RunToolError(Exception):
 
 
 def open_run(run: str, output_path: str | Path) -> tuple[PathProvider, CheckpointStore]:
+    """A run on disk, or a run in an object store (a URL, or an id under a URL `output_path`), downloaded
+    whole into a temporary folder that goes when the process ends: the tools then read the bucket's bytes."""
+    url = run if is_url(run) else f"{str(output_path).rstrip('/')}/{run}" if is_url(output_path) else None
+    if url is not None:
+        folder = tempfile.mkdtemp(prefix="noether-run-")
+        atexit.register(shutil.rmtree, folder, True)
+        run = str(fetch_run(url, Path(folder)))
     paths = PathProvider.for_existing_run(run, output_path)
+    paths.remote_url = url
     return paths, CheckpointStore(paths.checkpoint_dir, paths.run_id)
 
 
@@ -309,18 +318,8 @@ def _remove_stale_staging(directory: Path) -> None:
     """Staging folders of exports into `directory` killed on this host (their process is gone)."""
     for entry in os.scandir(directory):
         match = EXPORT_STAGING.match(entry.name)
-        if match and match["host"] == HOST and not _process_alive(int(match["pid"])):
+        if match and match["host"] == HOST and not process_alive(int(match["pid"])):
             shutil.rmtree(entry.path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's
-    return True
 
 
 def _save_pt(state_dict: dict[str, torch.Tensor], path: Path) -> None:

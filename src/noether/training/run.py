@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from noether.core import distributed
 from noether.core.callbacks.base import CallBackBaseConfig
@@ -24,6 +25,7 @@ from noether.core.checkpoint_manager import CheckpointManager
 from noether.core.checkpoint_store import CheckpointInfo, CheckpointStore
 from noether.core.config import ConfigError, Seed, build, by_kind, validate_config
 from noether.core.models.base import ModelBaseConfig, build_model
+from noether.core.object_storage import Bucket, BucketMirror, RemoteRun, UploadError, cache_folder, fetch_run, is_url
 from noether.core.providers.metric_property import MetricPropertyProvider
 from noether.core.providers.path import PathProvider
 from noether.core.run_lock import RunInUseError, RunLock
@@ -46,7 +48,13 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    output_path: Path = Path("outputs")
+    output_path: Path | str = Path("outputs")
+    """A folder, or an object-store URL (`s3://bucket/prefix`): runs then live in the bucket, staged in `cache_dir`."""
+    cache_dir: Path = Path("~/.cache/noether/runs")
+    storage_options: dict[str, Any] = {}
+    """Passed to fsspec for an object-store output_path (endpoint, credentials); default: the AWS chain."""
+    upload_give_up_seconds: float = Field(default=300.0, gt=0)
+    """At the end of a run, how long an unreachable bucket is retried before the run exits naming what stayed local."""
     run_id: str | None = None
     seed: Seed = 0
     device: str = "cpu"
@@ -63,6 +71,11 @@ class RunConfig(BaseModel):
         if run_id is not None and (Path(run_id).name != run_id or run_id in (".", "..")):
             raise ValueError(f"'{run_id}' is not a directory name (it is placed under output_path)")
         return run_id
+
+    @field_validator("output_path", mode="before")
+    @classmethod
+    def _folder_or_url(cls, output_path: Any) -> Any:
+        return output_path.rstrip("/") if isinstance(output_path, str) and is_url(output_path) else output_path
 
     @field_validator("device")
     @classmethod
@@ -129,14 +142,20 @@ def configure_logging(log_file: Path | None, is_main_process: bool = True) -> No
 
 
 def build_trainer(
-    config: RunConfig, paths: PathProvider, log_writer: LogWriter, setup: distributed.DistributedSetup | None = None
+    config: RunConfig,
+    paths: PathProvider,
+    log_writer: LogWriter,
+    setup: distributed.DistributedSetup | None = None,
+    mirror: BucketMirror | None = None,
 ) -> BaseTrainer:
     setup = setup or distributed.DistributedSetup(rank=0, world_size=1, device=config.device)
     seed_everything(config.seed)
     data = DataContainer({key: build(dataset_config) for key, dataset_config in config.datasets.items()})
     model = build_model(config.model)
     writer = CheckpointWriter(asynchronous=config.async_checkpoints)
-    store = CheckpointStore(paths.checkpoint_dir, paths.run_id, writer, sharded=config.trainer.parallelism == "fsdp")
+    store = CheckpointStore(
+        paths.checkpoint_dir, paths.run_id, writer, sharded=config.trainer.parallelism == "fsdp", mirror=mirror
+    )
     context = CallbackContext(
         trainer=None,  # set by the trainer itself
         model=model,
@@ -181,14 +200,35 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
     paths = _run_paths(config, resume)
     lock = RunLock(paths.run_dir)
     log_writer = None
+    remote: RemoteRun | None = None
+    mirror: BucketMirror | None = None
+
+    store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
+    remote_notes: list[str] = []
+
+    def claim() -> None:
+        """On main: the run directory (and the bucket's run) held, and whatever a resume needs from the bucket
+        downloaded before log.txt is opened (the bucket's log.txt may replace the cache's)."""
+        nonlocal remote
+        if paths.remote_url is not None:
+            remote = _open_remote(config, paths, resume)
+        _claim(paths, lock)
+        if remote is not None:
+            remote_notes.extend(remote.take(store, checkpoint if resume is not None else None))
+
     try:
-        _on_main(is_main, lambda: _claim(paths, lock))
+        _on_main(is_main, claim)
         configure_logging(paths.log_file, is_main)
-        store = CheckpointStore(paths.checkpoint_dir, paths.run_id)
+        for note in remote_notes:
+            logger.info(note)
+        if remote is not None:
+            mirror = remote.mirror(store)
+            store.mirror = mirror
         resume_tag = _on_main(is_main, lambda: _choose_checkpoint(store, resume, checkpoint))
         if isinstance(resume_tag, _Finished):
             return paths
-        resolved = config.model_copy(update={"output_path": paths.output_path, "run_id": paths.run_id})
+        output_path = config.output_path if paths.remote_url is not None else paths.output_path
+        resolved = config.model_copy(update={"output_path": output_path, "run_id": paths.run_id})
         resolved_tree = resolved.model_dump(mode="json", serialize_as_any=True)
         trackers = [build(tracker_config, paths, resolved_tree) for tracker_config in config.trackers] if is_main else []
 
@@ -202,7 +242,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             # what a start killed before its first checkpoint logged
             log_writer.keep_first_rows(0)
             log_writer.resumed_at(0)
-        trainer = build_trainer(config, paths, log_writer, setup)
+        trainer = build_trainer(config, paths, log_writer, setup, mirror)
         try:
             trainer.train(resume_tag=resume_tag, skip_if_finished=checkpoint is None, on_start=write_config)
         except CheckpointWriteError as error:
@@ -214,11 +254,30 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
     finally:
         if log_writer is not None:
             log_writer.close()
-        lock.release()
+        try:
+            if mirror is not None:
+                _finish_uploads(mirror)
+        finally:
+            if remote is not None:
+                remote.lease.release()
+            lock.release()
     return paths
 
 
+def _finish_uploads(mirror: BucketMirror) -> None:
+    """Wait for the bucket; what could not be uploaded is an error, unless the run already failed (then logged)."""
+    failing = sys.exc_info()[1] is not None
+    try:
+        mirror.close()
+    except UploadError as error:
+        if not failing:
+            raise
+        logger.error(str(error))
+
+
 def _run_paths(config: RunConfig, resume: str | None) -> PathProvider:
+    if is_url(config.output_path):
+        return _remote_run_paths(config, resume)
     if resume == AUTO:
         if config.run_id is None:
             raise ConfigError("--resume auto needs the run's id: add run_id=ID, the same in every launch of the job")
@@ -226,6 +285,31 @@ def _run_paths(config: RunConfig, resume: str | None) -> PathProvider:
     if resume is not None:
         return PathProvider.for_existing_run(resume, config.output_path)
     return PathProvider(config.output_path, config.run_id or distributed.broadcast_from_main(PathProvider.new_run_id()))
+
+
+def _remote_run_paths(config: RunConfig, resume: str | None) -> PathProvider:
+    """A run in a bucket: its id names it there, and its cache folder here."""
+    url = str(config.output_path)
+    if resume == AUTO and config.run_id is None:
+        raise ConfigError("--resume auto needs the run's id: add run_id=ID, the same in every launch of the job")
+    if resume not in (None, AUTO) and (Path(resume).name != resume or is_url(resume)):
+        raise ConfigError(f"--resume {resume}: with output_path {url}, name the run by its id (its folder in the bucket)")
+    run_id = config.run_id if resume in (None, AUTO) else resume
+    run_id = run_id or distributed.broadcast_from_main(PathProvider.new_run_id())
+    paths = PathProvider(cache_folder(url, config.cache_dir), run_id)
+    paths.remote_url = f"{url}/{run_id}"
+    return paths
+
+
+def _open_remote(config: RunConfig, paths: PathProvider, resume: str | None) -> RemoteRun:
+    """The run's bucket folder, checked before anything is written: a new run must not exist there, a
+    resumed one must exist in the bucket or in the cache."""
+    remote = RemoteRun(str(config.output_path), paths.run_dir, config.storage_options, config.upload_give_up_seconds)
+    if resume is None and remote.holds_run():
+        raise ConfigError(f"{paths.remote_url} already holds a run; use --resume {paths.run_id} to continue it")
+    if resume not in (None, AUTO) and not remote.holds_run() and not paths.config_file.exists():
+        raise FileNotFoundError(f"unknown run '{resume}': no such run in {config.output_path}")
+    return remote
 
 
 def _claim(paths: PathProvider, lock: RunLock) -> None:
@@ -311,12 +395,17 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
     """Load `checkpoint` of `run` and run every callback's `at_eval`; metrics go to `eval/{checkpoint}.jsonl`
     (printed only, when the run directory is read-only)."""
     config = parse_run_config(tree)
-    paths = PathProvider.for_existing_run(run, config.output_path)
+    remote_url = run if is_url(run) else f"{config.output_path}/{run}" if is_url(config.output_path) else None
     setup = distributed.setup(config.device)
+    is_main = setup.rank == 0
+    configure_logging(None, is_main)
+    download = None
+    if remote_url is not None:  # the run's files and this checkpoint's, in a folder of their own
+        download = Path(_on_main(is_main, lambda: tempfile.mkdtemp(prefix=".eval-", dir=_made(config.cache_dir))))
+        run = str(_on_main(is_main, lambda: fetch_run(remote_url, download, config.storage_options, tags=[checkpoint])))
+    paths = PathProvider.for_existing_run(run, config.output_path)
     lock = RunLock(paths.run_dir)
     try:
-        is_main = setup.rank == 0
-        configure_logging(None, is_main)
         eval_dir = Path(_on_main(is_main, lambda: _prepare_evaluation(paths, lock, checkpoint)))
         log_writer = LogWriter(eval_dir / f"{checkpoint}.jsonl", eval_dir / f"{checkpoint}.summary.json", is_main)
         trainer = build_trainer(config, paths, log_writer, setup)
@@ -325,10 +414,22 @@ def evaluate(tree: dict[str, Any], *, run: str, checkpoint: str) -> dict[str, fl
         finally:
             trainer.context.checkpoints.close()
             log_writer.close()
+        if remote_url is not None and is_main:
+            results = Bucket(remote_url, config.storage_options)
+            for path in (log_writer.metrics_file, log_writer.summary_file):
+                results.upload(path, f"eval/{path.name}")
         return log_writer.summary
     finally:
         lock.release()
+        if download is not None and is_main:
+            shutil.rmtree(download, ignore_errors=True)
         distributed.teardown()
+
+
+def _made(folder: Path) -> Path:
+    folder = folder.expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _prepare_evaluation(paths: PathProvider, lock: RunLock, checkpoint: str) -> str:

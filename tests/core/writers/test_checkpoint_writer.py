@@ -224,7 +224,7 @@ def test_closed_writer_refuses_saves(tmp_path):
 def test_stale_tmp_files_of_dead_processes_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    host = storage._HOST
+    host = storage.HOST
     stale = f".a.th~{host}~{dead.pid}~0.tmp"
     kept = [
         f".a.th~{host}~{os.getpid()}~0.tmp",  # a live process (us)

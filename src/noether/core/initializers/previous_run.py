@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.config import ConfigError
 from noether.core.initializers.base import Initializer, InitializerConfig
+from noether.core.object_storage import fetch_run, is_url
 from noether.core.providers.path import PathProvider
 from noether.core.writers.checkpoint_writer import CheckpointLoadError
 
@@ -30,7 +33,7 @@ class KeyRename(BaseModel):
 
 class PreviousRunInitializerConfig(InitializerConfig):
     run_id: str
-    """Id of the earlier run under this run's output_path, or its run directory."""
+    """Id of the earlier run under this run's output_path, its run directory, or its URL (`s3://bucket/prefix/run`)."""
     model_name: str
     """The (sub)model's checkpoint name in that run, e.g. `classifier` or `composite.encoder`."""
     checkpoint_tag: str
@@ -74,8 +77,18 @@ class PreviousRunInitializer(Initializer):
         return f"checkpoint '{config.checkpoint_tag}' of {config.model_name}{ema} in run {config.run_id}"
 
     def _load(self) -> dict[str, torch.Tensor]:
+        if not is_url(self.config.run_id):
+            return self._load_from(self.config.run_id)
+        with tempfile.TemporaryDirectory(prefix="noether-initializer-") as folder:
+            try:
+                run_dir = fetch_run(self.config.run_id, Path(folder), tags=[self.config.checkpoint_tag])
+            except FileNotFoundError as error:
+                raise ConfigError(f"run_id: {error}") from None
+            return self._load_from(str(run_dir))
+
+    def _load_from(self, run: str) -> dict[str, torch.Tensor]:
         try:
-            paths = PathProvider.for_existing_run(self.config.run_id, self.output_path)
+            paths = PathProvider.for_existing_run(run, self.output_path)
         except FileNotFoundError as error:
             raise ConfigError(f"run_id: {error}") from None
         store = CheckpointStore(paths.checkpoint_dir, paths.run_id)

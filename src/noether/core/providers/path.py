@@ -24,6 +24,8 @@ class PathProvider:
         _refuse_nul("run_id", run_id)
         self.output_path = Path(output_path)
         self.run_id = run_id
+        self.remote_url: str | None = None
+        """The run's home in an object store (`{output_path}/{run_id}`); its run directory is then the local cache."""
 
     @staticmethod
     def new_run_id() -> str:
@@ -47,6 +49,11 @@ class PathProvider:
                 f"name a run id under {output_path} or the directory of a run"
             )
         raise FileNotFoundError(f"unknown run '{run}': neither a directory nor a run id under {output_path}")
+
+    @property
+    def location(self) -> str:
+        """Where the run lives, as users name it: its URL or its directory."""
+        return self.remote_url or str(self.run_dir)
 
     @property
     def run_dir(self) -> Path:
