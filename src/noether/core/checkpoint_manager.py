@@ -12,7 +12,9 @@ resumes exactly after it. What a step writes is decided in `flush`, in one place
 - then callbacks' own weight sets (an EMA on its own schedule), skipped under a tag a resumable set
   of the step holds (that set holds the same weights);
 - a retention request runs once the set it makes room for is queued, and deletes only sets no
-  retention owner keeps.
+  retention owner keeps;
+- deletions asked for in the step (a best model that dropped out of the top k) come last: the store
+  does them once every set before them is committed.
 
 Rank policy, the only one: every rank calls `request`, `flush` and the failure saves (their RNG and
 callback states are gathered); rank 0 writes whole files and the trainer state, and under sharded
@@ -105,6 +107,7 @@ class CheckpointManager:
         self.world_size = world_size
         self._parts: dict[str, _Part] = {}
         self._pending: list[SaveRequest] = []
+        self._pending_deletions: list[str] = []
         self._retention_owners: list[RetentionOwner] = []
         self._members_of_callbacks: Callable[[str, UpdateCounter], Members] = lambda tag, counter: {}
         self._skipped_own_tags: set[str] = set()
@@ -156,10 +159,21 @@ class CheckpointManager:
         """Queue a set for the end of the current step (see `flush`)."""
         self._pending.append(request)
 
+    def delete(self, tag: str) -> None:
+        """Delete set `tag` at the end of the current step, after that step's saves are committed (rank 0)."""
+        self._pending_deletions.append(tag)
+
     def flush(self, counter: UpdateCounter) -> None:
         """Write the sets asked for in this step, in the order the module docstring gives."""
-        if not self._pending:
-            return
+        if self._pending:
+            self._flush_saves(counter)
+        if self._pending_deletions:
+            deletions, self._pending_deletions = self._pending_deletions, []
+            if self.is_main_process:
+                for tag in deletions:
+                    self.store.delete(tag)
+
+    def _flush_saves(self, counter: UpdateCounter) -> None:
         pending, self._pending = self._pending, []
         for request in pending:
             if not request.resumable and request.own_members is None:
@@ -372,6 +386,10 @@ class CheckpointManager:
     def saved_part(self, tag: str, name: str) -> Any:
         """One part of the trainer state saved under `tag` (None when it has none), without loading the rest."""
         return load_trainer_state(self.store, self.model.name, tag).get(name)
+
+    def holds(self, tag: str) -> bool:
+        """Whether any file of set `tag` is on disk."""
+        return bool(self.store.info(tag).files)
 
     def iteration(self, tag: str) -> TrainingIteration:
         """The iteration checkpoint `tag` was written at, read without loading it."""

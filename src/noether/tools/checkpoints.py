@@ -29,7 +29,7 @@ from noether.core.checkpoint_store import (
 )
 from noether.core.config import load_yaml
 from noether.core.object_storage import fetch_run, is_url
-from noether.core.providers.path import PathProvider
+from noether.core.providers.path import PathProvider, metric_tag
 from noether.core.storage import HOST, process_alive, sync_directory
 from noether.core.utils.formatting import format_bytes, path_size
 from noether.core.utils.training.iteration import TrainingIteration
@@ -64,12 +64,14 @@ def list_checkpoints(paths: PathProvider, store: CheckpointStore) -> list[str]:
     metrics = best_metric_keys(paths)
     rows = metric_rows(paths.metrics_file)
     infos = store.tags()
+    kept = kept_by_retention(paths, store)
     table = [["tag", "iteration", "files", "size", "state", *metrics]] if infos else []
     for info in infos:
         iteration = "?" if info.iteration is None else str(info.iteration)
         values = [_format_value(value_at(rows, key, info.iteration)) for key in metrics]
         size = format_bytes(info.size)
-        table.append([info.tag, iteration, describe_files(info), size, state_of(info), *values])
+        state = state_of(info) + (f", {kept[info.tag]}" if info.tag in kept else "")
+        table.append([info.tag, iteration, describe_files(info), size, state, *values])
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]))] if table else []
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
     committing = {path for commit in interrupted_commits(store) for path in commit.staged}
@@ -108,6 +110,31 @@ def best_callback_configs(paths: PathProvider) -> list[dict[str, Any]]:
         return []
     callbacks = (load_yaml(paths.config_file).get("trainer") or {}).get("callbacks") or []
     return [entry for entry in callbacks if str(entry.get("kind", "")).endswith("BestCheckpointCallback")]
+
+
+def kept_by_retention(paths: PathProvider, store: CheckpointStore) -> dict[str, str]:
+    """Tags kept on purpose: top-k best models (`best_model.{metric}.{E.._U.._S..}`, by name) and the
+    milestones the newest resumable set's CheckpointCallback states list."""
+    kept = {}
+    prefixes = [
+        f"best_model.{metric_tag(entry['metric_key'])}." for entry in best_callback_configs(paths) if entry.get("save_top_k")
+    ]
+    for info in store.tags():
+        for prefix in prefixes:
+            rest = info.tag.removeprefix(prefix)
+            if rest != info.tag and "." not in rest and iteration_of_tag(rest) is not None:
+                kept[info.tag] = "top-k"
+    newest = store.newest_resumable()
+    trainer = next((member for member in newest.files if member.part == "trainer"), None) if newest else None
+    if trainer is not None:
+        try:
+            states = store.load(trainer, newest.tag).get("callbacks") or [{}]
+        except (CheckpointLoadError, OSError):  # marks nothing; `verify` names the damage
+            states = [{}]
+        for state in states[0].values():
+            if isinstance(state, dict):
+                kept.update((tag, "milestone") for tag in state.get("milestones", []))
+    return kept
 
 
 def best_metric_keys(paths: PathProvider) -> list[str]:

@@ -299,3 +299,64 @@ def test_cli_reports_a_metric_no_callback_logs_in_one_line(tmp_path: Path, write
     assert "no callback listed before it logs 'loss/val/total'" in lines[0]
     assert "loss/online/*" in lines[0]  # what is logged instead
     assert "OfflineLossCallback" in lines[0]
+
+
+# --------------------------------------------------------------------------------- save_top_k
+TOP_K_CALLBACKS = [
+    scripted(SCRIPT),
+    best_callback(save_top_k=3),
+    # the weights of every epoch, to tell which model a top-k file holds
+    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_weights": True, "save_optim": False},
+    # `latest` every 4 epochs, to resume from
+    {
+        "kind": "noether.core.callbacks.CheckpointCallback",
+        "every_n_epochs": 4,
+        "save_weights": False,
+        "save_optim": False,
+        "save_latest_weights": True,
+        "save_latest_optim": True,
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def top_k_reference(tmp_path_factory: pytest.TempPathFactory) -> PathProvider:
+    return train(config(tmp_path_factory.mktemp("top-k"), TOP_K_CALLBACKS, max_epochs=10))
+
+
+def test_top_k_keeps_the_weights_of_the_k_best_values_in_metrics_jsonl(top_k_reference: PathProvider) -> None:
+    paths = top_k_reference
+    logged = [
+        (record[METRIC], record["epoch"]) for record in metric_records(paths) if not math.isnan(record.get(METRIC, math.nan))
+    ]
+    best_epochs = sorted(epoch for _, epoch in sorted(logged)[:3])
+    assert best_epochs == [5, 6, 10]  # 3.0, 3.5 and 2.0 of the script; the NaN never ranks
+
+    kept = {name: payload for name, payload in best_files(paths).items() if f"_cp={TAG}.E" in name}
+    assert sorted(kept) == sorted(f"classifier_cp={TAG}.{periodic_tag(epoch)}_model.th" for epoch in best_epochs)
+    for epoch in best_epochs:
+        payload = kept[f"classifier_cp={TAG}.{periodic_tag(epoch)}_model.th"]
+        assert payload["training_iteration"] == iteration(epoch)
+        periodic = load_checkpoint(checkpoint_path(paths, "classifier", periodic_tag(epoch), "model"))
+        for key, tensor in periodic["state_dict"].items():
+            assert torch.equal(payload["state_dict"][key], tensor), f"epoch {epoch}: {key}"
+    # the sets that dropped out (epochs 1, 2, 3, 4) were deleted whole: no file of theirs is left
+    assert not [
+        path.name
+        for path in paths.checkpoint_dir.iterdir()
+        if any(f"{TAG}.{periodic_tag(e)}_" in path.name for e in (1, 2, 3, 4))
+    ]
+
+    listed = run_cli("noether-ckpt", "list", str(paths.run_dir), cwd=paths.run_dir).stdout.splitlines()
+    marked = sorted(line.split()[0] for line in listed if "top-k" in line)
+    assert marked == sorted(f"{TAG}.{periodic_tag(epoch)}" for epoch in best_epochs)
+
+
+def test_top_k_after_a_resume_is_the_top_k_of_the_uninterrupted_run(tmp_path: Path, top_k_reference: PathProvider) -> None:
+    # stopped after epoch 7 (top 3: epochs 5, 6 and 2), resumed from `latest` at epoch 4 (top 3: 2, 3, 4):
+    # the sets written after it are set aside, and the resumed run deletes and keeps as the reference did
+    with pytest.raises(RuntimeError, match="scripted crash"):
+        train(config(tmp_path, [*TOP_K_CALLBACKS, interrupt("crash", every_n_epochs=7)], max_epochs=10))
+    crashed = PathProvider(tmp_path, "run")
+    resumed = train(config(tmp_path, TOP_K_CALLBACKS, max_epochs=10), resume=str(crashed.run_dir), checkpoint="latest")
+    assert_same_best_files(best_files(resumed), best_files(top_k_reference))

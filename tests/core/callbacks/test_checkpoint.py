@@ -9,7 +9,7 @@ import torch
 
 from noether.core.config import ConfigError
 from noether.training.run import evaluate, train
-from tests.conftest import tiny_config
+from tests.conftest import run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
 from tests.support.models import composite_model_config
 
@@ -176,3 +176,59 @@ def test_an_unknown_model_name_fails_before_training(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=expected):
         train(composite_tree(tmp_path, model_names=["decoder"]))
+
+
+# --------------------------------------------------------------------------------- milestones
+def periodic_tags_on_disk(paths) -> list[str]:
+    tags = {name.split("_cp=")[1].rsplit("_", 1)[0] for name in checkpoint_files(paths)}
+    return sorted(
+        (tag for tag in tags if tag.startswith("E") and "." not in tag), key=lambda tag: int(tag.split("_U")[1].split("_")[0])
+    )
+
+
+def test_milestones_outlive_keep_last_n_through_a_crash_and_resume(tmp_path: Path) -> None:
+    """Every epoch of 5, keep_last_n=1, a milestone every 2 epochs: E2 and E4 stay beside the newest set,
+    E1 and E3 go; a crash after epoch 3 and `--resume auto` keep the milestone of the first launch."""
+    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "keep_last_n": 1, "keep_every_n_epochs": 2}
+    crash = {"kind": "tests.support.scripted_metric.Interrupt", "every_n_epochs": 3, "how": "crash"}
+    tree = tiny_config(tmp_path, callbacks=[callback], max_epochs=5)
+    with pytest.raises(RuntimeError, match="scripted crash"):
+        train({**tree, "trainer": {**tree["trainer"], "callbacks": [callback, crash]}})
+    paths = train(tree, resume="auto")
+
+    assert periodic_tags_on_disk(paths) == ["E2_U18_S2304", "E4_U36_S4608", "E5_U45_S5760"]
+    first_launch = paths.log_file.read_text().split("resum")[0]
+    assert "keep ~" in first_launch and "(keep_last_n=1, a milestone every 2 epochs)" in first_launch
+    listed = run_cli("noether-ckpt", "list", str(paths.run_dir), cwd=tmp_path).stdout.splitlines()
+    assert sorted(line.split()[0] for line in listed if line.endswith("milestone")) == ["E2_U18_S2304", "E4_U36_S4608"]
+
+
+def test_the_forecast_counts_the_milestones_among_the_sets_kept(tmp_path: Path) -> None:
+    """5 epochs, a set every epoch, keep_last_n=1, a milestone every 2 epochs: 3 of the 5 sets written are
+    kept (`last` is a second name of the newest), and the forecast says so before training."""
+    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "keep_last_n": 1, "keep_every_n_epochs": 2}
+    tree = tiny_config(tmp_path, callbacks=[callback], max_epochs=5)
+    tree["model"]["hidden_dim"] = 256  # files large enough that their own overhead is within the tolerance
+    paths = train(tree)
+
+    [line] = [line for line in paths.log_file.read_text().splitlines() if "one checkpoint:" in line]
+    match = re.search(r"will write ~([\d.]+) MB of checkpoints and keep ~([\d.]+) MB of them", line)
+    assert match, line
+    written, kept = (float(value) * 1e6 for value in match.groups())
+    on_disk = {}
+    for path in paths.checkpoint_dir.iterdir():
+        if "_trainer" not in path.name and not path.name.endswith("_hashes.json"):
+            stat = os.stat(path)
+            on_disk[(stat.st_dev, stat.st_ino)] = stat.st_size
+    assert len(on_disk) == 6  # weights and optimizer state of E2, E4 and E5 (`last` shares E5's files)
+    assert kept == pytest.approx(sum(on_disk.values()), rel=0.05)
+    assert kept == pytest.approx(written * 3 / 5, rel=0.02)
+
+
+def test_keep_every_n_epochs_without_keep_last_n_is_refused_before_training(tmp_path: Path) -> None:
+    callback = {"kind": CHECKPOINT, "every_n_epochs": 1, "keep_every_n_epochs": 2}
+    with pytest.raises(
+        ConfigError, match="keep_every_n_epochs keeps milestones from keep_last_n's deletions: set keep_last_n too"
+    ):
+        train(tiny_config(tmp_path, callbacks=[callback]))
+    assert not (tmp_path / "run").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import NonNegativeInt, field_validator
+from pydantic import NonNegativeInt, PositiveInt, field_validator
 
 from noether.core.callbacks.base import (
     CallbackBase,
@@ -32,6 +32,9 @@ class BestCheckpointCallbackConfig(CallBackBaseConfig):
     """Submodels of a CompositeModel to write (default: all)."""
     save_frozen_weights: bool = False
     """Also write frozen submodels."""
+    save_top_k: PositiveInt | None = None
+    """Also keep the weights of the k best evaluations so far, as `best_model.{metric}.{E.._U.._S..}`;
+    one that drops out of the k best is deleted (once the set that replaced it is committed)."""
     eval_callbacks: list[by_kind(CallBackBaseConfig)] | None = None
     """Callbacks run on each new best model (their schedule is ignored); keys prefixed `best={metric}/`."""
 
@@ -77,6 +80,8 @@ class BestCheckpointCallback(PeriodicCallback):
         self.tolerance_counter = 0
         self.tolerances_is_exceeded = {tolerance: False for tolerance in self.tolerances}
         self.best_value_at_tolerance: dict[int, float] = {}
+        self.top_k: list[tuple[float, str]] = []
+        """(value, tag) of the k best evaluations kept, best first; ties rank the earlier first."""
         child_context = context.with_log_prefix(f"best={metric_tag(self.metric_key)}/")
         self.eval_callbacks: list[PeriodicCallback] = []
         for child_config in callback_config.eval_callbacks or []:
@@ -113,12 +118,15 @@ class BestCheckpointCallback(PeriodicCallback):
             self._evaluate_children(update_counter)
             return
         value = logged_value(self, self.metric_key)
+        top_k_tag = self._enter_top_k(value, f"{self.best_tag}.{update_counter.cur_iteration}")
         if self._is_better(value):
             self.best_metric_value = value
             self.tolerance_counter = 0
-            self._save()
+            self._save(top_k_tag)
             self._evaluate_children(update_counter)
             return
+        if top_k_tag is not None:
+            self._save_weights(top_k_tag)
         self.tolerance_counter += 1
         for tolerance in self.tolerances:
             if not self.tolerances_is_exceeded[tolerance] and self.tolerance_counter > tolerance:
@@ -139,13 +147,16 @@ class BestCheckpointCallback(PeriodicCallback):
             child.after_training(update_counter=update_counter, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "metric_key": self.metric_key,
             "best_metric_value": self.best_metric_value,
             "tolerance_counter": self.tolerance_counter,
             "tolerances_is_exceeded": {str(t): exceeded for t, exceeded in self.tolerances_is_exceeded.items()},
             "best_value_at_tolerance": {str(t): value for t, value in self.best_value_at_tolerance.items()},
         }
+        if self.config.save_top_k:
+            state["top_k"] = [[value, tag] for value, tag in self.top_k]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved_exceeded = {int(t): exceeded for t, exceeded in state_dict["tolerances_is_exceeded"].items()}
@@ -159,21 +170,39 @@ class BestCheckpointCallback(PeriodicCallback):
         self.tolerance_counter = state_dict["tolerance_counter"]
         self.tolerances_is_exceeded = saved_exceeded
         self.best_value_at_tolerance = {int(t): value for t, value in state_dict["best_value_at_tolerance"].items()}
+        self.top_k = [(value, tag) for value, tag in state_dict.get("top_k", [])]
 
     # -------------------------------------------------------------------------------------------
     def _is_better(self, value: float) -> bool:
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
 
-    def _save(self) -> None:
-        """Ask for the new best at the end of the step, with every tolerance not yet exceeded as a second
-        name of the same files (written once; their stamped `checkpoint_tag` is the best tag)."""
+    def _enter_top_k(self, value: float, tag: str) -> str | None:
+        """With save_top_k: rank `value` among the kept evaluations; the one it pushes out is deleted at the
+        end of the step. Returns `tag` when this evaluation is kept."""
+        k = self.config.save_top_k
+        if not k or math.isnan(value):
+            return None
+        ranked = sorted([*self.top_k, (value, tag)], key=lambda entry: entry[0], reverse=self.higher_is_better)
+        self.top_k = ranked[:k]
+        for _, dropped in ranked[k:]:
+            if dropped != tag:
+                self.context.checkpoints.delete(dropped)
+        return tag if (value, tag) in self.top_k else None
+
+    def _save(self, top_k_tag: str | None) -> None:
+        """Ask for the new best at the end of the step, with every tolerance not yet exceeded (and its
+        top-k tag) as second names of the same files (written once; their stamped `checkpoint_tag` is the
+        best tag)."""
         open_tolerances = tuple(self.tolerance_tag(t) for t in self.tolerances if not self.tolerances_is_exceeded[t])
+        self._save_weights(self.best_tag, aliases=open_tolerances + ((top_k_tag,) if top_k_tag else ()))
+
+    def _save_weights(self, tag: str, aliases: tuple[str, ...] = ()) -> None:
         self.context.checkpoints.request(
             SaveRequest(
-                self.best_tag,
+                tag,
                 model_names=None if self.model_names is None else tuple(self.model_names),
                 save_frozen_weights=self.save_frozen_weights,
-                aliases=open_tolerances,
+                aliases=aliases,
             )
         )
 

@@ -34,11 +34,18 @@ class CheckpointCallbackConfig(CallBackBaseConfig):
     keep_last_n: PositiveInt | None = None
     """Keep only the newest n periodic (`E.._U.._S..`) checkpoints this callback wrote (default: all);
     `latest`, `last`, best, interrupt and error checkpoints are never deleted."""
+    keep_every_n_epochs: PositiveInt | None = None
+    """Periodic checkpoints written at the end of every n-th epoch are milestones: kept besides the
+    newest keep_last_n (which counts the others)."""
 
     @model_validator(mode="after")
     def _saves_something(self) -> CheckpointCallbackConfig:
         if not (self.save_weights or self.save_optim or self.save_latest_weights or self.save_latest_optim):
             raise ValueError("nothing would be saved: enable save_weights, save_optim, save_latest_weights or save_latest_optim")
+        if self.keep_every_n_epochs and not self.keep_last_n:
+            raise ValueError("keep_every_n_epochs keeps milestones from keep_last_n's deletions: set keep_last_n too")
+        if self.keep_every_n_epochs and not (self.save_weights or self.save_optim):
+            raise ValueError("keep_every_n_epochs needs periodic checkpoints: enable save_weights or save_optim")
         return self
 
 
@@ -55,7 +62,9 @@ class CheckpointCallback(PeriodicCallback):
     def __init__(self, callback_config: CheckpointCallbackConfig, context: Any) -> None:
         super().__init__(callback_config, context)
         self.periodic_tags: list[str] = []
-        """The periodic checkpoints written and not yet deleted (the newest keep_last_n + 1 at most)."""
+        """The periodic checkpoints written and not yet deleted (the newest keep_last_n + 1 at most), milestones aside."""
+        self.milestones: list[str] = []
+        """The periodic checkpoints kept as milestones (keep_every_n_epochs)."""
         self._epoch_length_and_batch: tuple[int, int] | None = None
         context.checkpoints.add_retention_owner(self)
 
@@ -70,7 +79,9 @@ class CheckpointCallback(PeriodicCallback):
         self._epoch_length_and_batch = update_counter.updates_per_epoch, update_counter.effective_batch_size
         self._log_forecast(update_counter)
         if self.config.keep_last_n and self.periodic_tags:
-            # a deletion the stopped run had not done yet
+            # a set the stopped run asked for but never wrote (it failed in that step) must not take a place
+            # among the newest; then a deletion the stopped run had not done yet
+            self.periodic_tags = [tag for tag in self.periodic_tags if self.context.checkpoints.holds(tag)]
             self.context.checkpoints.prune(self, self.periodic_tags, self.config.keep_last_n)
 
     def periodic_callback(self, *, interval_type: IntervalType, update_counter: UpdateCounter, **kwargs: Any) -> None:
@@ -79,8 +90,12 @@ class CheckpointCallback(PeriodicCallback):
         config = self.config
         if config.save_weights or config.save_optim:
             tag = str(update_counter.cur_iteration)
-            self.periodic_tags = [*self.periodic_tags, tag][-(config.keep_last_n or 0) - 1 :]
-            prune = (self, tuple(self.periodic_tags), config.keep_last_n) if config.keep_last_n else None
+            prune = None
+            if self._is_milestone(update_counter.cur_iteration, update_counter.updates_per_epoch):
+                self.milestones.append(tag)
+            else:
+                self.periodic_tags = [*self.periodic_tags, tag][-(config.keep_last_n or 0) - 1 :]
+                prune = (self, tuple(self.periodic_tags), config.keep_last_n) if config.keep_last_n else None
             self._request(tag, weights=config.save_weights, optim=config.save_optim, prune=prune)
         if config.save_latest_weights or config.save_latest_optim:
             self._request("latest", weights=config.save_latest_weights, optim=config.save_latest_optim)
@@ -93,6 +108,8 @@ class CheckpointCallback(PeriodicCallback):
         keep_last_n, any set its schedule made."""
         if not (self.config.save_weights or self.config.save_optim):
             return False  # it writes `latest` only
+        if tag in self.milestones:
+            return True
         if self.config.keep_last_n:
             return tag in self.periodic_tags[-self.config.keep_last_n :]
         iteration = iteration_of_tag(tag)
@@ -101,10 +118,21 @@ class CheckpointCallback(PeriodicCallback):
         return self.schedule.fired_at(iteration, *self._epoch_length_and_batch)
 
     def state_dict(self) -> dict[str, Any] | None:
-        return {"periodic_tags": self.periodic_tags} if self.config.keep_last_n else None
+        if not self.config.keep_last_n:
+            return None
+        state: dict[str, Any] = {"periodic_tags": self.periodic_tags}
+        if self.config.keep_every_n_epochs:
+            state["milestones"] = self.milestones
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.periodic_tags = list(state_dict["periodic_tags"])
+        self.milestones = list(state_dict.get("milestones", []))
+
+    def _is_milestone(self, iteration: TrainingIteration, updates_per_epoch: int) -> bool:
+        every = self.config.keep_every_n_epochs
+        at_epoch_end = iteration.update == iteration.epoch * updates_per_epoch
+        return bool(every) and at_epoch_end and iteration.epoch > 0 and iteration.epoch % every == 0
 
     def _request(self, tag: str, *, weights: bool, optim: bool, prune: Any = None) -> None:
         model_names = self.config.model_names
@@ -139,13 +167,24 @@ class CheckpointCallback(PeriodicCallback):
         if config.save_weights and config.save_optim == last_optim and self.schedule.fired_at(at_end, epoch_length, batch):
             last = 0
         invocations = self.schedule.invocations_between(update_counter.update, end, epoch_length, batch)
+        epoch_ends = (
+            TrainingIteration(epoch=epoch, update=epoch * epoch_length, sample=epoch * epoch_length * batch)
+            for epoch in range(update_counter.update // epoch_length + 1, end // epoch_length + 1)
+        )
+        milestones = sum(
+            self._is_milestone(at, epoch_length) and self.schedule.fired_at(at, epoch_length, batch) for at in epoch_ends
+        )
+        rolling = min(invocations - milestones, config.keep_last_n or invocations)
         latest_written, latest_kept = (0, 0) if latest_is_periodic else (per_latest * invocations, per_latest)
         total = per_periodic * invocations + latest_written + last
-        kept = per_periodic * min(invocations, config.keep_last_n or invocations) + latest_kept + last
+        kept = per_periodic * (rolling + milestones) + latest_kept + last
+        kept_how = f"keep_last_n={config.keep_last_n}" + (
+            f", a milestone every {config.keep_every_n_epochs} epochs" if config.keep_every_n_epochs else ""
+        )
         self.logger.info(
             f"one checkpoint: weights {format_bytes(weights)}, optimizer state ~{format_bytes(optim)}; "
             f"this run will write ~{format_bytes(total)} of checkpoints"
-            + (f" and keep ~{format_bytes(kept)} of them (keep_last_n={config.keep_last_n})" if config.keep_last_n else "")
+            + (f" and keep ~{format_bytes(kept)} of them ({kept_how})" if config.keep_last_n else "")
         )
 
     def _checkpoint_bytes(self) -> tuple[int, int]:
