@@ -219,18 +219,21 @@ def test_non_finite_number_anywhere_in_the_config_is_rejected(path, value):
 # ----------------------------------------------------------------------------- schedules
 def test_callback_without_a_schedule_is_rejected():
     message = config_error(config_with_callbacks({"kind": CHECKPOINT}))
-    assert message == "trainer.callbacks[0]: set exactly one of every_n_epochs, every_n_updates, every_n_samples (got none)"
+    assert (
+        message
+        == "trainer.callbacks[0]: set exactly one of every_n_epochs, every_n_updates, every_n_samples, every_n_seconds (got none)"
+    )
 
 
 def test_callback_with_two_schedules_is_rejected():
     message = config_error(config_with_callbacks({"kind": CHECKPOINT, "every_n_epochs": 1, "every_n_updates": 10}))
     assert message == (
-        "trainer.callbacks[0]: set exactly one of every_n_epochs, every_n_updates, every_n_samples "
+        "trainer.callbacks[0]: set exactly one of every_n_epochs, every_n_updates, every_n_samples, every_n_seconds "
         "(got every_n_epochs, every_n_updates)"
     )
 
 
-@pytest.mark.parametrize("field", ["every_n_epochs", "every_n_updates", "every_n_samples"])
+@pytest.mark.parametrize("field", ["every_n_epochs", "every_n_updates", "every_n_samples", "every_n_seconds"])
 @pytest.mark.parametrize("value", [0, -2])
 def test_non_positive_interval_is_rejected(field, value):
     message = config_error(config_with_callbacks({"kind": CHECKPOINT, field: value, "batch_size": 16}))

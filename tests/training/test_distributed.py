@@ -28,6 +28,7 @@ from noether.examples.digits import DigitsDataset, DigitsDatasetConfig
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, tiny_config
 from tests.support.checkpoints import checkpoint_path
+from tests.support.timed import read_record
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 RUN_TIMEOUT_SECONDS = 120
@@ -353,3 +354,25 @@ def test_a_sigterm_to_one_rank_while_the_other_is_inside_its_update_stops_both_a
     assert f"after update {stop_update}" in paths.log_file.read_text()
     assert checkpoint_path(paths, "classifier", f"E0_U{stop_update}_S{stop_update * 128}.signal_interrupt", "trainer").exists()
     assert checkpoint_path(paths, "classifier", "last", "model").exists()
+
+
+def test_a_timed_callback_fires_at_the_same_update_on_every_rank_by_rank_zeros_clock(tmp_path):
+    """Rank 1's updates take 40 ms longer than rank 0's own work, so their clocks disagree; both fire the
+    timed recorder and the timed validation loss (a collective) after the same updates, those rank 0's
+    clock says."""
+    timed = [
+        {"kind": "tests.support.timed.SlowUpdates", "seconds_by_rank": [0.0, 0.04]},
+        {"kind": "tests.support.timed.ClockRecord", "every_n_updates": 1, "file": str(tmp_path / "clock")},
+        {"kind": "tests.support.timed.ClockRecord", "id": "timed", "every_n_seconds": 0.15, "file": str(tmp_path / "fired")},
+        {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_seconds": 0.15, "dataset_key": "val"},
+    ]
+    tree = tiny_config(tmp_path / "outputs", max_batch_size=32, callbacks=timed)
+    result = run_torchrun(write_yaml(tree, tmp_path / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    fired = [[line["update"] for line in read_record(tmp_path / f"fired.{rank}")] for rank in (0, 1)]
+    assert fired[0] == fired[1] and len(fired[0]) >= 3
+    clocks = [read_record(tmp_path / f"clock.{rank}") for rank in (0, 1)]
+    assert clocks[0] == clocks[1]  # every rank read rank 0's clock
+    rows = metric_lines(PathProvider(tmp_path / "outputs", "run"))
+    assert [row["update"] for row in rows if "loss/val/total" in row] == fired[0]

@@ -58,6 +58,15 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
+def value_of_main(value: float) -> float:
+    """Rank 0's `value` on every rank (over the CPU group: no GPU synchronization)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(tensor, src=0, group=_cpu_group)
+    return float(tensor.item())
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `tensor` over all ranks (the tensor itself without torchrun)."""
     if not is_distributed():

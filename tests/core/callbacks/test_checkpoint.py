@@ -12,6 +12,7 @@ from noether.training.run import evaluate, train
 from tests.conftest import run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
 from tests.support.models import composite_model_config
+from tests.support.timed import read_record
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 
@@ -232,3 +233,17 @@ def test_keep_every_n_epochs_without_keep_last_n_is_refused_before_training(tmp_
     ):
         train(tiny_config(tmp_path, callbacks=[callback]))
     assert not (tmp_path / "run").exists()
+
+
+def test_timed_checkpoints_keep_the_newest_n_and_say_how_often_they_are_written(tmp_path: Path) -> None:
+    """A timed recorder with the same interval fires after the same updates as the timed checkpoints."""
+    slow = {"kind": "tests.support.timed.SlowUpdates", "seconds_by_rank": [0.03]}
+    recorder = {"kind": "tests.support.timed.ClockRecord", "every_n_seconds": 0.1, "file": str(tmp_path / "fired")}
+    callback = {"kind": CHECKPOINT, "every_n_seconds": 0.1, "keep_last_n": 2}
+    paths = train(tiny_config(tmp_path / "outputs", callbacks=[slow, recorder, callback]))
+
+    log = paths.log_file.read_text()
+    assert "one checkpoint: weights 5.9 kB, optimizer state ~11.9 kB; one every 0.1 s of training, the newest 2 kept" in log
+    fired = [line["update"] for line in read_record(tmp_path / "fired.0")]
+    assert len(fired) >= 3
+    assert [int(tag.split("_U")[1].split("_")[0]) for tag in periodic_tags_on_disk(paths)] == fired[-2:]

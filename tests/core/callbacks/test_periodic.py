@@ -1,6 +1,8 @@
-"""When a periodic callback runs: every n epochs, updates or samples."""
+"""When a periodic callback runs: every n epochs, updates, samples or seconds of training."""
 
 import json
+
+import torch
 
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import PeriodicCallback
@@ -8,6 +10,8 @@ from noether.core.utils.training import TrainingIteration
 from noether.core.utils.training.counter import UpdateCounter
 from noether.training.run import train
 from tests.conftest import tiny_config
+from tests.support.checkpoints import checkpoint_path
+from tests.support.timed import read_record
 
 RECORDER = "tests.support.callbacks.FiringRecorder"
 FORWARDING = "tests.support.callbacks.ForwardingCallback"
@@ -97,3 +101,87 @@ def test_callbacks_fire_at_their_intervals_in_a_real_run(tmp_path):
     ]
     # a nested callback runs (as `at_eval`) when its parent does, whatever its own schedule
     assert fired("forwarded/in/eval") == ["E2_U18_S2304"]
+
+
+# --------------------------------------------------------------------------------- every_n_seconds
+TIMED = "tests.support.timed"
+
+
+def test_a_seconds_interval_is_due_after_the_first_update_at_which_it_has_passed_since_it_last_fired():
+    fired = []
+
+    class Recording(PeriodicCallback):
+        def periodic_callback(self, *, interval_type, update_counter, **kwargs):
+            fired.append((interval_type, update_counter.update))
+
+    callback = Recording(CallBackBaseConfig(every_n_seconds=1.0), context=None)
+    counter = UpdateCounter(
+        start_iteration=TrainingIteration(),
+        end_iteration=TrainingIteration(update=8),
+        updates_per_epoch=4,
+        effective_batch_size=8,
+    )
+    # training seconds after updates 1..8: fires at 3 (1.2 s), then 6 (2.3 s >= 1.2 + 1), then not at 8 (3.1 < 3.3)
+    for seconds in (0.4, 0.9, 1.2, 1.5, 2.1, 2.3, 2.9, 3.1):
+        counter.add_update()
+        counter.training_seconds = seconds
+        callback.after_update(update_counter=counter)
+        callback.after_epoch(update_counter=counter)
+    assert fired == [("update", 3), ("update", 6)]
+
+
+def timed_tree(tmp_path, interval: float, **trainer) -> dict:
+    """A run whose updates take at least 30 ms (a sleep), with the training clock recorded after every
+    update, a timed recorder and a timed validation loss (a pass with a loader of its own)."""
+    callbacks = [
+        {"kind": f"{TIMED}.SlowUpdates", "seconds_by_rank": [0.03]},
+        {"kind": f"{TIMED}.ClockRecord", "every_n_updates": 1, "file": str(tmp_path / "clock")},
+        {"kind": f"{TIMED}.ClockRecord", "id": "timed", "every_n_seconds": interval, "file": str(tmp_path / "fired")},
+        {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_seconds": interval, "dataset_key": "val"},
+        {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1},
+        *trainer.pop("callbacks", []),
+    ]
+    return tiny_config(tmp_path / "outputs", callbacks=callbacks, **trainer)
+
+
+def assert_fired_by_the_clock(clock: list[dict], fired: list[dict], interval: float) -> None:
+    """Each firing is at the first update whose clock is `interval` past the previous firing (0 at first)."""
+    seconds_at = {line["update"]: line["seconds"] for line in clock}
+    expected, last = [], 0.0
+    for update in sorted(seconds_at):
+        if seconds_at[update] - last >= interval:
+            expected.append(update)
+            last = seconds_at[update]
+    assert [line["update"] for line in fired] == expected
+    assert len(expected) >= 3, "too few firings to show anything"
+
+
+def test_a_timed_callback_and_a_timed_evaluation_fire_by_the_training_clock(tmp_path):
+    paths = train(timed_tree(tmp_path, 0.12))
+
+    clock, fired = read_record(tmp_path / "clock.0"), read_record(tmp_path / "fired.0")
+    seconds = [line["seconds"] for line in clock]
+    assert seconds == sorted(seconds) and seconds[-1] >= 18 * 0.03
+    assert_fired_by_the_clock(clock, fired, 0.12)
+    rows = [json.loads(line) for line in paths.metrics_file.read_text().splitlines()]
+    assert [row["update"] for row in rows if "loss/val/total" in row] == [line["update"] for line in fired]
+
+
+def test_the_training_clock_and_the_last_firing_carry_over_a_resume(tmp_path):
+    stop = {"kind": "tests.support.scripted_metric.Interrupt", "every_n_updates": 10, "how": "sigterm"}
+    tree = timed_tree(tmp_path, 0.12, callbacks=[stop])
+    interrupted = train(tree)
+    resumed = train(timed_tree(tmp_path, 0.12), resume=str(interrupted.run_dir), checkpoint="E1_U10_S1280.signal_interrupt")
+
+    clock, fired = read_record(tmp_path / "clock.0"), read_record(tmp_path / "fired.0")
+    assert [line["update"] for line in clock] == list(range(1, 19))  # one launch after the other, no update twice
+    seconds = [line["seconds"] for line in clock]
+    assert seconds == sorted(seconds)  # the second launch's clock starts where the first one's stopped
+    assert_fired_by_the_clock(clock, fired, 0.12)
+    # the timed passes fell on other updates than in a run never stopped, and read their own loader: the
+    # weights still end exactly as that run's
+    uninterrupted = train(timed_tree(tmp_path / "uninterrupted", 0.12))
+    for part in ("model", "optim"):
+        expected = torch.load(checkpoint_path(uninterrupted, "classifier", "last", part), weights_only=True)["state_dict"]
+        actual = torch.load(checkpoint_path(resumed, "classifier", "last", part), weights_only=True)["state_dict"]
+        assert all(torch.equal(actual[key], value) for key, value in expected.items() if isinstance(value, torch.Tensor)), part

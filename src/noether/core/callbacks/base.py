@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import PositiveInt, model_validator
+from pydantic import PositiveFloat, PositiveInt, model_validator
 
 from noether.core.callbacks.context import CallbackContext
 from noether.core.checkpoint_store import Member
 from noether.core.config import ConfigError, RegistryConfig
 from noether.core.utils.training.counter import UpdateCounter
 
-SCHEDULE_FIELDS = ("every_n_epochs", "every_n_updates", "every_n_samples")
+SCHEDULE_FIELDS = ("every_n_epochs", "every_n_updates", "every_n_samples", "every_n_seconds")
 
 
 class CallBackBaseConfig(RegistryConfig):
@@ -23,6 +23,8 @@ class CallBackBaseConfig(RegistryConfig):
     every_n_epochs: PositiveInt | None = None
     every_n_updates: PositiveInt | None = None
     every_n_samples: PositiveInt | None = None
+    every_n_seconds: PositiveFloat | None = None
+    """After the first update at which this much training time has passed since it last ran."""
     batch_size: PositiveInt | None = None
 
     @model_validator(mode="after")

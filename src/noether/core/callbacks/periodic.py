@@ -1,4 +1,4 @@
-"""Callbacks that run on a schedule of epochs, updates or samples."""
+"""Callbacks that run on a schedule of epochs, updates, samples or seconds of training."""
 
 from __future__ import annotations
 
@@ -15,23 +15,30 @@ IntervalType = Literal["epoch", "update", "sample", "eval"]
 
 
 class PeriodicCallback(CallbackBase):
-    """Runs `periodic_callback` on its schedule (every n epochs, updates or samples) and on `at_eval`."""
+    """Runs `periodic_callback` on its schedule (every n epochs, updates, samples or seconds) and on `at_eval`."""
 
     config: CallBackBaseConfig
 
     def __init__(self, callback_config: CallBackBaseConfig, context: Any) -> None:
         super().__init__(callback_config, context)
         self.schedule = Schedule.of(callback_config)
+        self.last_fired_seconds = 0.0
+        """Training seconds when an `every_n_seconds` schedule last fired (kept in the trainer state)."""
 
     def is_due_after_update(self, update_counter: UpdateCounter) -> bool:
-        return self.schedule.due_after_update(update_counter.update, update_counter.sample, update_counter.effective_batch_size)
+        return self.schedule.due_after_update(
+            update_counter.update,
+            update_counter.sample,
+            update_counter.effective_batch_size,
+            update_counter.training_seconds - self.last_fired_seconds,
+        )
 
     def is_due_after_epoch(self, update_counter: UpdateCounter) -> bool:
         return self.schedule.due_after_epoch(update_counter.epoch, update_counter.is_full_epoch)
 
     @property
     def update_interval_type(self) -> IntervalType:
-        return "update" if self.config.every_n_updates is not None else "sample"
+        return "sample" if self.config.every_n_samples is not None else "update"
 
     def track_after_accumulation_step(self, *, update_counter: UpdateCounter, losses: dict[str, Any], **kwargs: Any) -> None:
         """Called after every forward/backward of a micro-batch, e.g. to accumulate losses.
@@ -50,6 +57,7 @@ class PeriodicCallback(CallbackBase):
 
     def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         if self.is_due_after_update(update_counter):
+            self.last_fired_seconds = update_counter.training_seconds
             self.periodic_callback(interval_type=self.update_interval_type, update_counter=update_counter, **kwargs)
 
     def after_epoch(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
@@ -73,8 +81,8 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
     `process_results` once with the per-batch results concatenated over the whole dataset.
 
     In training, batches come from the trainer's shared loader (`data_iter`), where the
-    interleaved sampler placed them; without one (eval command, or dispatch on an event) the
-    callback builds a loader of its own on first use.
+    interleaved sampler placed them; without one (eval command, dispatch on an event, or an
+    `every_n_seconds` schedule) the callback builds a loader of its own on first use.
     """
 
     config: PeriodicDataIteratorCallbackConfig
@@ -95,6 +103,8 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
     def periodic_callback(
         self, *, interval_type: IntervalType, update_counter: UpdateCounter, data_iter: Any = None, **kwargs: Any
     ) -> None:
+        if self.schedule.is_timed:
+            data_iter = None  # the shared loader cannot know in advance after which update a timed pass is due
         model = self.context.model
         was_training = model.training
         model.eval()

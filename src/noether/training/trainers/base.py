@@ -43,6 +43,7 @@ from noether.data.samplers.interleaved import (
     TrainingBatching,
     collate_tagged,
 )
+from noether.training.trainers.clock import TrainingClock
 from noether.training.trainers.deadline import Deadline
 from noether.training.trainers.nonfinite import SKIPPED_UPDATES_KEY, NonFiniteLossError, NonFiniteLossGuard, OnNonfiniteLoss
 
@@ -121,6 +122,8 @@ class BaseTrainer:
         """The total gradient norm of the last update, before clipping (with max_grad_norm)."""
         self.nonfinite = NonFiniteLossGuard(trainer_config.on_nonfinite_loss)
         self.deadline = Deadline.from_config(trainer_config.stop_before)
+        timed = [c for c in self.all_callbacks() if isinstance(c, PeriodicCallback) and c.schedule.is_timed]
+        self.clock = TrainingClock(timed)
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -186,6 +189,7 @@ class BaseTrainer:
         ):
             logger.warning("no callback saves optimizer state: only interrupt and error checkpoints of this run can be resumed")
         data_iter = iter(self._data_loader(counter))
+        counter.training_seconds = self.clock.start()
         self._dispatch("before_training", update_counter=counter)
         if resume_tag is not None:
             self._dispatch("resume_from_checkpoint", checkpoint_tag=resume_tag, update_counter=counter)
@@ -200,6 +204,7 @@ class BaseTrainer:
                     if self.deadline is not None:
                         self.deadline.step_started()
                     stepped = self._train_update(model, trainer_model, data_iter, counter)
+                    counter.training_seconds = self.clock.read()
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
                     self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
@@ -321,7 +326,7 @@ class BaseTrainer:
         )
 
     def _data_loader(self, counter: UpdateCounter) -> DataLoader:
-        consumers = [c for c in self.all_callbacks() if isinstance(c, PeriodicDataIteratorCallback)]
+        consumers = [c for c in self.all_callbacks() if isinstance(c, PeriodicDataIteratorCallback) and not c.schedule.is_timed]
         data = self.context.data
         sampler = InterleavedSampler(
             batching=self.batching,
@@ -407,6 +412,7 @@ class BaseTrainer:
         checkpoints.register("effective_batch_size", lambda: self.config.effective_batch_size, check=self._check_batch_size)
         checkpoints.register("early_stop", lambda: self.early_stop, self._load_early_stop)
         checkpoints.register("nonfinite_skipped_updates", lambda: self.nonfinite.skipped_updates, self._load_skipped_updates)
+        checkpoints.register("training_clock", self.clock.state_dict, lambda saved, tag: self.clock.load_state_dict(saved))
         checkpoints.register_members(self._callback_members)
 
     def callback_states(self) -> dict[str, Any]:

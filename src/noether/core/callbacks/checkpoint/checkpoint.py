@@ -62,7 +62,8 @@ class CheckpointCallback(PeriodicCallback):
     def __init__(self, callback_config: CheckpointCallbackConfig, context: Any) -> None:
         super().__init__(callback_config, context)
         self.periodic_tags: list[str] = []
-        """The periodic checkpoints written and not yet deleted (the newest keep_last_n + 1 at most), milestones aside."""
+        """The periodic checkpoints written and not yet deleted, milestones aside: the newest keep_last_n + 1 at
+        most, or, for a timed schedule without keep_last_n, every one."""
         self.milestones: list[str] = []
         """The periodic checkpoints kept as milestones (keep_every_n_epochs)."""
         self._epoch_length_and_batch: tuple[int, int] | None = None
@@ -93,9 +94,11 @@ class CheckpointCallback(PeriodicCallback):
             prune = None
             if self._is_milestone(update_counter.cur_iteration, update_counter.updates_per_epoch):
                 self.milestones.append(tag)
-            else:
-                self.periodic_tags = [*self.periodic_tags, tag][-(config.keep_last_n or 0) - 1 :]
-                prune = (self, tuple(self.periodic_tags), config.keep_last_n) if config.keep_last_n else None
+            elif config.keep_last_n:
+                self.periodic_tags = [*self.periodic_tags, tag][-config.keep_last_n - 1 :]
+                prune = (self, tuple(self.periodic_tags), config.keep_last_n)
+            elif self.schedule.is_timed:
+                self.periodic_tags.append(tag)  # where a timed schedule fired is known only from this list
             self._request(tag, weights=config.save_weights, optim=config.save_optim, prune=prune)
         if config.save_latest_weights or config.save_latest_optim:
             self._request("latest", weights=config.save_latest_weights, optim=config.save_latest_optim)
@@ -112,13 +115,15 @@ class CheckpointCallback(PeriodicCallback):
             return True
         if self.config.keep_last_n:
             return tag in self.periodic_tags[-self.config.keep_last_n :]
+        if self.schedule.is_timed:
+            return tag in self.periodic_tags
         iteration = iteration_of_tag(tag)
         if iteration is None or self._epoch_length_and_batch is None:
             return False
         return self.schedule.fired_at(iteration, *self._epoch_length_and_batch)
 
     def state_dict(self) -> dict[str, Any] | None:
-        if not self.config.keep_last_n:
+        if not (self.config.keep_last_n or self.schedule.is_timed):
             return None
         state: dict[str, Any] = {"periodic_tags": self.periodic_tags}
         if self.config.keep_every_n_epochs:
@@ -153,6 +158,13 @@ class CheckpointCallback(PeriodicCallback):
         with the periodic set's parts is a second name of its files, and so is `last` at a periodic step."""
         weights, optim = self._checkpoint_bytes()
         config = self.config
+        if self.schedule.is_timed:  # how many sets it writes is known only as training goes
+            self.logger.info(
+                f"one checkpoint: weights {format_bytes(weights)}, optimizer state ~{format_bytes(optim)}; "
+                f"one every {config.every_n_seconds:g} s of training"
+                + (f", the newest {config.keep_last_n} kept" if config.keep_last_n else "")
+            )
+            return
         per_periodic = weights * config.save_weights + optim * config.save_optim
         per_latest = weights * config.save_latest_weights + optim * config.save_latest_optim
         latest_is_periodic = per_periodic > 0 and (config.save_latest_weights, config.save_latest_optim) == (

@@ -31,6 +31,9 @@ class UpdateCounter:
         self.epoch = start_iteration.epoch
         self.update = start_iteration.update
         self.sample = start_iteration.sample
+        self.training_seconds = 0.0
+        """Seconds of training of the run so far, over all its launches, as rank 0's clock says after the
+        update (what `every_n_seconds` schedules count; the trainer sets it)."""
 
     @property
     def cur_iteration(self) -> TrainingIteration:
