@@ -1,0 +1,209 @@
+"""Checkpoints into an S3 bucket: upload throughput, and the training stall while an upload runs.
+
+Both against moto's S3 server, started here in a process of its own on 127.0.0.1 (no network):
+
+- **Upload throughput.** A checkpoint file of ``--size`` bytes (a torch.save of float32 tensors) is
+  committed into a run directory and uploaded the way a run uploads a committed set
+  (``BucketMirror.committed``, then ``close`` waits for it), against boto3's managed multipart upload
+  of the same file with its default transfer settings (what ``aws s3 cp`` does). Ratio: boto3's
+  seconds / ours (higher is better; target >= 0.9).
+- **Training stall.** Median time per step of a CPU training loop (an MLP, forward, backward, AdamW)
+  while such an upload runs in the background, against the same loop without one. Ratio: with /
+  without (target <= 1.05). On a machine with few cores the server's own parsing of the upload
+  competes with the loop too; the figure includes that, and the same loop while boto3 uploads from a
+  thread of the process shows what any in-process upload costs on the machine.
+
+Each round runs every variant once, alternating their order; a figure is the median over rounds.
+
+    python benchmarks/object_storage.py [--size 1_000_000_000] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGET_THROUGHPUT_RATIO = 0.9
+TARGET_STALL_RATIO = 1.05
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+STEP_WIDTH = 512
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, endpoint
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+
+
+def write_checkpoint(path: Path, size: int) -> None:
+    tensors = {f"layer{index}": torch.randn(size // 4 // 16) for index in range(16)}
+    torch.save(tensors, path)
+
+
+def upload_ours(run_dir: Path, checkpoint: Path, bucket_url: str) -> float:
+    from noether.core.object_storage import Bucket, BucketMirror
+
+    mirror = BucketMirror(Bucket(bucket_url), run_dir, give_up_after_seconds=60)
+    started = time.perf_counter()
+    mirror.committed([checkpoint])
+    mirror.close()
+    return time.perf_counter() - started
+
+
+def upload_boto3(checkpoint: Path, bucket: str, key: str, endpoint: str) -> float:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    started = time.perf_counter()
+    client.upload_file(str(checkpoint), bucket, key, Config=TransferConfig())
+    return time.perf_counter() - started
+
+
+def step_times(seconds: float, busy: callable | None = None) -> list[float]:
+    """Times of training steps for `seconds` (or, with `busy`, until it returns True)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(STEP_WIDTH, STEP_WIDTH), torch.nn.ReLU(), torch.nn.Linear(STEP_WIDTH, 10))
+    optimizer = torch.optim.AdamW(model.parameters())
+    batch = torch.randn(256, STEP_WIDTH)
+    times = []
+    end = time.monotonic() + seconds
+    while (busy() if busy is not None else time.monotonic() < end) or len(times) < 5:
+        started = time.perf_counter()
+        model(batch).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def stall_with_upload(run_dir: Path, checkpoint: Path, bucket_url: str) -> list[float]:
+    from noether.core.object_storage import Bucket, BucketMirror
+
+    mirror = BucketMirror(Bucket(bucket_url), run_dir, give_up_after_seconds=60)
+    mirror.committed([checkpoint])
+    times = step_times(0, busy=lambda: bool(mirror.uploader._jobs))
+    mirror.close()
+    return times
+
+
+def stall_with_boto3(checkpoint: Path, bucket: str, key: str, endpoint: str) -> list[float]:
+    """The same loop while boto3 uploads the file from a thread of this process: what any in-process
+    upload costs the loop on this machine."""
+    import threading
+
+    uploading = threading.Thread(target=upload_boto3, args=(checkpoint, bucket, key, endpoint))
+    uploading.start()
+    times = step_times(0, busy=uploading.is_alive)
+    uploading.join()
+    return times
+
+
+def empty_bucket(endpoint: str) -> None:
+    """moto keeps objects in memory: each round starts with an empty bucket."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket="bench"):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket="bench", Key=item["Key"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=1_000_000_000, help="bytes of the checkpoint file")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    arguments = parser.parse_args()
+
+    os.environ.update(CREDENTIALS)
+    server, endpoint = start_server()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        with tempfile.TemporaryDirectory() as folder:
+            run_dir = Path(folder) / "run"
+            (run_dir / "checkpoints").mkdir(parents=True)
+            checkpoint = run_dir / "checkpoints" / "model_cp=E0_U1_S1_model.th"
+            write_checkpoint(checkpoint, arguments.size)
+            size = checkpoint.stat().st_size
+            ours, theirs, stalled, boto3_stalled, idle = [], [], [], [], []
+            for round_index in range(arguments.rounds):
+                order = ["ours", "boto3"] if round_index % 2 == 0 else ["boto3", "ours"]
+                for variant in order:
+                    empty_bucket(endpoint)
+                    if variant == "ours":
+                        ours.append(upload_ours(run_dir, checkpoint, f"s3://bench/ours{round_index}"))
+                    else:
+                        theirs.append(upload_boto3(checkpoint, "bench", f"boto3{round_index}/checkpoint.th", endpoint))
+                empty_bucket(endpoint)
+                with_upload = stall_with_upload(run_dir, checkpoint, f"s3://bench/stall{round_index}")
+                stalled.append(statistics.median(with_upload))
+                empty_bucket(endpoint)
+                boto3_stalled.append(
+                    statistics.median(stall_with_boto3(checkpoint, "bench", f"stall-boto3{round_index}/c.th", endpoint))
+                )
+                idle.append(statistics.median(step_times(sum(with_upload))))
+                print(
+                    f"round {round_index + 1}: ours {ours[-1]:.2f} s, boto3 {theirs[-1]:.2f} s; step {idle[-1] * 1e3:.2f} ms "
+                    f"alone, {stalled[-1] * 1e3:.2f} ms while we upload, {boto3_stalled[-1] * 1e3:.2f} ms while boto3 uploads",
+                    flush=True,
+                )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    throughput = statistics.median(t / o for t, o in zip(theirs, ours))
+    stall = statistics.median(s / i for s, i in zip(stalled, idle))
+    boto3_stall = statistics.median(s / i for s, i in zip(boto3_stalled, idle))
+    against_boto3 = statistics.median(s / b for s, b in zip(stalled, boto3_stalled))
+    print(f"checkpoint of {size / 1e9:.2f} GB to moto's S3 server on 127.0.0.1")
+    print(f"upload throughput, this project / boto3 multipart: {throughput:.3f} (target >= {TARGET_THROUGHPUT_RATIO})")
+    print(f"  MB/s: this project {size / 1e6 / statistics.median(ours):.0f}, boto3 {size / 1e6 / statistics.median(theirs):.0f}")
+    print(f"training step while uploading / without: {stall:.3f} (target <= {TARGET_STALL_RATIO})")
+    print(f"  the same while boto3 uploads from a thread: {boto3_stall:.3f}; ours / boto3's: {against_boto3:.3f}")
+    if arguments.json:
+        figures = {
+            "bytes": size,
+            "throughput_ratio": throughput,
+            "stall_ratio": stall,
+            "boto3_stall_ratio": boto3_stall,
+            "ours_s": ours,
+            "boto3_s": theirs,
+        }
+        arguments.json.write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == "__main__":
+    main()
