@@ -71,7 +71,14 @@ def train_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="noether-eval", description="Evaluate a checkpoint with the config's callbacks.")
     parser.add_argument("args", nargs="*", metavar="CONFIG [dotted.key=value ...]")
-    parser.add_argument("--run", required=True, metavar="RUN", help="run id, directory or run URL (s3://...)")
+    parser.add_argument(
+        "--run",
+        "--run-id",
+        dest="run",
+        required=True,
+        metavar="RUN",
+        help="run id, directory or run URL (s3://...); under torchrun write --run-id (torchrun takes --run for its --run-path)",
+    )
     parser.add_argument(
         "--checkpoint", required=True, metavar="TAG", help="checkpoint tag, e.g. latest or best_model.loss.val.total"
     )

@@ -376,3 +376,30 @@ def test_a_timed_callback_fires_at_the_same_update_on_every_rank_by_rank_zeros_c
     assert clocks[0] == clocks[1]  # every rank read rank 0's clock
     rows = metric_lines(PathProvider(tmp_path / "outputs", "run"))
     assert [row["update"] for row in rows if "loss/val/total" in row] == fired[0]
+
+
+def test_noether_eval_under_torchrun_evaluates_on_every_rank_what_the_run_logged(two_processes):
+    """torchrun reads `--run` as its own `--run-path`: noether-eval also takes `--run-id`."""
+    paths, _ = two_processes
+    command = [
+        str(TORCHRUN),
+        *ONE_NODE_OF_TWO,
+        "--no-python",
+        cli_command("noether-eval"),
+        str(paths.output_path / "config.yaml"),
+    ]
+    result = subprocess.run(
+        [*command, "--run-id", str(paths.run_dir), "--checkpoint", "last"],
+        cwd=paths.output_path,
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_SECONDS,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    logged = [line["loss/val/total"] for line in metric_lines(paths) if "loss/val/total" in line][-1]  # the last epoch's
+    printed = [float(line.split(": ")[1]) for line in result.stdout.splitlines() if line.startswith("loss/val/total: ")]
+    assert printed and all(value == pytest.approx(logged, abs=TOLERANCE) for value in printed)
+    [record] = [json.loads(line) for line in (paths.run_dir / "eval" / "last.jsonl").read_text().splitlines()]
+    assert record["loss/val/total"] == pytest.approx(logged, abs=TOLERANCE)
