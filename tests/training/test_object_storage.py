@@ -18,11 +18,13 @@ import yaml
 from safetensors.torch import load_file
 
 from noether.core.config import ConfigError
-from noether.core.object_storage import Bucket, UploadError, remote_sets
+from noether.core.object_storage import Bucket, UploadError, cache_folder, remote_sets
 from noether.core.providers.path import PathProvider
 from noether.training.run import evaluate, train
 from tests.conftest import cli_command, cli_env, tiny_config
 from tests.support.s3 import S3Server
+from tests.training.test_distributed import run_torchrun, write_yaml
+from tests.training.test_fsdp import assert_close, sharded_tree, weights
 
 CHECKPOINT = "noether.core.callbacks.CheckpointCallback"
 INITIALIZER = "noether.core.initializers.PreviousRunInitializer"
@@ -243,6 +245,24 @@ def assert_same_tensors(actual: Any, expected: Any, where: str) -> None:
             assert_same_tensors(actual[index], value, f"{where}[{index}]")
     else:
         assert actual == expected, where
+
+
+def test_a_sharded_run_of_two_processes_resumes_from_the_bucket_in_one_process_on_another_machine(tmp_path, s3):
+    url = s3.create_bucket("sharded")
+    tree = {**sharded_tree(tmp_path / "unused"), "output_path": f"{url}/runs", "cache_dir": str(tmp_path / "machine-a")}
+    result = run_torchrun(write_yaml(tree, tmp_path / "config.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    two_processes = PathProvider(cache_folder(f"{url}/runs", tmp_path / "machine-a"), "run")
+
+    in_bucket = bucket_checkpoints(s3, "sharded")
+    assert in_bucket == checkpoint_files(two_processes)
+    assert any(".dcp/" in name for name in in_bucket)  # the shards' folders, file by file
+
+    resumed = train({**tree, "cache_dir": str(tmp_path / "machine-b")}, resume="run", checkpoint="E1_U9_S1152")
+    log = resumed.log_file.read_text()
+    assert "downloaded checkpoint 'E1_U9_S1152' (E1_U9_S1152)" in log
+    assert "was written by 2 process(es), this run has 1" in log
+    assert_close(weights(resumed), weights(two_processes))
 
 
 # --------------------------------------------------------------------------------- faults
