@@ -16,6 +16,7 @@ from pydantic import PositiveInt
 from noether.core.callbacks.base import CallBackBaseConfig
 from noether.core.callbacks.periodic import PeriodicCallback
 from noether.core.utils.training.counter import UpdateCounter
+from noether.training.callbacks.offline_loss import OfflineLossCallback, OfflineLossCallbackConfig
 
 WAIT_LIMIT_SECONDS = 120
 
@@ -75,3 +76,33 @@ class SlowAfterTrainingCallback(PeriodicCallback):
     def after_training(self, **kwargs: Any) -> None:
         Path(self.config.ready_file).touch()
         time.sleep(self.config.seconds)
+
+
+class SlowValidationLossConfig(OfflineLossCallbackConfig):
+    seconds_per_batch: float
+    signal_after: tuple[PositiveInt, PositiveInt] | None = None
+    """(update, batch): SIGTERM to this process after that batch of the pass after that update, once per
+    `signalled_file` (a resumed run does not signal again)."""
+    signalled_file: str | None = None
+    """Written with the number of batches the pass had done when the signal was sent."""
+
+
+class SlowValidationLoss(OfflineLossCallback):
+    """An evaluation long enough for a scheduler's SIGTERM to land inside it."""
+
+    config: SlowValidationLossConfig
+
+    def process_data(self, batch: Any, *, trainer_model: Any) -> Any:
+        time.sleep(self.config.seconds_per_batch)
+        self._batches_done += 1
+        config = self.config
+        if config.signal_after and not Path(config.signalled_file).exists():
+            update, after_batch = config.signal_after
+            if self._update == update and self._batches_done == after_batch:
+                Path(config.signalled_file).write_text(str(self._batches_done))
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().process_data(batch, trainer_model=trainer_model)
+
+    def periodic_callback(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        self._update, self._batches_done = update_counter.update, 0
+        super().periodic_callback(update_counter=update_counter, **kwargs)

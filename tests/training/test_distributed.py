@@ -403,3 +403,31 @@ def test_noether_eval_under_torchrun_evaluates_on_every_rank_what_the_run_logged
     assert printed and all(value == pytest.approx(logged, abs=TOLERANCE) for value in printed)
     [record] = [json.loads(line) for line in (paths.run_dir / "eval" / "last.jsonl").read_text().splitlines()]
     assert record["loss/val/total"] == pytest.approx(logged, abs=TOLERANCE)
+
+
+def test_sigterm_during_an_evaluation_stops_every_rank_there_and_the_resume_ends_as_a_run_never_stopped(tmp_path):
+    """The validation pass after update 9 is cut after its 3rd batch by a SIGTERM to one process; both ranks
+    leave it at the same batch (they agree after every batch), and `--resume auto` runs the step's hooks again."""
+    slow = {
+        "kind": "tests.support.interrupting.SlowValidationLoss",
+        "every_n_epochs": 1,
+        "dataset_key": "val",
+        "batch_size": 16,
+        "seconds_per_batch": 0.02,
+    }
+    signalling = {**slow, "signal_after": [9, 3], "signalled_file": str(tmp_path / "signalled")}
+    reference_tree = tiny_config(tmp_path / "reference", max_batch_size=32, callbacks=[slow, BEST, CHECKPOINT])
+    tree = tiny_config(tmp_path / "stopped", max_batch_size=32, callbacks=[signalling, BEST, CHECKPOINT])
+    for name, config in (("reference", reference_tree), ("stopped", tree)):
+        result = run_torchrun(write_yaml(config, tmp_path / f"{name}.yaml"))
+        if name == "stopped":
+            assert "during the evaluations after update 9" in result.stdout + result.stderr
+    result = run_torchrun(tmp_path / "stopped.yaml", "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    stopped, reference = PathProvider(tmp_path / "stopped", "run"), PathProvider(tmp_path / "reference", "run")
+    assert stopped.metrics_file.read_text() == reference.metrics_file.read_text()
+    for tag in ("last", "best_model.loss.val.total"):
+        actual = load(checkpoint_path(stopped, "classifier", tag, "model"))["state_dict"]
+        expected = load(checkpoint_path(reference, "classifier", tag, "model"))["state_dict"]
+        assert all(torch.equal(actual[key], expected[key]) for key in expected), tag

@@ -3,6 +3,7 @@ writes an error checkpoint; a resume from either continues the run."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -260,3 +261,48 @@ def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
     resumed = train(tree(tmp_path / "stopped"), resume="run", checkpoint="E1_U11_S1408.signal_interrupt")
 
     assert_identical(last_weights(resumed), last_weights(uninterrupted))
+
+
+# --------------------------------------------------------------------------------- a signal during an evaluation
+def slow_validation_tree(output_path: Path, signalled_file: Path | None) -> dict[str, Any]:
+    """Validation in batches of 16 (23 batches), 20 ms each, after every epoch; the first launch is signalled
+    after the 3rd batch of the pass after update 9, before the best model and the checkpoints of that step."""
+    slow = {
+        "kind": "tests.support.interrupting.SlowValidationLoss",
+        "every_n_epochs": 1,
+        "dataset_key": "val",
+        "batch_size": 16,
+        "seconds_per_batch": 0.02,
+    }
+    if signalled_file is not None:
+        slow.update({"signal_after": [9, 3], "signalled_file": str(signalled_file)})
+    return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, slow, BEST, CHECKPOINT])
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_the_resume_runs_the_steps_hooks_again_exactly(tmp_path):
+    reference = train(slow_validation_tree(tmp_path / "reference", None))
+    signalled = tmp_path / "signalled"
+    tree = slow_validation_tree(tmp_path / "stopped", signalled)
+
+    stopped = train(tree)
+    log = stopped.log_file.read_text()
+    assert "stopping on SIGTERM during the evaluations after update 9" in log
+    assert signalled.read_text() == "3"  # the pass stopped after the batch the signal came in, not after all 23
+    assert checkpoint_path(stopped, "classifier", "E1_U9_S1152.signal_interrupt", "trainer").exists()
+    # nothing of the cut step was written: no periodic set, no best, no metrics row of update 9
+    assert not checkpoint_path(stopped, "classifier", "E1_U9_S1152", "model").exists()
+    assert not checkpoint_path(stopped, "classifier", "last", "model").exists()
+    assert all(json.loads(line)["update"] < 9 for line in stopped.metrics_file.read_text().splitlines())
+
+    resumed = train(tree, resume="auto")
+
+    assert resumed.metrics_file.read_text() == reference.metrics_file.read_text()
+    for tag in ("E1_U9_S1152", "E2_U18_S2304", "last", "best_model.loss.val.total"):
+        expected = torch.load(checkpoint_path(reference, "classifier", tag, "model"), weights_only=True)
+        actual = torch.load(checkpoint_path(resumed, "classifier", tag, "model"), weights_only=True)
+        assert actual["training_iteration"] == expected["training_iteration"], tag
+        assert_identical(actual["state_dict"], expected["state_dict"])
+    assert_identical(
+        torch.load(checkpoint_path(resumed, "classifier", "last", "model", ema_factor=0.9), weights_only=True)["state_dict"],
+        torch.load(checkpoint_path(reference, "classifier", "last", "model", ema_factor=0.9), weights_only=True)["state_dict"],
+    )

@@ -26,6 +26,7 @@ is listed in one place and restored in the order it was registered.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -195,10 +196,20 @@ class CheckpointManager:
             if request.own_members is not None and request.tag not in resumable_tags:
                 self._save_own_members(request, counter.cur_iteration)
 
-    def save_interrupt(self, counter: UpdateCounter) -> str:
-        """A resumable set of everything at the current step, written by every rank together."""
+    def capture(self) -> dict[str, Any]:
+        """A copy of every trainer-state part as it is now (this rank's), for `save_interrupt` to write later
+        in place of the parts' values then: the state before the evaluations of a step that a signal may cut."""
+        return {name: copy.deepcopy(part.save()) for name, part in self._parts.items()}
+
+    def discard_step(self) -> None:
+        """Forget the saves and deletions asked for in this step (a step whose hooks run again on resume)."""
+        self._pending, self._pending_deletions = [], []
+
+    def save_interrupt(self, counter: UpdateCounter, captured: dict[str, Any] | None = None) -> str:
+        """A resumable set of everything at the current step, written by every rank together; with `captured`
+        (see `capture`), the trainer state is that one."""
         tag = f"{counter.cur_iteration}.signal_interrupt"
-        self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter)
+        self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter, captured=captured)
         return tag
 
     def save_on_failure(
@@ -257,11 +268,14 @@ class CheckpointManager:
             for alias in request.aliases:
                 self.store.link(request.tag, alias, members)
 
-    def _save_resumable(self, request: SaveRequest, counter: UpdateCounter, *, all_ranks: bool = True) -> list[Member]:
+    def _save_resumable(
+        self, request: SaveRequest, counter: UpdateCounter, *, all_ranks: bool = True, captured: dict[str, Any] | None = None
+    ) -> list[Member]:
         """Weights, optimizer state, callbacks' members and the trainer state under `request.tag`.
         Returns the members written (none on a rank that writes nothing)."""
         started = time.monotonic()
-        local = {name: part.save() for name, part in self._parts.items() if part.per_rank}
+        value_of = (lambda name, part: captured[name]) if captured is not None else (lambda name, part: part.save())
+        local = {name: value_of(name, part) for name, part in self._parts.items() if part.per_rank}
         per_rank = distributed.gather_to_all(local) if all_ranks else [local]
         sharded = self.sharded and all_ranks
         if not (self.is_main_process or sharded):
@@ -275,7 +289,7 @@ class CheckpointManager:
             sharded=self.sharded,
         )
         members.update(self._members_of_callbacks(request.tag, counter))
-        trainer_state = self._trainer_state(per_rank) if self.is_main_process else None
+        trainer_state = self._trainer_state(per_rank, captured) if self.is_main_process else None
         if trainer_state is not None and not request.optim and self._has_optimizer(request):
             trainer_state[NOT_RESUMABLE] = "no optimizer state (saved without it): training cannot continue from it"
         self.store.save(request.tag, counter.cur_iteration, members, trainer_state, trainer_model_name=self.model.name)
@@ -299,10 +313,13 @@ class CheckpointManager:
                 "(another save there would leave that checkpoint with weights of another iteration)"
             )
 
-    def _trainer_state(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    def _trainer_state(self, per_rank: list[dict[str, Any]], captured: dict[str, Any] | None = None) -> dict[str, Any]:
         state = {}
         for name, part in self._parts.items():
-            state[name] = [states[name] for states in per_rank] if part.per_rank else part.save()
+            if part.per_rank:
+                state[name] = [states[name] for states in per_rank]
+            else:
+                state[name] = captured[name] if captured is not None else part.save()
         return state
 
     def prune(self, owner: RetentionOwner, tags: Iterable[str], keep: int) -> None:

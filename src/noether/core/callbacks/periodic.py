@@ -14,6 +14,11 @@ from noether.core.utils.training.counter import UpdateCounter
 IntervalType = Literal["epoch", "update", "sample", "eval"]
 
 
+class EvaluationInterrupted(BaseException):  # noqa: N818 - a stop, not an error: not caught by `except Exception`
+    """A signal asked every rank to stop during a data pass: the step's hooks are abandoned and run again
+    on resume, from the state the trainer captured before them."""
+
+
 class PeriodicCallback(CallbackBase):
     """Runs `periodic_callback` on its schedule (every n epochs, updates, samples or seconds) and on `at_eval`."""
 
@@ -108,8 +113,15 @@ class PeriodicDataIteratorCallback(PeriodicCallback):
         model = self.context.model
         was_training = model.training
         model.eval()
+        trainer = self.context.trainer
+        results = []
         try:
-            results = [self.process_data(batch, trainer_model=model) for batch in self._batches(data_iter)]
+            for batch in self._batches(data_iter):
+                results.append(self.process_data(batch, trainer_model=model))
+                if trainer.evaluation_interrupted():
+                    raise EvaluationInterrupted(
+                        f"{self.state_key} stopped after {len(results)} batch(es) of '{self.dataset_key}'"
+                    )
         finally:
             model.train(was_training)
         collated = gather_results(collate_results(results), len(self.dataset), self.context.world_size)

@@ -87,6 +87,10 @@ class LogWriter:
     def with_prefix(self, prefix: str) -> PrefixedLogWriter:
         return PrefixedLogWriter(self, prefix)
 
+    def discard_step(self) -> None:
+        """Forget what this step logged (its hooks run again on resume and log it then)."""
+        self.log_cache.clear()
+
     def flush(self, update_counter: UpdateCounter) -> dict[str, float]:
         """Write the cached values as one metrics.jsonl line and clear the cache."""
         if not self.log_cache:

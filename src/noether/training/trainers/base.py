@@ -28,7 +28,7 @@ from noether.core.callbacks.default import (
     TrainingLossCallback,
     TrainingLossCallbackConfig,
 )
-from noether.core.callbacks.periodic import PeriodicCallback, PeriodicDataIteratorCallback
+from noether.core.callbacks.periodic import EvaluationInterrupted, PeriodicCallback, PeriodicDataIteratorCallback
 from noether.core.checkpoint_store import Member
 from noether.core.checkpointing import capture_rng_states, restore_rng_states
 from noether.core.config import ConfigError, RegistryConfig, build, by_kind
@@ -52,6 +52,8 @@ logger = logging.getLogger("noether.trainer")
 TRAINING_LIMITS = ("max_epochs", "max_updates", "max_samples")
 Precision = Literal["float32", "bfloat16", "float16"]
 _NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+REDO_STEP_HOOKS = "redo_step_hooks"
+"""Trainer-state part: True in an interrupt checkpoint taken while a signal cut the step's evaluations."""
 PER_STEP_HOOKS = ("track_after_accumulation_step", "track_after_update_step", "track_after_skipped_update")
 
 
@@ -126,6 +128,8 @@ class BaseTrainer:
         self.clock = TrainingClock(timed)
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
+        self._redo_step_hooks = False  # set by a resume from a checkpoint whose step's evaluations a signal cut
+        self._evaluations_stoppable = False  # while the hooks of a step whose prior state was captured run
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self._register_checkpoint_state()
 
@@ -198,8 +202,10 @@ class BaseTrainer:
             # every rank leaves the loop on the value all ranks agreed on, never on a flag a signal set
             # after the last agreement: one rank would otherwise gather for the interrupt save while
             # another runs the next update
-            stop_agreed = False
+            stop_agreed = evaluations_interrupted = False
             try:
+                if self._redo_step_hooks:  # a signal cut the evaluations of this step: they run again
+                    self._end_step(counter, data_iter=None)
                 while not counter.is_finished and not stop_agreed and self.early_stop is None:
                     if self.deadline is not None:
                         self.deadline.step_started()
@@ -207,12 +213,17 @@ class BaseTrainer:
                     counter.training_seconds = self.clock.read()
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
-                    self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
-                    if counter.is_full_epoch:
-                        self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
-                    self.context.log_writer.flush(counter)
-                    checkpoints.flush(counter)
-                    checkpoints.check()
+                    before_evaluations = checkpoints.capture() if self._evaluations_due(counter) else None
+                    self._evaluations_stoppable = before_evaluations is not None
+                    try:
+                        self._end_step(counter, data_iter)
+                    except EvaluationInterrupted as interruption:
+                        assert before_evaluations is not None  # only then does a data pass ask to stop
+                        self._stop_during_evaluations(counter, before_evaluations, interruption)
+                        evaluations_interrupted = True
+                        break
+                    finally:
+                        self._evaluations_stoppable = False
                     if self.deadline is not None and self.stop_requested is None:
                         self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
@@ -229,6 +240,8 @@ class BaseTrainer:
                 checkpoints.save_on_failure(counter, error, before_update=undo_partial_update, every_rank=every_rank)
                 raise
 
+            if evaluations_interrupted:
+                return counter
             # signals from here on only ask for what happens anyway: the final checkpoints, complete
             self.finishing = True
             self._dispatch("after_training", update_counter=counter)
@@ -236,6 +249,42 @@ class BaseTrainer:
             checkpoints.flush(counter)
             checkpoints.wait()
         return counter
+
+    def _end_step(self, counter: UpdateCounter, data_iter: Any) -> None:
+        """The hooks after an update, then its metrics row and checkpoints."""
+        self._dispatch("after_update", update_counter=counter, data_iter=data_iter, periodic_only=True)
+        if counter.is_full_epoch:
+            self._dispatch("after_epoch", update_counter=counter, data_iter=data_iter, periodic_only=True)
+        self.context.log_writer.flush(counter)
+        self.context.checkpoints.flush(counter)
+        self.context.checkpoints.check()
+
+    def _evaluations_due(self, counter: UpdateCounter) -> bool:
+        """Whether a data pass may run after this update (a due data callback, or a due callback that
+        evaluates children): then the state before the step's hooks is captured, for a signal during it."""
+        for callback in self.callbacks:
+            if not isinstance(callback, PeriodicCallback):
+                continue
+            due = callback.is_due_after_update(counter) or (counter.is_full_epoch and callback.is_due_after_epoch(counter))
+            evaluators = [callback, *getattr(callback, "eval_callbacks", [])]
+            if due and any(isinstance(member, PeriodicDataIteratorCallback) for member in evaluators):
+                return True
+        return False
+
+    def _stop_during_evaluations(
+        self, counter: UpdateCounter, before_evaluations: dict[str, Any], interruption: EvaluationInterrupted
+    ) -> None:
+        """The interrupt checkpoint of a step whose evaluations a signal cut: the trainer state captured before
+        the step's hooks, marked so that a resume runs them all again; nothing of the step is logged or saved."""
+        checkpoints = self.context.checkpoints
+        checkpoints.discard_step()
+        self.context.log_writer.discard_step()
+        tag = checkpoints.save_interrupt(counter, {**before_evaluations, REDO_STEP_HOOKS: True})
+        checkpoints.wait()
+        logger.info(
+            f"stopping on {self.stop_requested} during the evaluations after update {counter.update} ({interruption}); "
+            f"a resume from '{tag}' runs them again"
+        )
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
         """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself
@@ -305,6 +354,11 @@ class BaseTrainer:
         parameters = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.max_grad_norm, foreach=True)
         self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def evaluation_interrupted(self) -> bool:
+        """Only in a step the trainer captured the state before (`_evaluations_due`, the same on every rank):
+        elsewhere a pass runs to its end and the stop comes after the update, as for any callback."""
+        return self._evaluations_stoppable and distributed.any_rank(self.stop_requested is not None)
 
     def stop_early(self, reason: str) -> None:
         """End training after this step, as its limit would (`after_training`, `last`); for early stoppers."""
@@ -413,6 +467,7 @@ class BaseTrainer:
         checkpoints.register("early_stop", lambda: self.early_stop, self._load_early_stop)
         checkpoints.register("nonfinite_skipped_updates", lambda: self.nonfinite.skipped_updates, self._load_skipped_updates)
         checkpoints.register("training_clock", self.clock.state_dict, lambda saved, tag: self.clock.load_state_dict(saved))
+        checkpoints.register(REDO_STEP_HOOKS, lambda: False, lambda saved, tag: setattr(self, "_redo_step_hooks", bool(saved)))
         checkpoints.register_members(self._callback_members)
 
     def callback_states(self) -> dict[str, Any]:
