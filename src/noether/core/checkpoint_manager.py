@@ -404,6 +404,20 @@ class CheckpointManager:
         """One part of the trainer state saved under `tag` (None when it has none), without loading the rest."""
         return load_trainer_state(self.store, self.model.name, tag).get(name)
 
+    def link_weights(
+        self, source_tag: str, tags: Iterable[str], model_names: tuple[str, ...] | None, save_frozen_weights: bool
+    ) -> bool:
+        """Name the model weights of set `source_tag` also `tags` (rank 0); False, and nothing written, when
+        `source_tag` lacks them or the sets are sharded."""
+        names = None if model_names is None else list(model_names)
+        members = model_members(self.model, model_names=names, save_frozen_weights=save_frozen_weights, sharded=False)
+        if self.sharded or not members or not all(self.store.exists(member, source_tag) for member in members):
+            return False
+        if self.is_main_process:
+            for tag in tags:
+                self.store.link(source_tag, tag, list(members))
+        return True
+
     def holds(self, tag: str) -> bool:
         """Whether any file of set `tag` is on disk."""
         return bool(self.store.info(tag).files)

@@ -20,6 +20,7 @@ from noether.core.config import ConfigError, build, by_kind
 from noether.core.models.base import select_models
 from noether.core.providers.path import metric_tag
 from noether.core.utils.training.counter import UpdateCounter
+from noether.core.utils.training.iteration import TrainingIteration
 
 
 class BestCheckpointCallbackConfig(CallBackBaseConfig):
@@ -80,6 +81,7 @@ class BestCheckpointCallback(PeriodicCallback):
         self.tolerance_counter = 0
         self.tolerances_is_exceeded = {tolerance: False for tolerance in self.tolerances}
         self.best_value_at_tolerance: dict[int, float] = {}
+        self.best_iteration: TrainingIteration | None = None
         self.top_k: list[tuple[float, str]] = []
         """(value, tag) of the k best evaluations kept, best first; ties rank the earlier first."""
         child_context = context.with_log_prefix(f"best={metric_tag(self.metric_key)}/")
@@ -110,6 +112,8 @@ class BestCheckpointCallback(PeriodicCallback):
 
     def before_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         self._check_config_against_other_callbacks()
+        if self.has_best and not self.context.checkpoints.holds(self.best_tag):
+            self._restore_best_files()
         for child in self.eval_callbacks:
             child.before_training(update_counter=update_counter, **kwargs)
 
@@ -121,6 +125,7 @@ class BestCheckpointCallback(PeriodicCallback):
         top_k_tag = self._enter_top_k(value, f"{self.best_tag}.{update_counter.cur_iteration}")
         if self._is_better(value):
             self.best_metric_value = value
+            self.best_iteration = update_counter.cur_iteration
             self.tolerance_counter = 0
             self._save(top_k_tag)
             self._evaluate_children(update_counter)
@@ -154,6 +159,8 @@ class BestCheckpointCallback(PeriodicCallback):
             "tolerances_is_exceeded": {str(t): exceeded for t, exceeded in self.tolerances_is_exceeded.items()},
             "best_value_at_tolerance": {str(t): value for t, value in self.best_value_at_tolerance.items()},
         }
+        if self.best_iteration is not None:
+            state["best_iteration"] = self.best_iteration.to_dict()
         if self.config.save_top_k:
             state["top_k"] = [[value, tag] for value, tag in self.top_k]
         return state
@@ -171,10 +178,31 @@ class BestCheckpointCallback(PeriodicCallback):
         self.tolerances_is_exceeded = saved_exceeded
         self.best_value_at_tolerance = {int(t): value for t, value in state_dict["best_value_at_tolerance"].items()}
         self.top_k = [(value, tag) for value, tag in state_dict.get("top_k", [])]
+        best_iteration = state_dict.get("best_iteration")
+        self.best_iteration = None if best_iteration is None else TrainingIteration.from_dict(best_iteration)
 
     # -------------------------------------------------------------------------------------------
     def _is_better(self, value: float) -> bool:
         return value > self.best_metric_value if self.higher_is_better else value < self.best_metric_value
+
+    def _restore_best_files(self) -> None:
+        """A resume from an earlier checkpoint (a branch) set aside the best file the later history wrote: the
+        best of this history is the set at `best_iteration`, named best again (with its open tolerances)
+        from the periodic set of that iteration when one holds its weights."""
+        open_tolerances = [self.tolerance_tag(t) for t in self.tolerances if not self.tolerances_is_exceeded[t]]
+        source = str(self.best_iteration) if self.best_iteration is not None else None
+        names = None if self.model_names is None else tuple(self.model_names)
+        restored = source is not None and self.context.checkpoints.link_weights(
+            source, [self.best_tag, *open_tolerances], names, self.save_frozen_weights
+        )
+        if restored:
+            self.logger.info(f"'{self.best_tag}' is the model of '{source}' again, the best of this history")
+        elif self.context.rank == 0:
+            where = f" (at {source})" if source else ""
+            self.logger.warning(
+                f"'{self.best_tag}' of this history{where} is not on disk: a later best of the history set aside "
+                "replaced it, and no periodic checkpoint holds its weights; the next improvement writes it again"
+            )
 
     def _enter_top_k(self, value: float, tag: str) -> str | None:
         """With save_top_k: rank `value` among the kept evaluations; the one it pushes out is deleted at the
