@@ -85,10 +85,12 @@ class SlowValidationLossConfig(OfflineLossCallbackConfig):
     `signalled_file` (a resumed run does not signal again)."""
     signalled_file: str | None = None
     """Written with the number of batches the pass had done when the signal was sent."""
+    fail: bool = False
+    """Raise RuntimeError at `signal_after` instead of sending the signal."""
 
 
 class SlowValidationLoss(OfflineLossCallback):
-    """An evaluation long enough for a scheduler's SIGTERM to land inside it."""
+    """An evaluation long enough for a scheduler's SIGTERM to land inside it (or one that fails midway)."""
 
     config: SlowValidationLossConfig
 
@@ -100,6 +102,8 @@ class SlowValidationLoss(OfflineLossCallback):
             update, after_batch = config.signal_after
             if self._update == update and self._batches_done == after_batch:
                 Path(config.signalled_file).write_text(str(self._batches_done))
+                if config.fail:
+                    raise RuntimeError(f"validation failed after batch {self._batches_done}")
                 os.kill(os.getpid(), signal.SIGTERM)
         return super().process_data(batch, trainer_model=trainer_model)
 

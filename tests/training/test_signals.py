@@ -264,7 +264,7 @@ def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
 
 
 # --------------------------------------------------------------------------------- a signal during an evaluation
-def slow_validation_tree(output_path: Path, signalled_file: Path | None) -> dict[str, Any]:
+def slow_validation_tree(output_path: Path, signalled_file: Path | None, *, fail: bool = False) -> dict[str, Any]:
     """Validation in batches of 16 (23 batches), 20 ms each, after every epoch; the first launch is signalled
     after the 3rd batch of the pass after update 9, before the best model and the checkpoints of that step."""
     slow = {
@@ -275,7 +275,7 @@ def slow_validation_tree(output_path: Path, signalled_file: Path | None) -> dict
         "seconds_per_batch": 0.02,
     }
     if signalled_file is not None:
-        slow.update({"signal_after": [9, 3], "signalled_file": str(signalled_file)})
+        slow.update({"signal_after": [9, 3], "signalled_file": str(signalled_file), "fail": fail})
     return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, slow, BEST, CHECKPOINT])
 
 
@@ -306,3 +306,25 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resume_runs_the_steps_hoo
         torch.load(checkpoint_path(resumed, "classifier", "last", "model", ema_factor=0.9), weights_only=True)["state_dict"],
         torch.load(checkpoint_path(reference, "classifier", "last", "model", ema_factor=0.9), weights_only=True)["state_dict"],
     )
+
+
+def test_an_evaluation_that_fails_midway_is_run_again_by_the_resume_of_its_error_checkpoint(tmp_path):
+    """The error checkpoint of a failure in a step's hooks holds the state before them: the resume runs the
+    whole step again (its metrics row, best model and checkpoints are not lost)."""
+    reference = train(slow_validation_tree(tmp_path / "reference", None))
+    tree = slow_validation_tree(tmp_path / "failed", tmp_path / "failed-once", fail=True)
+
+    with pytest.raises(RuntimeError, match="validation failed after batch 3"):
+        train(tree)
+    failed = PathProvider(tmp_path / "failed", "run")
+    assert checkpoint_path(failed, "classifier", "E1_U9_S1152.error", "trainer").exists()
+
+    resumed = train(tree, resume="auto")
+
+    assert "resuming from the newest complete checkpoint 'E1_U9_S1152.error'" in resumed.log_file.read_text()
+    assert resumed.metrics_file.read_text() == reference.metrics_file.read_text()
+    for tag in ("E1_U9_S1152", "last", "best_model.loss.val.total"):
+        expected = torch.load(checkpoint_path(reference, "classifier", tag, "model"), weights_only=True)
+        actual = torch.load(checkpoint_path(resumed, "classifier", tag, "model"), weights_only=True)
+        assert actual["training_iteration"] == expected["training_iteration"], tag
+        assert_identical(actual["state_dict"], expected["state_dict"])

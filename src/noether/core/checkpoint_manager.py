@@ -219,6 +219,7 @@ class CheckpointManager:
         *,
         before_update: Callable[[], None] | None,
         every_rank: bool = False,
+        captured: dict[str, Any] | None = None,
     ) -> None:
         """Write `{iteration}.error` (not on a forced stop by a second Ctrl-C), then wait for every write.
 
@@ -227,21 +228,29 @@ class CheckpointManager:
         together, so a sharded run with several processes then gets no error set.
         Snapshots asked for earlier in the failed step are written first: the callback states of the
         error set already count them. `before_update` undoes what a half-done update drew from the RNG.
+        With `captured` (see `capture`: the state before the failed step's hooks, which a resume runs again),
+        the trainer state is that one; the step's snapshots are still written (the resume writes the same),
+        its deletions are left to the resume.
         """
         try:
             if self.sharded and distributed.is_distributed() and not every_rank:
                 logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
             elif not isinstance(error, KeyboardInterrupt):
                 pending, self._pending = self._pending, []
+                deletions, self._pending_deletions = self._pending_deletions, []
                 for request in pending:
                     if not request.resumable and request.own_members is None:
                         self._save_snapshot(request, counter.cur_iteration)
                 if before_update is not None:
                     before_update()
                 tag = f"{counter.cur_iteration}.error"
-                self._save_resumable(SaveRequest(tag, optim=True, resumable=True), counter, all_ranks=every_rank)
+                request = SaveRequest(tag, optim=True, resumable=True)
+                self._save_resumable(request, counter, all_ranks=every_rank, captured=captured)
                 if self.is_main_process:
                     logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
+                    if captured is None:  # the callbacks' states count them done (a captured step asks again)
+                        for deleted in deletions:
+                            self.store.delete(deleted)
             self.store.wait()
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
             logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")

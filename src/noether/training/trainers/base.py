@@ -130,6 +130,7 @@ class BaseTrainer:
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._redo_step_hooks = False  # set by a resume from a checkpoint whose step's evaluations a signal cut
         self._evaluations_stoppable = False  # while the hooks of a step whose prior state was captured run
+        self._before_step_hooks: dict[str, Any] | None = None  # that capture, while they run
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self._register_checkpoint_state()
 
@@ -215,15 +216,17 @@ class BaseTrainer:
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
                     before_evaluations = checkpoints.capture() if self._evaluations_due(counter) else None
                     self._evaluations_stoppable = before_evaluations is not None
+                    self._before_step_hooks = before_evaluations
                     try:
                         self._end_step(counter, data_iter)
                     except EvaluationInterrupted as interruption:
                         assert before_evaluations is not None  # only then does a data pass ask to stop
                         self._stop_during_evaluations(counter, before_evaluations, interruption)
-                        evaluations_interrupted = True
+                        evaluations_interrupted, self._before_step_hooks = True, None
                         break
                     finally:
                         self._evaluations_stoppable = False
+                    self._before_step_hooks = None
                     if self.deadline is not None and self.stop_requested is None:
                         self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
@@ -237,7 +240,11 @@ class BaseTrainer:
                 undo_partial_update = None if boundary is None else functools.partial(_restore_torch_rng_states, boundary)
                 # a non-finite loss stops every process at the same update: all of them can write the error set
                 every_rank = isinstance(error, NonFiniteLossError)
-                checkpoints.save_on_failure(counter, error, before_update=undo_partial_update, every_rank=every_rank)
+                # a failure in the hooks of a step whose prior state was captured: the resume runs them again
+                captured = None if self._before_step_hooks is None else {**self._before_step_hooks, REDO_STEP_HOOKS: True}
+                checkpoints.save_on_failure(
+                    counter, error, before_update=undo_partial_update, every_rank=every_rank, captured=captured
+                )
                 raise
 
             if evaluations_interrupted:
