@@ -19,6 +19,7 @@ import torch
 
 from noether.core.checkpoint_store import CheckpointStore, Member
 from noether.core.providers.path import PathProvider
+from noether.core.writers.checkpoint_writer import CheckpointLoadError
 from noether.training.run import train
 from tests.conftest import run_cli
 from tests.training.test_distributed import (
@@ -231,3 +232,17 @@ def test_a_sharded_checkpoint_is_evaluated_in_one_process(two_processes, tmp_pat
     )
     [line] = [line for line in result.stdout.splitlines() if line.startswith("loss/val/total: ")]
     assert float(line.split(": ")[1]) == pytest.approx(logged["loss/val/total"], abs=1e-5)
+
+
+def test_a_changed_shard_is_named_by_verify_and_refused_by_an_explicit_resume(two_processes, tmp_path):
+    paths = copy_run(two_processes, tmp_path)
+    shard = sorted((paths.checkpoint_dir / f"classifier_cp={RESUMED_TAG}_model.dcp").glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    verify = run_cli("noether-ckpt", "verify", str(paths.run_dir), cwd=tmp_path, check=False)
+    assert verify.returncode == 1
+    assert f"{shard.name}: its bytes changed since it was written (content hash differs)" in verify.stdout
+    with pytest.raises(CheckpointLoadError, match=f"checkpoint '{RESUMED_TAG}' is damaged"):
+        train(sharded_tree(tmp_path), resume="run", checkpoint=RESUMED_TAG)
