@@ -110,3 +110,15 @@ class SlowValidationLoss(OfflineLossCallback):
     def periodic_callback(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
         self._update, self._batches_done = update_counter.update, 0
         super().periodic_callback(update_counter=update_counter, **kwargs)
+
+
+def slow_validation(**extra: Any) -> dict[str, Any]:
+    """Validation in batches of 16 (23 of them), 20 ms each, after every epoch."""
+    return {
+        "kind": "tests.support.interrupting.SlowValidationLoss",
+        "every_n_epochs": 1,
+        "dataset_key": "val",
+        "batch_size": 16,
+        "seconds_per_batch": 0.02,
+        **extra,
+    }

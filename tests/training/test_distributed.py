@@ -28,6 +28,7 @@ from noether.examples.digits import DigitsDataset, DigitsDatasetConfig
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, tiny_config
 from tests.support.checkpoints import checkpoint_path
+from tests.support.interrupting import slow_validation
 from tests.support.timed import read_record
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -408,14 +409,8 @@ def test_noether_eval_under_torchrun_evaluates_on_every_rank_what_the_run_logged
 def test_sigterm_during_an_evaluation_stops_every_rank_there_and_the_resume_ends_as_a_run_never_stopped(tmp_path):
     """The validation pass after update 9 is cut after its 3rd batch by a SIGTERM to one process; both ranks
     leave it at the same batch (they agree after every batch), and `--resume auto` runs the step's hooks again."""
-    slow = {
-        "kind": "tests.support.interrupting.SlowValidationLoss",
-        "every_n_epochs": 1,
-        "dataset_key": "val",
-        "batch_size": 16,
-        "seconds_per_batch": 0.02,
-    }
-    signalling = {**slow, "signal_after": [9, 3], "signalled_file": str(tmp_path / "signalled")}
+    slow = slow_validation()
+    signalling = slow_validation(signal_after=[9, 3], signalled_file=str(tmp_path / "signalled"))
     reference_tree = tiny_config(tmp_path / "reference", max_batch_size=32, callbacks=[slow, BEST, CHECKPOINT])
     tree = tiny_config(tmp_path / "stopped", max_batch_size=32, callbacks=[signalling, BEST, CHECKPOINT])
     for name, config in (("reference", reference_tree), ("stopped", tree)):

@@ -18,6 +18,7 @@ from noether.core.providers.path import PathProvider
 from noether.training.run import train
 from tests.conftest import cli_command, cli_env, run_cli, tiny_config
 from tests.support.checkpoints import checkpoint_path
+from tests.support.interrupting import slow_validation
 
 CHECKPOINT = {
     "kind": "noether.core.callbacks.CheckpointCallback",
@@ -267,15 +268,9 @@ def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
 def slow_validation_tree(output_path: Path, signalled_file: Path | None, *, fail: bool = False) -> dict[str, Any]:
     """Validation in batches of 16 (23 batches), 20 ms each, after every epoch; the first launch is signalled
     after the 3rd batch of the pass after update 9, before the best model and the checkpoints of that step."""
-    slow = {
-        "kind": "tests.support.interrupting.SlowValidationLoss",
-        "every_n_epochs": 1,
-        "dataset_key": "val",
-        "batch_size": 16,
-        "seconds_per_batch": 0.02,
-    }
+    slow = slow_validation()
     if signalled_file is not None:
-        slow.update({"signal_after": [9, 3], "signalled_file": str(signalled_file), "fail": fail})
+        slow = slow_validation(signal_after=[9, 3], signalled_file=str(signalled_file), fail=fail)
     return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, slow, BEST, CHECKPOINT])
 
 

@@ -48,12 +48,8 @@ CHILDREN = [
     {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "test"},
     {"kind": "tests.support.scripted_metric.HookRecorder", "every_n_epochs": 1},
 ]
-REFERENCE_CALLBACKS = [
-    # the live model's test loss, to compare with what the best model's children report
-    {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "test"},
-    scripted(SCRIPT),
-    best_callback(tolerances=[3, 1], eval_callbacks=CHILDREN),
-    # the weights of every epoch, to tell which model a best file holds
+EPOCH_WEIGHTS_AND_LATEST = [
+    # the weights of every epoch, to tell which model a best (or top-k) file holds
     {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_weights": True, "save_optim": False},
     # `latest` every 4 epochs, to resume from
     {
@@ -64,6 +60,13 @@ REFERENCE_CALLBACKS = [
         "save_latest_weights": True,
         "save_latest_optim": True,
     },
+]
+REFERENCE_CALLBACKS = [
+    # the live model's test loss, to compare with what the best model's children report
+    {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "test"},
+    scripted(SCRIPT),
+    best_callback(tolerances=[3, 1], eval_callbacks=CHILDREN),
+    *EPOCH_WEIGHTS_AND_LATEST,
 ]
 
 
@@ -305,17 +308,7 @@ def test_cli_reports_a_metric_no_callback_logs_in_one_line(tmp_path: Path, write
 TOP_K_CALLBACKS = [
     scripted(SCRIPT),
     best_callback(save_top_k=3),
-    # the weights of every epoch, to tell which model a top-k file holds
-    {"kind": "noether.core.callbacks.CheckpointCallback", "every_n_epochs": 1, "save_weights": True, "save_optim": False},
-    # `latest` every 4 epochs, to resume from
-    {
-        "kind": "noether.core.callbacks.CheckpointCallback",
-        "every_n_epochs": 4,
-        "save_weights": False,
-        "save_optim": False,
-        "save_latest_weights": True,
-        "save_latest_optim": True,
-    },
+    *EPOCH_WEIGHTS_AND_LATEST,
 ]
 
 
