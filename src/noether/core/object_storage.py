@@ -542,10 +542,6 @@ class BucketMirror:
         self.uploader.submit(_Job(f"setting aside the sets after {iteration}", [[move]]))
 
     # ----------------------------------------------------------------------------- called by the run
-    def upload_run_files(self) -> None:
-        """metrics.jsonl and the other run files as they are when their turn comes (one pending job)."""
-        self.uploader.submit(_Job("run files", [self._run_files_steps()], key="run files"))
-
     def upload_new_sets(self, local_sets: Iterable[list[Path]]) -> None:
         """At start, with the run's lease held: sets committed in the cache that are not whole in the bucket
         (a stop cut their upload short, or the bucket was unreachable until the end) are queued, and parts
@@ -563,8 +559,8 @@ class BucketMirror:
                 self.committed(files)
 
     def close(self) -> None:
-        """Wait for the queue (the run files once more first); UploadError naming what stayed local."""
-        self.upload_run_files()
+        """Wait for the queue (the run files as they end first); UploadError naming what stayed local."""
+        self.uploader.submit(_Job("run files", [self._run_files_steps()], key="run files"))
         left = self.uploader.close()
         if left:
             raise UploadError(

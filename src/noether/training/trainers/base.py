@@ -129,8 +129,9 @@ class BaseTrainer:
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal no longer stops anything
         self._redo_step_hooks = False  # set by a resume from a checkpoint whose step's evaluations a signal cut
-        self._evaluations_stoppable = False  # while the hooks of a step whose prior state was captured run
-        self._before_step_hooks: dict[str, Any] | None = None  # that capture, while they run
+        # the trainer state before the hooks of a step in which a data pass may run, while they run: a signal
+        # then stops the pass, and a failure in them saves this state for a resume that runs them again
+        self._before_step_hooks: dict[str, Any] | None = None
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self._register_checkpoint_state()
 
@@ -214,18 +215,14 @@ class BaseTrainer:
                     counter.training_seconds = self.clock.read()
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
-                    before_evaluations = checkpoints.capture() if self._evaluations_due(counter) else None
-                    self._evaluations_stoppable = before_evaluations is not None
-                    self._before_step_hooks = before_evaluations
+                    self._before_step_hooks = checkpoints.capture() if self._evaluations_due(counter) else None
                     try:
                         self._end_step(counter, data_iter)
                     except EvaluationInterrupted as interruption:
-                        assert before_evaluations is not None  # only then does a data pass ask to stop
-                        self._stop_during_evaluations(counter, before_evaluations, interruption)
+                        assert self._before_step_hooks is not None  # only then does a data pass ask to stop
+                        self._stop_during_evaluations(counter, self._before_step_hooks, interruption)
                         evaluations_interrupted, self._before_step_hooks = True, None
                         break
-                    finally:
-                        self._evaluations_stoppable = False
                     self._before_step_hooks = None
                     if self.deadline is not None and self.stop_requested is None:
                         self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
@@ -365,7 +362,7 @@ class BaseTrainer:
     def evaluation_interrupted(self) -> bool:
         """Only in a step the trainer captured the state before (`_evaluations_due`, the same on every rank):
         elsewhere a pass runs to its end and the stop comes after the update, as for any callback."""
-        return self._evaluations_stoppable and distributed.any_rank(self.stop_requested is not None)
+        return self._before_step_hooks is not None and distributed.any_rank(self.stop_requested is not None)
 
     def stop_early(self, reason: str) -> None:
         """End training after this step, as its limit would (`after_training`, `last`); for early stoppers."""
