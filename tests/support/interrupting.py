@@ -80,9 +80,11 @@ class SlowAfterTrainingCallback(PeriodicCallback):
 
 class SlowValidationLossConfig(OfflineLossCallbackConfig):
     seconds_per_batch: float
-    signal_after: tuple[PositiveInt, PositiveInt] | None = None
-    """(update, batch): SIGTERM to this process after that batch of the pass after that update, once per
-    `signalled_file` (a resumed run does not signal again)."""
+    signal_after: tuple[PositiveInt | Literal["final"], PositiveInt] | None = None
+    """(update, batch): SIGTERM to this process after that batch of the pass after that update (`final`: of the
+    `final_pass`), once per `signalled_file` (a resumed run does not signal again)."""
+    final_pass: bool = False
+    """Evaluate once more in `after_training`, as a final test-set pass would."""
     signalled_file: str | None = None
     """Written with the number of batches the pass had done when the signal was sent."""
     fail: bool = False
@@ -108,8 +110,12 @@ class SlowValidationLoss(OfflineLossCallback):
         return super().process_data(batch, trainer_model=trainer_model)
 
     def periodic_callback(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        self._update, self._batches_done = update_counter.update, 0
+        self._update, self._batches_done = kwargs.pop("pass_name", update_counter.update), 0
         super().periodic_callback(update_counter=update_counter, **kwargs)
+
+    def after_training(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
+        if self.config.final_pass:
+            self.periodic_callback(interval_type="update", update_counter=update_counter, pass_name="final")
 
 
 def slow_validation(**extra: Any) -> dict[str, Any]:

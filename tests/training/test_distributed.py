@@ -408,15 +408,20 @@ def test_noether_eval_under_torchrun_evaluates_on_every_rank_what_the_run_logged
 
 def test_sigterm_during_an_evaluation_stops_every_rank_there_and_the_resume_ends_as_a_run_never_stopped(tmp_path):
     """The validation pass after update 9 is cut after its 3rd batch by a SIGTERM to one process; both ranks
-    leave it at the same batch (they agree after every batch), and `--resume auto` runs the step's hooks again."""
-    slow = slow_validation()
+    leave it at the same batch (they agree after every batch), and `--resume auto` runs the step's hooks again.
+    The resumed run is stopped again in after_training's test pass, and the next resume finishes it."""
+    slow, final = slow_validation(), slow_validation(dataset_key="test", final_pass=True)
     signalling = slow_validation(signal_after=[9, 3], signalled_file=str(tmp_path / "signalled"))
-    reference_tree = tiny_config(tmp_path / "reference", max_batch_size=32, callbacks=[slow, BEST, CHECKPOINT])
-    tree = tiny_config(tmp_path / "stopped", max_batch_size=32, callbacks=[signalling, BEST, CHECKPOINT])
+    final_signalling = {**final, "signal_after": ["final", 2], "signalled_file": str(tmp_path / "signalled-final")}
+    reference_tree = tiny_config(tmp_path / "reference", max_batch_size=32, callbacks=[slow, final, BEST, CHECKPOINT])
+    tree = tiny_config(tmp_path / "stopped", max_batch_size=32, callbacks=[signalling, final_signalling, BEST, CHECKPOINT])
     for name, config in (("reference", reference_tree), ("stopped", tree)):
         result = run_torchrun(write_yaml(config, tmp_path / f"{name}.yaml"))
         if name == "stopped":
             assert "during the evaluations after update 9" in result.stdout + result.stderr
+    result = run_torchrun(tmp_path / "stopped.yaml", "--resume", "auto")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "during the evaluations of after_training" in result.stdout + result.stderr
     result = run_torchrun(tmp_path / "stopped.yaml", "--resume", "auto")
     assert result.returncode == 0, result.stdout + result.stderr
 

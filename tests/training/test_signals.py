@@ -203,7 +203,7 @@ def test_signals_during_after_training_and_the_final_writes_let_every_final_chec
         for kind in ("model", "optim", "trainer"):
             assert torch.load(checkpoint_path(paths, "classifier", tag, kind), weights_only=True), (tag, kind)
     assert not list(paths.checkpoint_dir.glob(".*.tmp")) and not list(paths.checkpoint_dir.glob("*.staged*"))
-    assert "SIGTERM received: finishing the final checkpoints first" in paths.log_file.read_text()
+    assert "SIGTERM received in after_training: a data pass stops, its other work finishes first" in paths.log_file.read_text()
 
 
 def test_sigint_inherited_as_ignored_stays_ignored(tmp_path, write_config):
@@ -265,17 +265,25 @@ def test_augmentation_in_two_data_loader_workers_resumes_exactly(tmp_path):
 
 
 # --------------------------------------------------------------------------------- a signal during an evaluation
-def slow_validation_tree(output_path: Path, signalled_file: Path | None, *, fail: bool = False) -> dict[str, Any]:
-    """Validation in batches of 16 (23 batches), 20 ms each, after every epoch; the first launch is signalled
-    after the 3rd batch of the pass after update 9, before the best model and the checkpoints of that step."""
-    slow = slow_validation()
+def slow_validation_tree(
+    output_path: Path, signalled_file: Path | None, *, fail: bool = False, signal_after: tuple[int | str, int] = (9, 3)
+) -> dict[str, Any]:
+    """Validation in batches of 16 (23 batches), 20 ms each, after every epoch and once more in after_training;
+    the first launch is signalled after the 3rd batch of the pass after update 9 (before the best model and the
+    checkpoints of that step), or of the pass `signal_after` names."""
+    slow = slow_validation(final_pass=True)
     if signalled_file is not None:
-        slow = slow_validation(signal_after=[9, 3], signalled_file=str(signalled_file), fail=fail)
+        slow = slow_validation(final_pass=True, signal_after=signal_after, signalled_file=str(signalled_file), fail=fail)
     return tiny_config(output_path, log_every_n_updates=3, callbacks=[COUNTING, EMA, slow, BEST, CHECKPOINT])
 
 
-def test_sigterm_during_an_evaluation_stops_it_and_the_resume_runs_the_steps_hooks_again_exactly(tmp_path):
-    reference = train(slow_validation_tree(tmp_path / "reference", None))
+@pytest.fixture(scope="module")
+def slow_reference(tmp_path_factory) -> PathProvider:
+    return train(slow_validation_tree(tmp_path_factory.mktemp("slow-reference"), None))
+
+
+def test_sigterm_during_an_evaluation_stops_it_and_the_resume_runs_the_steps_hooks_again_exactly(tmp_path, slow_reference):
+    reference = slow_reference
     signalled = tmp_path / "signalled"
     tree = slow_validation_tree(tmp_path / "stopped", signalled)
 
@@ -303,10 +311,10 @@ def test_sigterm_during_an_evaluation_stops_it_and_the_resume_runs_the_steps_hoo
     )
 
 
-def test_an_evaluation_that_fails_midway_is_run_again_by_the_resume_of_its_error_checkpoint(tmp_path):
+def test_an_evaluation_that_fails_midway_is_run_again_by_the_resume_of_its_error_checkpoint(tmp_path, slow_reference):
     """The error checkpoint of a failure in a step's hooks holds the state before them: the resume runs the
     whole step again (its metrics row, best model and checkpoints are not lost)."""
-    reference = train(slow_validation_tree(tmp_path / "reference", None))
+    reference = slow_reference
     tree = slow_validation_tree(tmp_path / "failed", tmp_path / "failed-once", fail=True)
 
     with pytest.raises(RuntimeError, match="validation failed after batch 3"):
@@ -323,3 +331,33 @@ def test_an_evaluation_that_fails_midway_is_run_again_by_the_resume_of_its_error
         actual = torch.load(checkpoint_path(resumed, "classifier", tag, "model"), weights_only=True)
         assert actual["training_iteration"] == expected["training_iteration"], tag
         assert_identical(actual["state_dict"], expected["state_dict"])
+
+
+def test_sigterm_during_an_evaluation_of_after_training_stops_it_and_the_resume_finishes_the_run_exactly(
+    tmp_path, slow_reference
+):
+    """The final pass stops after the batch the signal came in; the interrupt checkpoint holds the state from
+    before after_training, no `last` is written, and the resume runs after_training as the run never stopped."""
+    signalled = tmp_path / "signalled"
+    tree = slow_validation_tree(tmp_path / "stopped", signalled, signal_after=("final", 3))
+
+    stopped = train(tree)
+    log = stopped.log_file.read_text()
+    assert "SIGTERM received in after_training: a data pass stops" in log
+    assert "stopping on SIGTERM during the evaluations of after_training" in log
+    assert "stopped after 3 batch(es) of 'val'" in log
+    assert checkpoint_path(stopped, "classifier", "E2_U18_S2304.signal_interrupt", "trainer").exists()
+    assert not checkpoint_path(stopped, "classifier", "last", "model").exists()
+    reference_rows = slow_reference.metrics_file.read_text().splitlines()
+    assert stopped.metrics_file.read_text().splitlines() == reference_rows[:-1]  # all but after_training's row
+
+    resumed = train(tree, resume="auto")
+
+    assert resumed.metrics_file.read_text().splitlines() == reference_rows
+    assert "best/loss/val/total" in json.loads(reference_rows[-1]) and "loss/val/total" in json.loads(reference_rows[-1])
+    for tag in ("last", "best_model.loss.val.total"):
+        expected = torch.load(checkpoint_path(slow_reference, "classifier", tag, "model"), weights_only=True)
+        actual = torch.load(checkpoint_path(resumed, "classifier", tag, "model"), weights_only=True)
+        assert actual["training_iteration"] == expected["training_iteration"], tag
+        assert_identical(actual["state_dict"], expected["state_dict"])
+    assert "has finished" in train(tree, resume="auto").log_file.read_text()

@@ -127,11 +127,12 @@ class BaseTrainer:
         timed = [c for c in self.all_callbacks() if isinstance(c, PeriodicCallback) and c.schedule.is_timed]
         self.clock = TrainingClock(timed)
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
-        self.finishing = False  # the loop is left: a signal no longer stops anything
+        self.finishing = False  # the loop is left: a signal stops only after_training's data passes
         self._redo_step_hooks = False  # set by a resume from a checkpoint whose step's evaluations a signal cut
-        # the trainer state before the hooks of a step in which a data pass may run, while they run: a signal
-        # then stops the pass, and a failure in them saves this state for a resume that runs them again
-        self._before_step_hooks: dict[str, Any] | None = None
+        # the trainer state before hooks in which a data pass may run (a step's, after_training), while they
+        # run: a signal then stops the pass, and a failure in a step's hooks saves this state for a resume
+        # that runs them again
+        self._before_hooks: dict[str, Any] | None = None
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
         self._register_checkpoint_state()
 
@@ -215,15 +216,15 @@ class BaseTrainer:
                     counter.training_seconds = self.clock.read()
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
-                    self._before_step_hooks = checkpoints.capture() if self._evaluations_due(counter) else None
+                    self._before_hooks = checkpoints.capture() if self._evaluations_due(counter) else None
                     try:
                         self._end_step(counter, data_iter)
                     except EvaluationInterrupted as interruption:
-                        assert self._before_step_hooks is not None  # only then does a data pass ask to stop
-                        self._stop_during_evaluations(counter, self._before_step_hooks, interruption)
-                        evaluations_interrupted, self._before_step_hooks = True, None
+                        assert self._before_hooks is not None  # only then does a data pass ask to stop
+                        self._stop_during_evaluations(counter, self._before_hooks, interruption, redo_step_hooks=True)
+                        evaluations_interrupted, self._before_hooks = True, None
                         break
-                    self._before_step_hooks = None
+                    self._before_hooks = None
                     if self.deadline is not None and self.stop_requested is None:
                         self.stop_requested = self.deadline.reason_to_stop(checkpoints.last_save_seconds)
                     stop_agreed = distributed.any_rank(self.stop_requested is not None)
@@ -238,7 +239,7 @@ class BaseTrainer:
                 # a non-finite loss stops every process at the same update: all of them can write the error set
                 every_rank = isinstance(error, NonFiniteLossError)
                 # a failure in the hooks of a step whose prior state was captured: the resume runs them again
-                captured = None if self._before_step_hooks is None else {**self._before_step_hooks, REDO_STEP_HOOKS: True}
+                captured = None if self._before_hooks is None else {**self._before_hooks, REDO_STEP_HOOKS: True}
                 checkpoints.save_on_failure(
                     counter, error, before_update=undo_partial_update, every_rank=every_rank, captured=captured
                 )
@@ -246,9 +247,17 @@ class BaseTrainer:
 
             if evaluations_interrupted:
                 return counter
-            # signals from here on only ask for what happens anyway: the final checkpoints, complete
+            # signals from here on only ask for what happens anyway: the final checkpoints, complete; a data
+            # pass of after_training stops, and the resume of its interrupt checkpoint runs after_training again
             self.finishing = True
-            self._dispatch("after_training", update_counter=counter)
+            self._before_hooks = checkpoints.capture()
+            try:
+                self._dispatch("after_training", update_counter=counter)
+            except EvaluationInterrupted as interruption:
+                self._stop_during_evaluations(counter, self._before_hooks, interruption, redo_step_hooks=False)
+                return counter
+            finally:
+                self._before_hooks = None
             self.context.log_writer.flush(counter)
             checkpoints.flush(counter)
             checkpoints.wait()
@@ -276,19 +285,23 @@ class BaseTrainer:
         return False
 
     def _stop_during_evaluations(
-        self, counter: UpdateCounter, before_evaluations: dict[str, Any], interruption: EvaluationInterrupted
+        self,
+        counter: UpdateCounter,
+        before_evaluations: dict[str, Any],
+        interruption: EvaluationInterrupted,
+        *,
+        redo_step_hooks: bool,
     ) -> None:
-        """The interrupt checkpoint of a step whose evaluations a signal cut: the trainer state captured before
-        the step's hooks, marked so that a resume runs them all again; nothing of the step is logged or saved."""
+        """The interrupt checkpoint of hooks whose evaluations a signal cut: the trainer state captured before
+        them, so that a resume runs them all again (a step's hooks when marked, else after_training, which a
+        run without `last` runs anyway); nothing they logged or asked to save is kept."""
         checkpoints = self.context.checkpoints
         checkpoints.discard_step()
         self.context.log_writer.discard_step()
-        tag = checkpoints.save_interrupt(counter, {**before_evaluations, REDO_STEP_HOOKS: True})
+        tag = checkpoints.save_interrupt(counter, {**before_evaluations, REDO_STEP_HOOKS: redo_step_hooks})
         checkpoints.wait()
-        logger.info(
-            f"stopping on {self.stop_requested} during the evaluations after update {counter.update} ({interruption}); "
-            f"a resume from '{tag}' runs them again"
-        )
+        hooks = f"the evaluations after update {counter.update}" if redo_step_hooks else "the evaluations of after_training"
+        logger.info(f"stopping on {self.stop_requested} during {hooks} ({interruption}); a resume from '{tag}' runs them again")
 
     def wrap_for_training(self, model: ModelBase) -> torch.nn.Module:
         """The module `train_step` calls: DistributedDataParallel under torchrun, else the model itself
@@ -360,9 +373,9 @@ class BaseTrainer:
         self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def evaluation_interrupted(self) -> bool:
-        """Only in a step the trainer captured the state before (`_evaluations_due`, the same on every rank):
-        elsewhere a pass runs to its end and the stop comes after the update, as for any callback."""
-        return self._before_step_hooks is not None and distributed.any_rank(self.stop_requested is not None)
+        """Only in hooks the trainer captured the state before (a step's, by `_evaluations_due`, the same on
+        every rank; after_training's): elsewhere a pass runs to its end and the stop comes after the update."""
+        return self._before_hooks is not None and distributed.any_rank(self.stop_requested is not None)
 
     def stop_early(self, reason: str) -> None:
         """End training after this step, as its limit would (`after_training`, `last`); for early stoppers."""
@@ -579,7 +592,9 @@ class BaseTrainer:
 
         def request_stop(signal_number: int, frame: Any) -> None:
             name = signal.Signals(signal_number).name
-            if self.finishing:
+            if self._before_hooks is not None and self.finishing:
+                logger.info(f"{name} received in after_training: a data pass stops, its other work finishes first")
+            elif self.finishing:
                 logger.info(f"{name} received: finishing the final checkpoints first")
             elif self.stop_requested is not None and signal_number == signal.SIGINT:
                 raise KeyboardInterrupt
