@@ -5,7 +5,8 @@ metrics.jsonl.
 
 The representative run writes periodic sets with `keep_last_n` deletions, `latest` as a second name of the
 periodic set, best models with tolerance links, EMA weights and `last`. `make test` stops it at a few points;
-`make crashtest` (NOETHER_CRASHTEST=all) at every one of them and prints how many held.
+`make crashtest` (NOETHER_CRASHTEST=all) at every one of them and prints how many held. The same promises
+are checked in the states a power loss at a stop point may leave (tests/support/power_loss.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
+from tests.support import power_loss
 
 SAMPLED_POINTS = 3
+SAMPLED_POWER_LOSS_POINTS = 2
 CALLBACKS = [
     {"kind": "noether.training.callbacks.OfflineLossCallback", "every_n_epochs": 1, "dataset_key": "val"},
     {
@@ -51,10 +54,14 @@ def write_config(directory: Path) -> Path:
     return path
 
 
-def train_stopped_at(config: Path, kill_at: int, count_file: Path | None = None) -> subprocess.CompletedProcess:
+def train_stopped_at(
+    config: Path, kill_at: int, count_file: Path | None = None, log_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**cli_env(), "NOETHER_CRASH_ROOT": str(config.parent / "outputs" / "run"), "NOETHER_CRASH_AT": str(kill_at)}
     if count_file is not None:
         env["NOETHER_CRASH_COUNT_FILE"] = str(count_file)
+    if log_dir is not None:
+        env["NOETHER_CRASH_LOG"] = str(log_dir)
     command = [sys.executable, "-m", "tests.support.crash_at", str(config), "--resume", "auto"]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -71,11 +78,37 @@ def reference(tmp_path_factory) -> tuple[Path, int]:
 
 def problems_after_stop(reference_run: Path, directory: Path, kill_at: int) -> list[str]:
     """What breaks a promise after a stop before operation `kill_at` (empty when every promise held)."""
-    config = write_config(directory)
-    run_dir = directory / "outputs" / "run"
-    stopped = train_stopped_at(config, kill_at)
+    stopped = train_stopped_at(write_config(directory), kill_at)
     if stopped.returncode != 137:
         return [f"the run was not stopped (exit {stopped.returncode}): {stopped.stderr.strip()[-300:]}"]
+    return problems_of_stopped_run(reference_run, directory)
+
+
+def problems_after_power_loss(reference_run: Path, directory: Path, kill_at: int) -> dict[str, list[str]]:
+    """What breaks a promise in each power-loss state of a stop before operation `kill_at`, by state."""
+    (directory / "stopped").mkdir()
+    stopped = train_stopped_at(write_config(directory / "stopped"), kill_at, log_dir=directory / "log")
+    if stopped.returncode != 137:
+        return {"stop": [f"the run was not stopped (exit {stopped.returncode}): {stopped.stderr.strip()[-300:]}"]}
+    found = {}
+    for state in power_loss.STATES:
+        state_dir = directory / state
+        state_dir.mkdir()
+        (directory / "stopped" / "outputs").mkdir(exist_ok=True)
+        # cp -a keeps the hard links between tags: a file's lost bytes are lost under each of its names
+        subprocess.run(["cp", "-a", str(directory / "stopped" / "outputs"), str(state_dir)], check=True)
+        write_config(state_dir)
+        power_loss.build(state, state_dir / "outputs" / "run", directory / "log")
+        problems = problems_of_stopped_run(reference_run, state_dir)
+        if problems:
+            found[state] = problems
+    return found
+
+
+def problems_of_stopped_run(reference_run: Path, directory: Path) -> list[str]:
+    """Every checkpoint loads, verify passes (or names an interrupted commit), `--resume auto` of the run in
+    `directory` ends as the uninterrupted run did: what of it does not hold."""
+    config, run_dir = directory / "config.yaml", directory / "outputs" / "run"
     problems = []
     for path in sorted(run_dir.glob("checkpoints/*.th")):
         try:
@@ -99,10 +132,10 @@ def problems_after_stop(reference_run: Path, directory: Path, kill_at: int) -> l
     return problems
 
 
-def points(count: int) -> list[int]:
+def points(count: int, sampled: int = SAMPLED_POINTS, seed: int = 0) -> list[int]:
     if os.environ.get("NOETHER_CRASHTEST") == "all":
         return list(range(1, count + 1))
-    return sorted(random.Random(count).sample(range(1, count + 1), SAMPLED_POINTS))
+    return sorted(random.Random(count + seed).sample(range(1, count + 1), sampled))
 
 
 def test_a_stop_before_any_file_operation_resumes_exactly(reference, tmp_path):
@@ -119,3 +152,20 @@ def test_a_stop_before_any_file_operation_resumes_exactly(reference, tmp_path):
         shutil.rmtree(directory)
     print(f"\n{len(chosen) - len(failures)} of {len(chosen)} stop points held ({count} file operations in the run)")
     assert not failures, "\n".join(f"stop before operation {k}: {'; '.join(p)}" for k, p in failures.items())
+
+
+def test_a_power_loss_before_any_file_operation_resumes_exactly(reference, tmp_path):
+    """The same promises in the states a power loss may leave at a stop point (tests/support/power_loss.py):
+    data not yet made durable lost, and also every name operation not yet made durable undone."""
+    reference_run, count = reference
+    failures = {}
+    chosen = points(count, SAMPLED_POWER_LOSS_POINTS, seed=1)
+    for kill_at in chosen:
+        directory = tmp_path / f"power-loss{kill_at}"
+        directory.mkdir()
+        for state, problems in problems_after_power_loss(reference_run, directory, kill_at).items():
+            failures[f"{kill_at} ({state})"] = problems
+        shutil.rmtree(directory)
+    checked = len(chosen) * len(power_loss.STATES)
+    print(f"\n{checked - len(failures)} of {checked} power-loss states held ({len(chosen)} stop points)")
+    assert not failures, "\n".join(f"power loss before operation {k}: {'; '.join(p)}" for k, p in failures.items())
