@@ -232,6 +232,7 @@ class CheckpointManager:
         the trainer state is that one; the step's snapshots are still written (the resume writes the same),
         its deletions are left to the resume.
         """
+        tag = None
         try:
             if self.sharded and distributed.is_distributed() and not every_rank:
                 logger.error(f"training failed ({error!r}); no error checkpoint under sharded training with several processes")
@@ -246,12 +247,14 @@ class CheckpointManager:
                 tag = f"{counter.cur_iteration}.error"
                 request = SaveRequest(tag, optim=True, resumable=True)
                 self._save_resumable(request, counter, all_ranks=every_rank, captured=captured)
-                if self.is_main_process:
-                    logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
-                    if captured is None:  # the callbacks' states count them done (a captured step asks again)
-                        for deleted in deletions:
-                            self.store.delete(deleted)
+                if (
+                    self.is_main_process and captured is None
+                ):  # the callbacks' states count them done (a captured step asks again)
+                    for deleted in deletions:
+                        self.store.delete(deleted)
             self.store.wait()
+            if tag is not None and self.is_main_process:  # said once it is written: the save may fail in the wait
+                logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
             logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")
 
