@@ -5,6 +5,7 @@ Configs name them as `kind: tests.support.failing.<Class>`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ from noether.training.trainers.classification import ClassificationTrainer, Clas
 class FailAtUpdateCallbackConfig(CallBackBaseConfig):
     every_n_updates: PositiveInt | None = 1
     at_update: PositiveInt
+    failed_file: str | None = None
+    """Fail only while this file does not exist, and create it: a resume that runs the step again passes."""
 
 
 class FailAtUpdateCallback(PeriodicCallback):
@@ -27,8 +30,12 @@ class FailAtUpdateCallback(PeriodicCallback):
     config: FailAtUpdateCallbackConfig
 
     def after_update(self, *, update_counter: UpdateCounter, **kwargs: Any) -> None:
-        if update_counter.update == self.config.at_update:
-            raise RuntimeError(f"test failure after update {update_counter.update}")
+        failed_file = self.config.failed_file
+        if update_counter.update != self.config.at_update or (failed_file and Path(failed_file).exists()):
+            return
+        if failed_file:
+            Path(failed_file).touch()
+        raise RuntimeError(f"test failure after update {update_counter.update}")
 
 
 class FailingClassificationTrainerConfig(ClassificationTrainerConfig):

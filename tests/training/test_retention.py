@@ -45,7 +45,7 @@ def retained_tree(output_path: Path) -> dict[str, Any]:
                 "save_latest_weights": True,
                 "save_latest_optim": True,
             },
-            {"kind": "tests.support.failing.FailAtUpdateCallback", "at_update": 5},
+            {"kind": "tests.support.failing.FailAtUpdateCallback", "at_update": 5, "failed_file": str(output_path / "failed")},
             {"kind": "tests.support.interrupting.SignalSelfCallback", "at_update": 7, "signal_name": "SIGTERM"},
         ],
     )

@@ -114,21 +114,25 @@ def test_sigint_stops_after_the_update_and_runs_after_training(tmp_path):
     assert signal.getsignal(signal.SIGINT) is handler_before  # the trainer's handler is gone
 
 
-def test_an_exception_in_a_callback_writes_an_error_checkpoint_to_resume_from(tmp_path, reference):
-    failing = {"kind": "tests.support.failing.FailAtUpdateCallback", "at_update": 7}
+def test_an_exception_in_a_callback_writes_an_error_checkpoint_whose_resume_runs_the_step_again(tmp_path, reference):
+    """Update 6 logs a row, and its callbacks after the failing one still had to run: the resume runs the
+    step's hooks again, so the row is not lost."""
+    failing = {"kind": "tests.support.failing.FailAtUpdateCallback", "at_update": 6, "failed_file": str(tmp_path / "failed")}
     tree = stoppable_tree(tmp_path, failing)
 
-    with pytest.raises(RuntimeError, match="test failure after update 7"):
+    with pytest.raises(RuntimeError, match="test failure after update 6"):
         train(tree)
 
     paths = PathProvider(tmp_path, "run")
-    for path in checkpoint_parts(paths, "E0_U7_S896.error"):
+    for path in checkpoint_parts(paths, "E0_U6_S768.error"):
         assert path.exists(), path.name
-    assert "saved checkpoint 'E0_U7_S896.error'" in paths.log_file.read_text()
+    assert "saved checkpoint 'E0_U6_S768.error'" in paths.log_file.read_text()
+    assert all(json.loads(line)["update"] < 6 for line in paths.metrics_file.read_text().splitlines())
 
-    train(tree, resume="run", checkpoint="E0_U7_S896.error")
+    train(tree, resume="run", checkpoint="E0_U6_S768.error")
 
     assert_identical(last_weights(paths), last_weights(reference))
+    assert '"update": 6' in reference.metrics_file.read_text()
     assert paths.metrics_file.read_text() == reference.metrics_file.read_text()
 
 

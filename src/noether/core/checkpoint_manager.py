@@ -87,6 +87,7 @@ class _Part:
     load: Callable[[Any, str], None] | None
     per_rank: bool
     check: Callable[[Any, str], None] | None
+    fresh: bool
 
 
 class CheckpointManager:
@@ -138,15 +139,17 @@ class CheckpointManager:
         *,
         check: Callable[[Any, str], None] | None = None,
         per_rank: bool = False,
+        fresh: bool = False,
     ) -> None:
         """Add a named part to the trainer state. On a resume, every part's `check(saved, tag)` may refuse
         the checkpoint before anything loads; `load(saved, tag)` restores it once the weights are loaded.
         `per_rank` parts are gathered from every process and restored per rank (rank 0's on a resume with
         more processes). The part `metrics_rows` (how many rows metrics.jsonl had) is what a resume cuts
-        the metrics back to."""
+        the metrics back to. A `fresh` part's `save()` builds new objects every call, so `capture` keeps
+        them without a copy (it runs before most steps' hooks)."""
         if name in self._parts:
             raise ValueError(f"a trainer-state part named '{name}' is registered already")
-        self._parts[name] = _Part(save, load, per_rank, check)
+        self._parts[name] = _Part(save, load, per_rank, check, fresh)
 
     def register_members(self, members: Callable[[str, UpdateCounter], Members]) -> None:
         """Large state kept in files of its own (callbacks' EMA weights), part of every resumable set."""
@@ -197,9 +200,9 @@ class CheckpointManager:
                 self._save_own_members(request, counter.cur_iteration)
 
     def capture(self) -> dict[str, Any]:
-        """A copy of every trainer-state part as it is now (this rank's), for `save_interrupt` to write later
-        in place of the parts' values then: the state before the evaluations of a step that a signal may cut."""
-        return {name: copy.deepcopy(part.save()) for name, part in self._parts.items()}
+        """A copy of every trainer-state part as it is now (this rank's), for an interrupt or error set to hold
+        in place of the parts' values then: the state before hooks that a signal or a failure may cut."""
+        return {name: part.save() if part.fresh else copy.deepcopy(part.save()) for name, part in self._parts.items()}
 
     def discard_step(self) -> None:
         """Forget the saves and deletions asked for in this step (a step whose hooks run again on resume)."""

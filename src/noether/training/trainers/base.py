@@ -129,8 +129,8 @@ class BaseTrainer:
         self._update_boundary_rng: tuple | None = None  # torch's RNG before the update that is under way
         self.finishing = False  # the loop is left: a signal stops only after_training's data passes
         self._redo_step_hooks = False  # set by a resume from a checkpoint whose step's evaluations a signal cut
-        # the trainer state before hooks in which a data pass may run (a step's, after_training), while they
-        # run: a signal then stops the pass, and a failure in a step's hooks saves this state for a resume
+        # the trainer state before hooks that do something (a step's, after_training), while they run: a
+        # signal stops a data pass among them, and a failure in a step's hooks saves this state for a resume
         # that runs them again
         self._before_hooks: dict[str, Any] | None = None
         self._receivers_by_hook: dict[tuple[str, bool], list[CallbackBase]] = {}
@@ -216,7 +216,7 @@ class BaseTrainer:
                     counter.training_seconds = self.clock.read()
                     tracking_hook = "track_after_update_step" if stepped else "track_after_skipped_update"
                     self._dispatch(tracking_hook, update_counter=counter, periodic_only=True)
-                    self._before_hooks = checkpoints.capture() if self._evaluations_due(counter) else None
+                    self._before_hooks = checkpoints.capture() if self._hooks_due(counter) else None
                     try:
                         self._end_step(counter, data_iter)
                     except EvaluationInterrupted as interruption:
@@ -272,17 +272,18 @@ class BaseTrainer:
         self.context.checkpoints.flush(counter)
         self.context.checkpoints.check()
 
-    def _evaluations_due(self, counter: UpdateCounter) -> bool:
-        """Whether a data pass may run after this update (a due data callback, or a due callback that
-        evaluates children): then the state before the step's hooks is captured, for a signal during it."""
-        for callback in self.callbacks:
-            if not isinstance(callback, PeriodicCallback):
-                continue
-            due = callback.is_due_after_update(counter) or (counter.is_full_epoch and callback.is_due_after_epoch(counter))
-            evaluators = [callback, *getattr(callback, "eval_callbacks", [])]
-            if due and any(isinstance(member, PeriodicDataIteratorCallback) for member in evaluators):
-                return True
-        return False
+    def _hooks_due(self, counter: UpdateCounter) -> bool:
+        """Whether anything runs after this update (a due callback, a metrics row to write): then the state
+        before the step's hooks is captured, so that a failure in them, or a signal during a data pass among
+        them, is resumed by running them all again. Steps with nothing due (most, unless a row is logged every
+        update) pay nothing."""
+        if self.context.log_writer.log_cache:
+            return True
+        return any(
+            isinstance(callback, PeriodicCallback)
+            and (callback.is_due_after_update(counter) or (counter.is_full_epoch and callback.is_due_after_epoch(counter)))
+            for callback in self.callbacks
+        )
 
     def _stop_during_evaluations(
         self,
@@ -373,8 +374,8 @@ class BaseTrainer:
         self.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def evaluation_interrupted(self) -> bool:
-        """Only in hooks the trainer captured the state before (a step's, by `_evaluations_due`, the same on
-        every rank; after_training's): elsewhere a pass runs to its end and the stop comes after the update."""
+        """Only in hooks the trainer captured the state before (a step's, by `_hooks_due`, the same on every
+        rank; after_training's): elsewhere a pass runs to its end and the stop comes after the update."""
         return self._before_hooks is not None and distributed.any_rank(self.stop_requested is not None)
 
     def stop_early(self, reason: str) -> None:
@@ -475,7 +476,9 @@ class BaseTrainer:
         """What a trainer state holds, each part with how it is restored (see CheckpointManager.register)."""
         checkpoints = self.context.checkpoints
         checkpoints.register("callbacks", self.callback_states, self._load_callback_states, per_rank=True)
-        checkpoints.register("rng_states", capture_rng_states, lambda saved, tag: restore_rng_states(saved), per_rank=True)
+        checkpoints.register(
+            "rng_states", capture_rng_states, lambda saved, tag: restore_rng_states(saved), per_rank=True, fresh=True
+        )
         checkpoints.register(
             "grad_scaler", self.grad_scaler.state_dict, lambda saved, tag: self.grad_scaler.load_state_dict(saved)
         )
