@@ -26,6 +26,7 @@ is listed in one place and restored in the order it was registered.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -250,9 +251,8 @@ class CheckpointManager:
                 tag = f"{counter.cur_iteration}.error"
                 request = SaveRequest(tag, optim=True, resumable=True)
                 self._save_resumable(request, counter, all_ranks=every_rank, captured=captured)
-                if (
-                    self.is_main_process and captured is None
-                ):  # the callbacks' states count them done (a captured step asks again)
+                # the callbacks' states count the deletions done (a captured step asks for them again)
+                if self.is_main_process and captured is None:
                     for deleted in deletions:
                         self.store.delete(deleted)
             self.store.wait()
@@ -260,6 +260,10 @@ class CheckpointManager:
                 logger.error(f"training failed ({error!r}); saved checkpoint '{tag}'")
         except Exception as save_error:  # noqa: BLE001 - the original error matters more
             logger.error(f"training failed ({error!r}) and saving its checkpoint failed too: {save_error!r}")
+            # files of the set queued before its save failed: wait for them here, so that their failures
+            # (part of this one) cannot surface later in place of the original error
+            with contextlib.suppress(Exception):
+                self.store.wait()
 
     def check(self) -> None:
         """Raise the first failure of a background write, at a step boundary."""

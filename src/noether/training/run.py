@@ -250,7 +250,7 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
             where = f"'{newest.tag}' ({newest.iteration})" if newest else "none (no complete checkpoint)"
             raise CheckpointWriteError(f"{error}; the checkpoint the run can resume from: {where}") from None
         finally:
-            trainer.context.checkpoints.close()
+            _close_checkpoints(trainer.context.checkpoints)
     finally:
         if log_writer is not None:
             log_writer.close()
@@ -262,6 +262,18 @@ def _train(config: RunConfig, setup: distributed.DistributedSetup, resume: str |
                 remote.lease.release()
             lock.release()
     return paths
+
+
+def _close_checkpoints(checkpoints: CheckpointManager) -> None:
+    """Wait for the queued writes; while training fails, a failure here is logged instead of taking the place
+    of the first one (the one reported, with the checkpoint to resume from)."""
+    failing = sys.exc_info()[1] is not None
+    try:
+        checkpoints.close()
+    except CheckpointWriteError as error:
+        if not failing:
+            raise
+        logger.error(f"a queued checkpoint write failed too: {error}")
 
 
 def _finish_uploads(mirror: BucketMirror) -> None:
