@@ -16,12 +16,14 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from noether.core.checkpoint_store import CheckpointStore, Member
 from tests.conftest import REPO_ROOT, cli_env, run_cli, tiny_config
 from tests.support import power_loss
 
@@ -44,11 +46,14 @@ CALLBACKS = [
         "save_latest_optim": True,
     },
 ]
-FINAL_FILES = ("classifier_cp=last_model.th", "classifier_cp=last_optim.th", "classifier_ema=0.9_cp=last_model.th")
+FINAL_MEMBERS = (Member("classifier", "model"), Member("classifier", "optim"), Member("classifier", "model", 0.9))
 
 
-def write_config(directory: Path) -> Path:
+def write_config(directory: Path, sharded: bool) -> Path:
+    """The representative run; `sharded`: under FSDP in one process, every set in `.dcp` folders."""
     tree = tiny_config(directory / "outputs", max_epochs=3, callbacks=CALLBACKS)
+    if sharded:
+        tree["trainer"]["parallelism"] = "fsdp"
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
@@ -66,28 +71,37 @@ def train_stopped_at(
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[Path, int]:
+@dataclass(frozen=True)
+class Reference:
     """The uninterrupted run, and how many file operations it makes."""
+
+    run_dir: Path
+    operations: int
+    sharded: bool
+
+
+@pytest.fixture(scope="module", params=["whole files", "sharded"])
+def reference(request, tmp_path_factory) -> Reference:
+    sharded = request.param == "sharded"
     directory = tmp_path_factory.mktemp("reference")
-    config = write_config(directory)
+    config = write_config(directory, sharded)
     result = train_stopped_at(config, 0, count_file=directory / "count")
     assert result.returncode == 0, result.stderr
-    return directory / "outputs" / "run", int((directory / "count").read_text())
+    return Reference(directory / "outputs" / "run", int((directory / "count").read_text()), sharded)
 
 
-def problems_after_stop(reference_run: Path, directory: Path, kill_at: int) -> list[str]:
+def problems_after_stop(reference: Reference, directory: Path, kill_at: int) -> list[str]:
     """What breaks a promise after a stop before operation `kill_at` (empty when every promise held)."""
-    stopped = train_stopped_at(write_config(directory), kill_at)
+    stopped = train_stopped_at(write_config(directory, reference.sharded), kill_at)
     if stopped.returncode != 137:
         return [f"the run was not stopped (exit {stopped.returncode}): {stopped.stderr.strip()[-300:]}"]
-    return problems_of_stopped_run(reference_run, directory)
+    return problems_of_stopped_run(reference, directory)
 
 
-def problems_after_power_loss(reference_run: Path, directory: Path, kill_at: int) -> dict[str, list[str]]:
+def problems_after_power_loss(reference: Reference, directory: Path, kill_at: int) -> dict[str, list[str]]:
     """What breaks a promise in each power-loss state of a stop before operation `kill_at`, by state."""
     (directory / "stopped").mkdir()
-    stopped = train_stopped_at(write_config(directory / "stopped"), kill_at, log_dir=directory / "log")
+    stopped = train_stopped_at(write_config(directory / "stopped", reference.sharded), kill_at, log_dir=directory / "log")
     if stopped.returncode != 137:
         return {"stop": [f"the run was not stopped (exit {stopped.returncode}): {stopped.stderr.strip()[-300:]}"]}
     found = {}
@@ -97,15 +111,15 @@ def problems_after_power_loss(reference_run: Path, directory: Path, kill_at: int
         (directory / "stopped" / "outputs").mkdir(exist_ok=True)
         # cp -a keeps the hard links between tags: a file's lost bytes are lost under each of its names
         subprocess.run(["cp", "-a", str(directory / "stopped" / "outputs"), str(state_dir)], check=True)
-        write_config(state_dir)
+        write_config(state_dir, reference.sharded)
         power_loss.build(state, state_dir / "outputs" / "run", directory / "log")
-        problems = problems_of_stopped_run(reference_run, state_dir)
+        problems = problems_of_stopped_run(reference, state_dir)
         if problems:
             found[state] = problems
     return found
 
 
-def problems_of_stopped_run(reference_run: Path, directory: Path) -> list[str]:
+def problems_of_stopped_run(reference: Reference, directory: Path) -> list[str]:
     """Every checkpoint loads, verify passes (or names an interrupted commit), `--resume auto` of the run in
     `directory` ends as the uninterrupted run did: what of it does not hold."""
     config, run_dir = directory / "config.yaml", directory / "outputs" / "run"
@@ -122,12 +136,12 @@ def problems_of_stopped_run(reference_run: Path, directory: Path) -> list[str]:
     resumed = run_cli("noether-train", str(config), "--resume", "auto", cwd=directory, check=False)
     if resumed.returncode != 0:
         return [*problems, f"--resume auto failed ({resumed.returncode}): {resumed.stderr.strip()[-300:]}"]
-    for name in FINAL_FILES:
-        expected = torch.load(reference_run / "checkpoints" / name, weights_only=True)["state_dict"]
-        actual = torch.load(run_dir / "checkpoints" / name, weights_only=True)["state_dict"]
+    for member in FINAL_MEMBERS:
+        expected = CheckpointStore(reference.run_dir / "checkpoints", "run").load(member, "last")["state_dict"]
+        actual = CheckpointStore(run_dir / "checkpoints", "run").load(member, "last")["state_dict"]
         if repr(actual) != repr(expected):
-            problems.append(f"{name} differs from the uninterrupted run's")
-    if (run_dir / "metrics.jsonl").read_text() != (reference_run / "metrics.jsonl").read_text():
+            problems.append(f"{member} of 'last' differs from the uninterrupted run's")
+    if (run_dir / "metrics.jsonl").read_text() != (reference.run_dir / "metrics.jsonl").read_text():
         problems.append("metrics.jsonl differs from the uninterrupted run's")
     return problems
 
@@ -139,33 +153,34 @@ def points(count: int, sampled: int = SAMPLED_POINTS, seed: int = 0) -> list[int
 
 
 def test_a_stop_before_any_file_operation_resumes_exactly(reference, tmp_path):
-    reference_run, count = reference
+    count = reference.operations
     assert count > 50  # the run did count its operations
     failures = {}
     chosen = points(count)
     for kill_at in chosen:
         directory = tmp_path / f"stop{kill_at}"
         directory.mkdir()
-        problems = problems_after_stop(reference_run, directory, kill_at)
+        problems = problems_after_stop(reference, directory, kill_at)
         if problems:
             failures[kill_at] = problems
         shutil.rmtree(directory)
-    print(f"\n{len(chosen) - len(failures)} of {len(chosen)} stop points held ({count} file operations in the run)")
+    kind = "sharded" if reference.sharded else "whole-file"
+    print(f"\n{len(chosen) - len(failures)} of {len(chosen)} stop points held ({count} file operations in the {kind} run)")
     assert not failures, "\n".join(f"stop before operation {k}: {'; '.join(p)}" for k, p in failures.items())
 
 
 def test_a_power_loss_before_any_file_operation_resumes_exactly(reference, tmp_path):
     """The same promises in the states a power loss may leave at a stop point (tests/support/power_loss.py):
     data not yet made durable lost, and also every name operation not yet made durable undone."""
-    reference_run, count = reference
     failures = {}
-    chosen = points(count, SAMPLED_POWER_LOSS_POINTS, seed=1)
+    chosen = points(reference.operations, SAMPLED_POWER_LOSS_POINTS, seed=1)
     for kill_at in chosen:
         directory = tmp_path / f"power-loss{kill_at}"
         directory.mkdir()
-        for state, problems in problems_after_power_loss(reference_run, directory, kill_at).items():
+        for state, problems in problems_after_power_loss(reference, directory, kill_at).items():
             failures[f"{kill_at} ({state})"] = problems
         shutil.rmtree(directory)
     checked = len(chosen) * len(power_loss.STATES)
-    print(f"\n{checked - len(failures)} of {checked} power-loss states held ({len(chosen)} stop points)")
+    kind = "sharded" if reference.sharded else "whole-file"
+    print(f"\n{checked - len(failures)} of {checked} power-loss states held ({len(chosen)} stop points of the {kind} run)")
     assert not failures, "\n".join(f"power loss before operation {k}: {'; '.join(p)}" for k, p in failures.items())

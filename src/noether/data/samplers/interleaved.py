@@ -116,9 +116,10 @@ class InterleavedSampler:
         self.consumer_dataset_sizes = list(consumer_dataset_sizes)
         self.seed = seed
 
-    def epoch_permutation(self, epoch: int) -> torch.Tensor:
+    def epoch_permutation(self, epoch: int) -> list[int]:
+        """The epoch's order of the training samples, as a list: read into Python once, not per batch."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.batching.dataset_size, generator=generator)
+        return torch.randperm(self.batching.dataset_size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[SeededBatch]:
         batching = self.batching
@@ -134,7 +135,7 @@ class InterleavedSampler:
             if epoch != permutation_epoch:
                 permutation_epoch, permutation = epoch, self.epoch_permutation(epoch)
             start = update_in_epoch * batching.effective_batch_size + batching.rank * batching.local_batch_size
-            local_indices = permutation[start : start + batching.local_batch_size].tolist()
+            local_indices = permutation[start : start + batching.local_batch_size]
             for micro_start in range(0, len(local_indices), batching.micro_batch_size):
                 micro_batch = local_indices[micro_start : micro_start + batching.micro_batch_size]
                 yield SeededBatch(0, micro_batch, draw_seed(self.seed, batching.rank, counter.update, 0, micro_start))
