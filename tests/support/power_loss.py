@@ -146,10 +146,15 @@ def _undo(op: dict[str, Any], run_dir: Path) -> None:
         shutil.rmtree(path)
     elif kind == "rmdir" and not path.exists():
         path.mkdir()
-    elif kind == "rmtree" and stash is not None and not path.exists():
-        shutil.copytree(stash, path, copy_function=os.link, symlinks=True)
+    elif kind == "rmtree" and stash is not None:  # what is gone of the folder (its closing rmdir's undo made it again)
+        shutil.copytree(stash, path, copy_function=_link_if_missing, symlinks=True, dirs_exist_ok=True)
 
 
 def _remove_file(path: Path) -> None:
     if path.is_file() or path.is_symlink():
         path.unlink()
+
+
+def _link_if_missing(source: str, target: str) -> None:
+    if not os.path.lexists(target):
+        os.link(source, target)

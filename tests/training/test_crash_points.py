@@ -132,7 +132,7 @@ def problems_of_stopped_run(reference: Reference, directory: Path) -> list[str]:
     if run_dir.joinpath("config.yaml").exists():
         verify = run_cli("noether-ckpt", "verify", str(run_dir), cwd=directory, check=False)
         if verify.returncode not in (0, 3):
-            problems.append(f"verify exit {verify.returncode}: {(verify.stdout + verify.stderr).strip()[-300:]}")
+            problems.append(f"verify exit {verify.returncode}: {(verify.stdout + verify.stderr).strip()[-1500:]}")
     resumed = run_cli("noether-train", str(config), "--resume", "auto", cwd=directory, check=False)
     if resumed.returncode != 0:
         return [*problems, f"--resume auto failed ({resumed.returncode}): {resumed.stderr.strip()[-300:]}"]
