@@ -3,6 +3,10 @@ transactions (and the fast tests that run them in memory) rely on nothing more."
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,8 @@ from noether.core.run_lock import RunInUseError
 from noether.core.storage import LocalStorage, MemoryStorage, Storage
 from noether.core.utils.training.iteration import TrainingIteration
 from noether.core.writers.checkpoint_writer import CheckpointLoadError, CheckpointWriter
+
+FILES_IN_A_LARGE_FOLDER = 5000  # long enough to remove that a reader sees the removal under way
 
 
 @pytest.fixture(params=["memory", "local"])
@@ -173,3 +179,25 @@ def test_a_changed_byte_in_memory_is_found_by_the_content_check():
     data[len(data) // 2] ^= 0x01
     storage.files[path].data = bytes(data)
     assert store.content_check("best").changed == ["net_cp=best_model.th"]
+
+
+def test_a_stop_while_a_folder_is_removed_never_leaves_part_of_it_under_its_name(tmp_path):
+    """A sharded set's folder is hidden before its files go: a process killed during the removal leaves a
+    hidden temporary folder (swept later), never the folder's name over some of its files."""
+    folder = tmp_path / "classifier_cp=E1_U9_S1152_model.dcp"
+    folder.mkdir()
+    for number in range(FILES_IN_A_LARGE_FOLDER):
+        (folder / f"{number}.distcp").write_bytes(b"x")
+    remover = subprocess.Popen(
+        [sys.executable, "-c", f"from noether.core.storage import LocalStorage; LocalStorage().remove({str(folder)!r})"]
+    )
+    try:
+        while folder.exists():  # the name stands for the whole folder for as long as it exists
+            with contextlib.suppress(FileNotFoundError):
+                assert len(os.listdir(folder)) == FILES_IN_A_LARGE_FOLDER
+        remover.kill()  # somewhere in the removal of the hidden folder, or after it
+    finally:
+        remover.kill()
+        remover.wait()
+    assert not folder.exists()
+    assert all(path.name.startswith(f".{folder.name}~") and path.name.endswith(".tmp") for path in tmp_path.iterdir())

@@ -152,7 +152,14 @@ class LocalStorage:
 
     def remove(self, path: str) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
+            # out of sight first: a stop during the removal leaves a hidden temporary folder (swept by the
+            # next write into this folder), never a folder under its own name with some of its files gone
+            hidden = _tmp_name(path)
+            try:
+                os.rename(path, hidden)
+            except OSError:
+                hidden = path
+            shutil.rmtree(hidden, ignore_errors=True)
         else:
             _unlink_quietly(path)
 
@@ -291,7 +298,7 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _remove_stale_tmp_files(folder: str) -> None:
-    """Remove temporary files that a process on this host, now gone, left behind."""
+    """Remove temporary files (and folders being removed) that a process on this host, now gone, left behind."""
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -299,7 +306,10 @@ def _remove_stale_tmp_files(folder: str) -> None:
     for entry in entries:
         match = _TMP_NAME.match(entry.name)
         if match and match["host"] == HOST and not process_alive(int(match["pid"])):
-            _unlink_quietly(entry.path)  # another process may have removed it first
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _unlink_quietly(entry.path)  # another process may have removed it first
 
 
 def process_alive(pid: int) -> bool:
