@@ -94,6 +94,27 @@ def test_a_checkpoint_of_many_writeback_chunks_round_trips_exactly(tmp_path, asy
     assert_same(load_checkpoint(path), payload)
 
 
+def test_snapshot_buffers_keep_every_tensor_in_a_storage_of_its_own(tmp_path):
+    # the buffers of one snapshot share one memory map; the file must not show it
+    generator = torch.Generator().manual_seed(0)
+    payload = {
+        "weight": torch.randn(1000, 300, generator=generator).t(),  # not contiguous
+        "half": torch.randn(7, 3, generator=generator).half(),
+        "step": torch.tensor(12),
+        "empty": torch.zeros(0, 5),
+        "bytes": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=generator),
+    }
+    path = tmp_path / "cp=latest_model.th"
+    with CheckpointWriter() as writer:
+        for _ in range(2):  # the second save reuses the buffers of the first
+            writer.save(path, payload)
+            writer.wait()
+    loaded = load_checkpoint(path)
+    assert_same(loaded, payload)
+    for name, tensor in loaded.items():
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+
+
 def test_payload_is_snapshotted_when_save_returns(tmp_path):
     weight = torch.zeros(1000)
     # "tied" is another tensor object on the same memory, as tied weights are in a state_dict
