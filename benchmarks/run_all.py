@@ -29,7 +29,9 @@ import ema_idle_children  # noqa: E402
 import ema_update  # noqa: E402
 import fsdp_memory  # noqa: E402
 import peer_lightning  # noqa: E402
+import saving_job  # noqa: E402
 import training_throughput  # noqa: E402
+import writer_gil  # noqa: E402
 
 # (label, benchmark key, ratio key, target, "<=" or ">=")
 ROWS = [
@@ -40,6 +42,7 @@ ROWS = [
     ("checkpoint stall: writer / memory copy", "checkpoint", "stall_async_over_memcopy", 1.5, "<="),
     ("checkpoint stall: torch.save / writer", "checkpoint", "stall_sync_over_async", None, ""),
     ("durable throughput: writer / write+fsync", "checkpoint", "durable_throughput_over_plain_write_fsync", 0.9, ">="),
+    ("Python work beside the writer thread / beside a plain write", "writer_gil", "python_work_writer_vs_plain_write", 0.9, ">="),
     ("checkpoint set of the example: one barrier / one fsync per file", "checkpoint_set", "one_barrier_vs_per_file", None, ""),
     ("example: full callback stack / bare loop", "throughput_example", "full_stack_vs_bare", 1.3, "<="),
     ("example: trainer, default callbacks / bare loop", "throughput_example", "defaults_vs_bare", 1.03, "<="),
@@ -57,6 +60,7 @@ ROWS = [
         "",
     ),
     ("quickstart job, bare: this project / hand-written loop", "peer_lightning", "bare_noether_vs_plain_loop", None, ""),
+    ("residual MLP saving every 100 updates (20 with --quick) / bare", "saving_job", "saving_vs_bare", 1.05, "<="),
     ("FSDP params+optim+EMA per rank: 2 processes / 1", "fsdp_memory", "state_two_over_one", 0.55, "<="),
 ]
 
@@ -68,6 +72,7 @@ def run(quick: bool, device: str = "cpu") -> dict[str, dict]:
         "ema_3_factors": lambda: ema_update.run(params, 3, device),
         "ema_idle_children": lambda: ema_idle_children.run(100 if quick else 300),
         "checkpoint": lambda: checkpoint_stall.run(params, repeats=3 if quick else 5, device=device),
+        "writer_gil": lambda: writer_gil.run(params, repeats=1 if quick else 3),
         "checkpoint_set": lambda: checkpoint_set.run(rounds=5 if quick else 30),
         "throughput_example": lambda: training_throughput.run(
             "example", rounds=1 if quick else 15, epochs=2 if quick else 8, device=device
@@ -76,6 +81,9 @@ def run(quick: bool, device: str = "cpu") -> dict[str, dict]:
             "large", rounds=1 if quick else 5, epochs=2 if quick else 4, device=device
         ),
         "peer_lightning": lambda: peer_lightning.run(rounds=1 if quick else 9, epochs=2 if quick else 5, device=device),
+        "saving_job": lambda: saving_job.run(
+            "gpu" if device == "cuda" else "cpu", device, rounds=1 if quick else 3, every=20 if quick else 100
+        ),
         "fsdp_memory": lambda: fsdp_memory.run(256 if quick else 1024, layers=8, repeats=1 if quick else 3),
     }
     if importlib.util.find_spec("pytorch_lightning") is None:
