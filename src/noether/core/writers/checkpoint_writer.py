@@ -457,21 +457,22 @@ def _mapped_buffers(structure: tuple) -> list[torch.Tensor]:
     Allocated one by one, buffers of up to a few MB land in malloc's heap between the training
     loop's activations; kept there for reuse, they stopped the heap from being reused in place, and
     from the first save to the end of the run every update took 2000+ fresh pages from the kernel
-    instead of a few hundred (benchmarks/saving_job.py). A map of their own leaves the heap as it was. Each buffer is a tensor with a storage of its own, so the files
-    torch.save writes are the same as from separate allocations.
+    instead of a few hundred (benchmarks/saving_job.py). A map of their own leaves the heap as it
+    was. Each buffer is a tensor with a storage of its own, so the files torch.save writes are the
+    same as from separate allocations.
     """
+    counts = [math.prod(shape) for shape, _, _ in structure]
     offsets, total = [], 0
-    for shape, dtype, _ in structure:
+    for (_, dtype, _), count in zip(structure, counts):
         offsets.append(total)
-        nbytes = math.prod(shape) * dtype.itemsize
-        total += -(-nbytes // _BUFFER_ALIGNMENT) * _BUFFER_ALIGNMENT
+        total += -(-count * dtype.itemsize // _BUFFER_ALIGNMENT) * _BUFFER_ALIGNMENT
     # private, as malloc maps memory: a forked data-loader worker gets copy-on-write pages, not shared ones
     region = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE)  # each tensor keeps the region alive
     return [
-        torch.frombuffer(region, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
-        if math.prod(shape)
+        torch.frombuffer(region, dtype=dtype, count=count, offset=offset).view(shape)
+        if count
         else torch.empty(shape, dtype=dtype)
-        for (shape, dtype, _), offset in zip(structure, offsets)
+        for (shape, dtype, _), count, offset in zip(structure, counts, offsets)
     ]
 
 
