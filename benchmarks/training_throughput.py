@@ -1,5 +1,6 @@
 """Time per update: a bare PyTorch loop vs this trainer, without and with the full callback stack,
-and with the default callbacks plus the TensorBoard tracker.
+and with the default callbacks plus the TensorBoard tracker; and the floor under the full stack: the
+bare loop plus the EMA updates and plain `torch.save` calls a hand-written loop needs for its files.
 
 The full stack saves every epoch: periodic checkpoint with optimizer state, `latest`, best model
 by the training loss with two tolerances, and an EMA with two factors. No evaluation passes: this
@@ -54,6 +55,7 @@ FULL_STACK = [
     },
     {"kind": "noether.core.callbacks.EmaCallback", "every_n_epochs": 1, "target_factors": [0.99, 0.999]},
 ]
+SAVING_LOOP_EMA_FACTORS = (0.99, 0.999)
 CLOCK = {"kind": f"{__name__}.UpdateClock", "every_n_epochs": 1}
 
 TENSORBOARD = [{"kind": "noether.core.trackers.TensorBoardTracker"}]
@@ -117,6 +119,20 @@ def time_trainer(tree: dict[str, Any], run_id: str) -> float:
 
 def time_bare_loop(tree: dict[str, Any], run_id: str) -> float:
     """The same model, data, optimizer and batches in a plain loop, as a user would write it."""
+    return _time_plain_loop(tree, saves_to=None)
+
+
+def time_saving_loop(tree: dict[str, Any], run_id: str) -> float:
+    """The plain loop plus the least a hand-written loop does for the full stack's files, the floor under
+    it: the same two EMAs updated after every update (one fused lerp per factor), and after every epoch a
+    plain `torch.save` of model + optimizer (the checkpoint `latest` names too), of the model (the best),
+    and of each EMA, into a folder of their own: no atomic rename, no fsync, no hashes, no trainer state."""
+    folder = Path(tree["output_path"]) / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return _time_plain_loop(tree, saves_to=folder)
+
+
+def _time_plain_loop(tree: dict[str, Any], saves_to: Path | None) -> float:
     config = parse_run_config({**tree, "run_id": "bare"})
     torch.manual_seed(config.seed)
     dataset = DigitsDataset(DigitsDatasetConfig(split="train"))
@@ -129,6 +145,8 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> float:
         drop_last=True,
         generator=torch.Generator().manual_seed(0),
     )
+    parameters = [parameter.detach() for parameter in model.parameters()]
+    emas = {factor: [parameter.clone() for parameter in parameters] for factor in SAVING_LOOP_EMA_FACTORS}
     times = []
     for _ in range(config.trainer.max_epochs):
         for batch in loader:
@@ -137,8 +155,18 @@ def time_bare_loop(tree: dict[str, Any], run_id: str) -> float:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if saves_to is not None:
+                for factor, ema in emas.items():
+                    torch._foreach_lerp_(ema, parameters, 1.0 - factor)
             _synchronize(config.device)
             times.append(time.perf_counter())
+        if saves_to is not None:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saves_to / "checkpoint.th")
+            torch.save(model.state_dict(), saves_to / "best.th")
+            for factor, ema in emas.items():
+                torch.save(dict(zip(model.state_dict(), ema)), saves_to / f"ema={factor}.th")
+            _synchronize(config.device)
+            times[-1] = time.perf_counter()  # the epoch's last update ends after its saves, as in the trainer
     return steady_seconds_per_update(times, len(loader))
 
 
@@ -151,6 +179,7 @@ def run(size: str = "example", rounds: int = 9, epochs: int = 8, device: str = "
     logging.getLogger("noether").setLevel(logging.ERROR)  # variants without optimizer saves warn on every run
     variants = {
         "bare_loop": (time_bare_loop, [], []),
+        "saving_loop": (time_saving_loop, [], []),
         "trainer_defaults": (time_trainer, [], []),
         "trainer_defaults_tensorboard": (time_trainer, [], TENSORBOARD),
         "trainer_full_stack": (time_trainer, FULL_STACK, []),
@@ -171,6 +200,8 @@ def run(size: str = "example", rounds: int = 9, epochs: int = 8, device: str = "
 
     results["defaults_vs_bare"] = paired("trainer_defaults", "bare_loop")
     results["full_stack_vs_bare"] = paired("trainer_full_stack", "bare_loop")
+    results["saving_loop_vs_bare"] = paired("saving_loop", "bare_loop")
+    results["full_stack_vs_saving_loop"] = paired("trainer_full_stack", "saving_loop")
     results["tensorboard_vs_defaults"] = paired("trainer_defaults_tensorboard", "trainer_defaults")
     results["rounds"] = rounds
     return results
