@@ -79,6 +79,24 @@ def test_rename_replaces_a_file_and_returns_its_old_bytes_when_asked(storage, fo
         assert read(storage, replaced) == b"old"
 
 
+@pytest.mark.parametrize("size, kept", [(16 << 20, True), (4096, False)])
+def test_on_disk_only_a_large_replaced_file_outlives_the_rename(tmp_path, size, kept):
+    """A large replaced file keeps a hidden name, so that freeing its blocks waits for the caller; a small
+    one is freed by the rename itself (its link and unlink would cost more than freeing it)."""
+    storage, path = LocalStorage(), str(tmp_path / "a.th")
+    write(storage, path, b"o" * size)
+    write(storage, f"{path}.staged", b"new")
+    replaced = storage.rename(f"{path}.staged", path, keep_replaced=True)
+    rewritten = write(storage, path, b"newer")
+    assert read(storage, path) == b"newer"
+    if kept:
+        assert read(storage, replaced) == b"o" * size and rewritten is None  # the file "new" was small
+        storage.remove(replaced)
+    else:
+        assert replaced is None and rewritten is None
+    assert sorted(os.listdir(tmp_path)) == ["a.th"]
+
+
 def test_a_folder_moves_with_everything_in_it(storage, folder):
     storage.make_folder(f"{folder}/set.dcp")
     write(storage, f"{folder}/set.dcp/shard", b"x")
