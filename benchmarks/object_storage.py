@@ -6,7 +6,9 @@ Both against moto's S3 server, started here in a process of its own on 127.0.0.1
   committed into a run directory and uploaded the way a run uploads a committed set
   (``BucketMirror.committed``, then ``close`` waits for it), against boto3's managed multipart upload
   of the same file with its default transfer settings (what ``aws s3 cp`` does). Ratio: boto3's
-  seconds / ours (higher is better; target >= 0.9).
+  seconds / ours (higher is better; target >= 0.9). Beside it, the CPU seconds each upload costs
+  this process and moto's server: here both share the machine's cores, and the server's share sets
+  the pace, while against a real endpoint only the client's share is spent on the training machine.
 - **Training stall.** Median time per step of a CPU training loop (an MLP, forward, backward, AdamW)
   while such an upload runs in the background, against the same loop without one. Ratio: with /
   without (target <= 1.05). On a machine with few cores the server's own parsing of the upload
@@ -21,6 +23,7 @@ Each round runs every variant once, alternating their order; a figure is the med
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -87,6 +90,22 @@ def upload_boto3(checkpoint: Path, bucket: str, key: str, endpoint: str) -> floa
     started = time.perf_counter()
     client.upload_file(str(checkpoint), bucket, key, Config=TransferConfig())
     return time.perf_counter() - started
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux's /proc; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(upload: callable, server_pid: int) -> tuple[float, float, float]:
+    """(wall seconds, this process's CPU seconds, the server's CPU seconds) of one upload."""
+    client, server = time.process_time(), server_cpu_seconds(server_pid)
+    wall = upload()
+    return wall, time.process_time() - client, server_cpu_seconds(server_pid) - server
 
 
 def step_times(seconds: float, busy: callable | None = None) -> list[float]:
@@ -159,14 +178,18 @@ def main() -> None:
             write_checkpoint(checkpoint, arguments.size)
             size = checkpoint.stat().st_size
             ours, theirs, stalled, boto3_stalled, idle = [], [], [], [], []
+            cpu: dict[str, list[tuple[float, float]]] = {"ours": [], "boto3": []}  # (client, server) seconds
             for round_index in range(arguments.rounds):
                 order = ["ours", "boto3"] if round_index % 2 == 0 else ["boto3", "ours"]
                 for variant in order:
                     empty_bucket(endpoint)
                     if variant == "ours":
-                        ours.append(upload_ours(run_dir, checkpoint, f"s3://bench/ours{round_index}"))
+                        upload = functools.partial(upload_ours, run_dir, checkpoint, f"s3://bench/ours{round_index}")
                     else:
-                        theirs.append(upload_boto3(checkpoint, "bench", f"boto3{round_index}/checkpoint.th", endpoint))
+                        upload = functools.partial(upload_boto3, checkpoint, "bench", f"boto3{round_index}/c.th", endpoint)
+                    wall, client_cpu, server_cpu = with_cpu(upload, server.pid)
+                    (ours if variant == "ours" else theirs).append(wall)
+                    cpu[variant].append((client_cpu, server_cpu))
                 empty_bucket(endpoint)
                 with_upload = stall_with_upload(run_dir, checkpoint, f"s3://bench/stall{round_index}")
                 stalled.append(statistics.median(with_upload))
@@ -191,6 +214,12 @@ def main() -> None:
     print(f"checkpoint of {size / 1e9:.2f} GB to moto's S3 server on 127.0.0.1")
     print(f"upload throughput, this project / boto3 multipart: {throughput:.3f} (target >= {TARGET_THROUGHPUT_RATIO})")
     print(f"  MB/s: this project {size / 1e6 / statistics.median(ours):.0f}, boto3 {size / 1e6 / statistics.median(theirs):.0f}")
+    for side, name in (("ours", "this project"), ("boto3", "boto3")):
+        client_cpu = statistics.median(client for client, _ in cpu[side]) * 1e9 / size
+        server_cpu = statistics.median(server for _, server in cpu[side]) * 1e9 / size
+        print(f"  CPU s/GB, {name}: client {client_cpu:.2f}, moto's server {server_cpu:.2f}")
+    client_ratio = statistics.median(b[0] / o[0] for b, o in zip(cpu["boto3"], cpu["ours"]))
+    print(f"client CPU, boto3 / this project: {client_ratio:.3f} (what an upload costs the training machine)")
     print(f"training step while uploading / without: {stall:.3f} (target <= {TARGET_STALL_RATIO})")
     print(f"  the same while boto3 uploads from a thread: {boto3_stall:.3f}; ours / boto3's: {against_boto3:.3f}")
     if arguments.json:
@@ -201,6 +230,8 @@ def main() -> None:
             "boto3_stall_ratio": boto3_stall,
             "ours_s": ours,
             "boto3_s": theirs,
+            "client_cpu_ratio": client_ratio,
+            "cpu_s": cpu,
         }
         arguments.json.write_text(json.dumps(figures, indent=1))
 
