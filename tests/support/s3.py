@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import boto3
 from moto.server import ThreadedMotoServer
+from s3fs import S3FileSystem
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -50,9 +51,12 @@ class S3Server:
         """The server's endpoint and credentials in this process's environment (fsspec and boto read them there)."""
         saved = {key: os.environ.get(key) for key in self.env}
         os.environ.update(self.env)
+        # a filesystem fsspec reuses keeps the endpoint it connected to: another module's server
+        S3FileSystem.clear_instance_cache()
         try:
             yield
         finally:
+            S3FileSystem.clear_instance_cache()
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)

@@ -1,0 +1,78 @@
+"""A bucket folder against a real S3 API (moto's server over HTTP on 127.0.0.1): large files go up in
+parts signed on several threads, and a failed part leaves no object and no open upload behind."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import botocore.auth
+import pytest
+
+from noether.core import object_storage
+from noether.core.object_storage import Bucket
+from tests.support.s3 import S3Server
+
+PART_BYTES = 5 << 20  # S3's smallest part but the last
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    with server.environment():
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket_url(s3, request) -> str:
+    return s3.create_bucket(request.node.name.replace("_", "-")[:60].strip("-").lower())
+
+
+@pytest.fixture
+def large_file(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(object_storage, "S3_PART_BYTES", PART_BYTES)
+    path = tmp_path / "model_cp=E1_model.th"
+    path.write_bytes(os.urandom(3 * PART_BYTES + 12345))  # four parts, the last a short one
+    return path
+
+
+def test_a_large_file_goes_up_in_parts_signed_on_several_threads(s3, bucket_url, large_file, monkeypatch):
+    signing_threads = set()
+    real_add_auth = botocore.auth.S3SigV4Auth.add_auth
+
+    def add_auth(self, request):
+        if "partNumber=" in request.url:
+            signing_threads.add(threading.current_thread().name)
+        return real_add_auth(self, request)
+
+    monkeypatch.setattr(botocore.auth.S3SigV4Auth, "add_auth", add_auth)
+    Bucket(f"{bucket_url}/run").upload(large_file, "checkpoints/model.th")
+    bucket = bucket_url.removeprefix("s3://")
+    assert s3.objects(bucket) == {"run/checkpoints/model.th": large_file.read_bytes()}
+    assert s3.client().head_object(Bucket=bucket, Key="run/checkpoints/model.th")["ETag"].endswith('-4"')
+    assert len(signing_threads) > 1, signing_threads  # not all on one event loop
+
+
+def test_a_failed_part_aborts_the_upload_and_leaves_no_object(s3, bucket_url, large_file, monkeypatch):
+    real_add_auth = botocore.auth.S3SigV4Auth.add_auth
+
+    def add_auth(self, request):
+        if "partNumber=3" in request.url:
+            raise ConnectionResetError("the endpoint went away")
+        return real_add_auth(self, request)
+
+    monkeypatch.setattr(botocore.auth.S3SigV4Auth, "add_auth", add_auth)
+    with pytest.raises(ConnectionResetError, match="went away"):
+        Bucket(bucket_url).upload(large_file, "model.th")
+    bucket = bucket_url.removeprefix("s3://")
+    assert s3.objects(bucket) == {}
+    assert s3.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+def test_a_small_file_goes_up_in_one_request(s3, bucket_url, tmp_path):
+    path = tmp_path / "trainer.th"
+    path.write_bytes(b"state" * 1000)
+    Bucket(bucket_url).upload(path, "a/trainer.th")
+    assert s3.objects(bucket_url.removeprefix("s3://")) == {"a/trainer.th": path.read_bytes()}
