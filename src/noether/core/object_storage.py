@@ -53,7 +53,10 @@ S3_PART_BYTES = 8 << 20
 16 MB (8.8 against 11.9 s/GB for 512 MB, 10.7 against 14.7 for 1 GB) and s3fs's 50 MB (18); moto's
 server on 127.0.0.1, benchmarks/README.md, "Object storage"."""
 S3_PART_LOOPS = 4
-"""Event loops, each with a client of its own, that upload the parts of a large file (see `_ParallelParts`)."""
+"""Event loops, each with a client of its own, that upload the parts of large files (see `_ParallelParts`)."""
+S3_PARTS_IN_FLIGHT = 10
+"""Parts sent at once over those loops, as boto3's transfer manager does by default: on a link with a
+high latency the number of requests in flight, not the CPU, sets the pace."""
 DOWNLOADING = "~download"
 
 
@@ -156,7 +159,7 @@ def _parallel_parts(fs: Any) -> _ParallelParts:
     with _parts_lock:
         parts = _parts_of_filesystems.get(id(fs))
         if parts is None or parts.fs is not fs:
-            parts = _parts_of_filesystems[id(fs)] = _ParallelParts(fs, S3_PART_LOOPS)
+            parts = _parts_of_filesystems[id(fs)] = _ParallelParts(fs, S3_PART_LOOPS, S3_PARTS_IN_FLIGHT)
         return parts
 
 
@@ -167,14 +170,14 @@ class _ParallelParts:
     core for the whole upload, where boto3's transfer manager hashes on every thread it sends from. The
     requests are s3fs's own (`call_s3` with its settings), as its `put_file` makes them."""
 
-    def __init__(self, fs: Any, loops: int) -> None:
+    def __init__(self, fs: Any, loops: int, parts_in_flight: int) -> None:
         self.fs = fs
         self._clients = []
         for index in range(loops):
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name=f"noether-s3-loop-{index}", daemon=True).start()
             self._clients.append(type(fs)(loop=loop, skip_instance_cache=True, **fs.storage_options))
-        self._pool = ThreadPoolExecutor(loops, thread_name_prefix="noether-s3-part")
+        self._pool = ThreadPoolExecutor(parts_in_flight, thread_name_prefix="noether-s3-part")
         self._client_of_thread = threading.local()
         self._client_numbers = itertools.count()
 
