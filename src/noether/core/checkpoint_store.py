@@ -830,7 +830,11 @@ class CheckpointStore:
         return content
 
     def _hashes_of(self, tag: str) -> list[Path]:
-        return sorted(path for path in self._listing() if path.name.endswith(f"_cp={tag}{HASHES_SUFFIX}"))
+        """Names are matched before paths are made: a run that keeps its sets has hundreds of files, and
+        this runs for every `latest` and alias committed."""
+        suffix = f"_cp={tag}{HASHES_SUFFIX}"
+        names = self.storage.list(str(self.directory))
+        return [self.directory / name for name in sorted(names) if name.endswith(suffix) and not name.startswith(".")]
 
     def _members_on_disk(self, tag: str) -> dict[Member, Path]:
         found = {}
