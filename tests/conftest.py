@@ -61,3 +61,15 @@ def write_config(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1 for one test module, its endpoint and credentials in the environment
+    (imported here: moto is a test extra that GPU checks without it never need)."""
+    from tests.support.s3 import S3Server
+
+    server = S3Server()
+    with server.environment():
+        yield server
+    server.stop()

@@ -12,17 +12,8 @@ import pytest
 
 from noether.core import object_storage
 from noether.core.object_storage import Bucket
-from tests.support.s3 import S3Server
 
 PART_BYTES = 5 << 20  # S3's smallest part but the last
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    with server.environment():
-        yield server
-    server.stop()
 
 
 @pytest.fixture

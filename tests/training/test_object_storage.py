@@ -32,14 +32,6 @@ RUN_TIMEOUT_SECONDS = 240
 OUTAGE_SECONDS = 20
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    with server.environment():
-        yield server
-    server.stop()
-
-
 def bucket_tree(url: str, cache_dir: Path, **extra: Any) -> dict[str, Any]:
     """18 updates with a checkpoint every 4, `latest` every epoch and two kept periodic sets."""
     callbacks = [
