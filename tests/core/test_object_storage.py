@@ -1,10 +1,13 @@
 """A bucket folder against a real S3 API (moto's server over HTTP on 127.0.0.1): large files go up in
-parts signed on several threads, and a failed part leaves no object and no open upload behind."""
+parts signed on several threads, each part checked by the bucket against its CRC32, and a failed part
+leaves no object and no open upload behind."""
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import botocore.auth
@@ -44,6 +47,29 @@ def test_a_large_file_goes_up_in_parts_signed_on_several_threads(s3, bucket_url,
     assert s3.objects(bucket) == {"run/checkpoints/model.th": large_file.read_bytes()}
     assert s3.client().head_object(Bucket=bucket, Key="run/checkpoints/model.th")["ETag"].endswith('-4"')
     assert len(signing_threads) > 1, signing_threads  # not all on one event loop
+
+
+def composite_crc32(content: bytes, part_bytes: int) -> str:
+    """S3's checksum of a multipart object: the CRC32 of the parts' CRC32s (S3 appends "-" and the
+    number of parts, moto does not)."""
+    parts = [content[start : start + part_bytes] for start in range(0, len(content), part_bytes)]
+    crcs = b"".join(zlib.crc32(part).to_bytes(4, "big") for part in parts)
+    return base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode()
+
+
+def test_the_bucket_keeps_a_checksum_of_the_parts_it_checked(s3, bucket_url, large_file):
+    Bucket(bucket_url).upload(large_file, "model.th")
+    head = s3.client().head_object(Bucket=bucket_url.removeprefix("s3://"), Key="model.th", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32"].split("-")[0] == composite_crc32(large_file.read_bytes(), PART_BYTES)
+
+
+def test_a_client_told_to_send_checksums_only_where_required_declares_none(s3, bucket_url, large_file):
+    """For stores that reject checksum headers: `request_checksum_calculation: when_required` is obeyed."""
+    options = {"config_kwargs": {"request_checksum_calculation": "when_required"}}
+    Bucket(bucket_url, storage_options=options).upload(large_file, "model.th")
+    bucket = bucket_url.removeprefix("s3://")
+    assert s3.objects(bucket) == {"model.th": large_file.read_bytes()}
+    assert "ChecksumCRC32" not in s3.client().head_object(Bucket=bucket, Key="model.th", ChecksumMode="ENABLED")
 
 
 def test_a_failed_part_aborts_the_upload_and_leaves_no_object(s3, bucket_url, large_file, monkeypatch):

@@ -186,16 +186,19 @@ class _ParallelParts:
         unfinished multipart upload is never an object."""
         bucket, path, _ = self.fs.split_path(key)
         part_count = -(-local.stat().st_size // S3_PART_BYTES)
-        upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=path)["UploadId"]
+        checksum = self._checksum_arguments()
+        upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=path, **checksum)["UploadId"]
         try:
             with open(local, "rb") as file:
 
                 def upload_part(number: int) -> dict[str, Any]:
                     data = os.pread(file.fileno(), S3_PART_BYTES, (number - 1) * S3_PART_BYTES)
                     response = self._client().call_s3(
-                        "upload_part", Bucket=bucket, Key=path, UploadId=upload_id, PartNumber=number, Body=data
+                        "upload_part", Bucket=bucket, Key=path, UploadId=upload_id, PartNumber=number, Body=data, **checksum
                     )
-                    return {"PartNumber": number, "ETag": response["ETag"]}
+                    return {"PartNumber": number, "ETag": response["ETag"]} | {
+                        f"Checksum{algorithm}": response[f"Checksum{algorithm}"] for algorithm in checksum.values()
+                    }
 
                 futures = [self._pool.submit(upload_part, number) for number in range(1, part_count + 1)]
                 try:
@@ -213,6 +216,14 @@ class _ParallelParts:
             raise
         finally:
             self.fs.invalidate_cache(key)
+
+    def _checksum_arguments(self) -> dict[str, str]:
+        """CRC32 of every part, declared when the upload is created, as boto3's transfer manager does unless
+        the client is told to send checksums only where required (stores that reject them): the bucket
+        checks each part and keeps a checksum of the object."""
+        if self.fs.s3.meta.config.request_checksum_calculation == "when_required":
+            return {}
+        return {"ChecksumAlgorithm": "CRC32"}
 
     def _client(self) -> Any:
         """The client of the calling pool thread: each thread keeps to one, so the loops share the work."""
