@@ -11,9 +11,11 @@ Both against moto's S3 server, started here in a process of its own on 127.0.0.1
   the pace, while against a real endpoint only the client's share is spent on the training machine.
 - **Training stall.** Median time per step of a CPU training loop (an MLP, forward, backward, AdamW)
   while such an upload runs in the background, against the same loop without one. Ratio: with /
-  without (target <= 1.05). On a machine with few cores the server's own parsing of the upload
-  competes with the loop too; the figure includes that, and the same loop while boto3 uploads from a
-  thread of the process shows what any in-process upload costs on the machine.
+  without (target <= 1.05). The server is pinned to the machine's last core, and the loop runs with
+  one torch thread per other core: the endpoint is off the loop's cores, as a real one is. The
+  uploader's threads are not pinned. Beside it, the same with the loop on every core, the server's
+  too (there a torch thread shares its core with the server's parsing, and every step waits for that
+  thread), and both figures while boto3 uploads from a thread of the process instead.
 
 Each round runs every variant once, alternating their order; a figure is the median over rounds.
 
@@ -48,12 +50,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def server_core() -> int | None:
+    """The core moto's server is pinned to: the last one, where the machine has more than one."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return cores[-1] if len(cores) > 1 else None
+
+
+def loop_threads() -> int:
+    """Torch threads for the loop on the cores the server leaves it."""
+    return max(1, len(os.sched_getaffinity(0)) - 1) if server_core() is not None else torch.get_num_threads()
+
+
 def start_server() -> tuple[subprocess.Popen, str]:
     port = free_port()
+    core = server_core()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=None if core is None else functools.partial(os.sched_setaffinity, 0, {core}),
     )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -108,8 +123,18 @@ def with_cpu(upload: callable, server_pid: int) -> tuple[float, float, float]:
     return wall, time.process_time() - client, server_cpu_seconds(server_pid) - server
 
 
-def step_times(seconds: float, busy: callable | None = None) -> list[float]:
-    """Times of training steps for `seconds` (or, with `busy`, until it returns True)."""
+def step_times(seconds: float, busy: callable | None = None, threads: int | None = None) -> list[float]:
+    """Times of training steps for `seconds` (or, with `busy`, until it returns True), on `threads`
+    torch threads (all cores by default)."""
+    all_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or all_threads)
+    try:
+        return _step_times(seconds, busy)
+    finally:
+        torch.set_num_threads(all_threads)
+
+
+def _step_times(seconds: float, busy: callable | None) -> list[float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(STEP_WIDTH, STEP_WIDTH), torch.nn.ReLU(), torch.nn.Linear(STEP_WIDTH, 10))
     optimizer = torch.optim.AdamW(model.parameters())
@@ -125,24 +150,24 @@ def step_times(seconds: float, busy: callable | None = None) -> list[float]:
     return times
 
 
-def stall_with_upload(run_dir: Path, checkpoint: Path, bucket_url: str) -> list[float]:
+def stall_with_upload(run_dir: Path, checkpoint: Path, bucket_url: str, threads: int | None) -> list[float]:
     from noether.core.object_storage import Bucket, BucketMirror
 
     mirror = BucketMirror(Bucket(bucket_url), run_dir, give_up_after_seconds=60)
     mirror.committed([checkpoint])
-    times = step_times(0, busy=lambda: bool(mirror.uploader._jobs))
+    times = step_times(0, busy=lambda: bool(mirror.uploader._jobs), threads=threads)
     mirror.close()
     return times
 
 
-def stall_with_boto3(checkpoint: Path, bucket: str, key: str, endpoint: str) -> list[float]:
+def stall_with_boto3(checkpoint: Path, bucket: str, key: str, endpoint: str, threads: int | None) -> list[float]:
     """The same loop while boto3 uploads the file from a thread of this process: what any in-process
     upload costs the loop on this machine."""
     import threading
 
     uploading = threading.Thread(target=upload_boto3, args=(checkpoint, bucket, key, endpoint))
     uploading.start()
-    times = step_times(0, busy=uploading.is_alive)
+    times = step_times(0, busy=uploading.is_alive, threads=threads)
     uploading.join()
     return times
 
@@ -177,8 +202,10 @@ def main() -> None:
             checkpoint = run_dir / "checkpoints" / "model_cp=E0_U1_S1_model.th"
             write_checkpoint(checkpoint, arguments.size)
             size = checkpoint.stat().st_size
-            ours, theirs, stalled, boto3_stalled, idle = [], [], [], [], []
+            ours, theirs = [], []
             cpu: dict[str, list[tuple[float, float]]] = {"ours": [], "boto3": []}  # (client, server) seconds
+            placements = {"off": loop_threads(), "shared": torch.get_num_threads()}  # the loop's torch threads
+            steps = {placement: {"ours": [], "boto3": [], "alone": []} for placement in placements}  # median s
             for round_index in range(arguments.rounds):
                 order = ["ours", "boto3"] if round_index % 2 == 0 else ["boto3", "ours"]
                 for variant in order:
@@ -190,27 +217,27 @@ def main() -> None:
                     wall, client_cpu, server_cpu = with_cpu(upload, server.pid)
                     (ours if variant == "ours" else theirs).append(wall)
                     cpu[variant].append((client_cpu, server_cpu))
-                empty_bucket(endpoint)
-                with_upload = stall_with_upload(run_dir, checkpoint, f"s3://bench/stall{round_index}")
-                stalled.append(statistics.median(with_upload))
-                empty_bucket(endpoint)
-                boto3_stalled.append(
-                    statistics.median(stall_with_boto3(checkpoint, "bench", f"stall-boto3{round_index}/c.th", endpoint))
-                )
-                idle.append(statistics.median(step_times(sum(with_upload))))
-                print(
-                    f"round {round_index + 1}: ours {ours[-1]:.2f} s, boto3 {theirs[-1]:.2f} s; step {idle[-1] * 1e3:.2f} ms "
-                    f"alone, {stalled[-1] * 1e3:.2f} ms while we upload, {boto3_stalled[-1] * 1e3:.2f} ms while boto3 uploads",
-                    flush=True,
-                )
+                line = f"round {round_index + 1}: ours {ours[-1]:.2f} s, boto3 {theirs[-1]:.2f} s"
+                for placement, threads in placements.items():
+                    step = steps[placement]
+                    empty_bucket(endpoint)
+                    with_upload = stall_with_upload(run_dir, checkpoint, f"s3://bench/stall{round_index}", threads)
+                    step["ours"].append(statistics.median(with_upload))
+                    empty_bucket(endpoint)
+                    key = f"stall-boto3{round_index}/c.th"
+                    step["boto3"].append(statistics.median(stall_with_boto3(checkpoint, "bench", key, endpoint, threads)))
+                    step["alone"].append(statistics.median(step_times(sum(with_upload), threads=threads)))
+                    line += (
+                        f"; step on {threads} thread(s) {step['alone'][-1] * 1e3:.2f} ms alone, "
+                        f"{step['ours'][-1] * 1e3:.2f} while we upload ({sum(with_upload):.1f} s), "
+                        f"{step['boto3'][-1] * 1e3:.2f} while boto3 does"
+                    )
+                print(line, flush=True)
     finally:
         server.terminate()
         server.wait(timeout=30)
 
     throughput = statistics.median(t / o for t, o in zip(theirs, ours))
-    stall = statistics.median(s / i for s, i in zip(stalled, idle))
-    boto3_stall = statistics.median(s / i for s, i in zip(boto3_stalled, idle))
-    against_boto3 = statistics.median(s / b for s, b in zip(stalled, boto3_stalled))
     print(f"checkpoint of {size / 1e9:.2f} GB to moto's S3 server on 127.0.0.1")
     print(f"upload throughput, this project / boto3 multipart: {throughput:.3f} (target >= {TARGET_THROUGHPUT_RATIO})")
     print(f"  MB/s: this project {size / 1e6 / statistics.median(ours):.0f}, boto3 {size / 1e6 / statistics.median(theirs):.0f}")
@@ -220,14 +247,26 @@ def main() -> None:
         print(f"  CPU s/GB, {name}: client {client_cpu:.2f}, moto's server {server_cpu:.2f}")
     client_ratio = statistics.median(b[0] / o[0] for b, o in zip(cpu["boto3"], cpu["ours"]))
     print(f"client CPU, boto3 / this project: {client_ratio:.3f} (what an upload costs the training machine)")
-    print(f"training step while uploading / without: {stall:.3f} (target <= {TARGET_STALL_RATIO})")
-    print(f"  the same while boto3 uploads from a thread: {boto3_stall:.3f}; ours / boto3's: {against_boto3:.3f}")
+    stall = {
+        placement: {side: statistics.median(s / a for s, a in zip(step[side], step["alone"])) for side in ("ours", "boto3")}
+        for placement, step in steps.items()
+    }
+    core = server_core()
+    print(
+        f"training step while uploading / without, the server on core {core}, the loop on {placements['off']} "
+        f"thread(s): {stall['off']['ours']:.3f} (target <= {TARGET_STALL_RATIO}); while boto3 uploads: "
+        f"{stall['off']['boto3']:.3f}"
+    )
+    print(
+        f"  the loop on every core ({placements['shared']} threads), the server's too: {stall['shared']['ours']:.3f}; "
+        f"while boto3 uploads: {stall['shared']['boto3']:.3f}"
+    )
     if arguments.json:
         figures = {
             "bytes": size,
             "throughput_ratio": throughput,
-            "stall_ratio": stall,
-            "boto3_stall_ratio": boto3_stall,
+            "stall_ratio": stall["off"]["ours"],
+            "stall_ratios": stall,
             "ours_s": ours,
             "boto3_s": theirs,
             "client_cpu_ratio": client_ratio,
