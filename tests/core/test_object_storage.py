@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -93,3 +94,21 @@ def test_a_small_file_goes_up_in_one_request(s3, bucket_url, tmp_path):
     path.write_bytes(b"state" * 1000)
     Bucket(bucket_url).upload(path, "a/trainer.th")
     assert s3.objects(bucket_url.removeprefix("s3://")) == {"a/trainer.th": path.read_bytes()}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_upload_threads_run_at_the_lowest_cpu_priority_and_training_keeps_its_own(s3, bucket_url, large_file):
+    def niceness(native_id: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, native_id)
+
+    training = niceness(threading.get_native_id())
+    Bucket(bucket_url).upload(large_file, "model.th")
+    part_threads = [thread for thread in threading.enumerate() if thread.name.startswith("noether-s3-")]
+    assert part_threads and {niceness(thread.native_id) for thread in part_threads} == {object_storage.UPLOAD_NICENESS}
+
+    seen = []
+    uploader = object_storage.Uploader(bucket_url, give_up_after_seconds=10)
+    uploader.submit(object_storage._Job("a probe", [[lambda: seen.append(niceness(threading.get_native_id()))]]))
+    assert uploader.close() == []
+    assert seen == [object_storage.UPLOAD_NICENESS]
+    assert niceness(threading.get_native_id()) == training
