@@ -16,6 +16,7 @@ import pytest
 
 from noether.core import object_storage
 from noether.core.object_storage import Bucket
+from noether.core.utils.background import BACKGROUND_NICENESS
 
 PART_BYTES = 5 << 20  # S3's smallest part but the last
 
@@ -104,11 +105,11 @@ def test_upload_threads_run_at_the_lowest_cpu_priority_and_training_keeps_its_ow
     training = niceness(threading.get_native_id())
     Bucket(bucket_url).upload(large_file, "model.th")
     part_threads = [thread for thread in threading.enumerate() if thread.name.startswith("noether-s3-")]
-    assert part_threads and {niceness(thread.native_id) for thread in part_threads} == {object_storage.UPLOAD_NICENESS}
+    assert part_threads and {niceness(thread.native_id) for thread in part_threads} == {BACKGROUND_NICENESS}
 
     seen = []
     uploader = object_storage.Uploader(bucket_url, give_up_after_seconds=10)
     uploader.submit(object_storage._Job("a probe", [[lambda: seen.append(niceness(threading.get_native_id()))]]))
     assert uploader.close() == []
-    assert seen == [object_storage.UPLOAD_NICENESS]
+    assert seen == [BACKGROUND_NICENESS]
     assert niceness(threading.get_native_id()) == training

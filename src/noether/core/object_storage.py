@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from typing import Any
 from noether.core.checkpoint_store import HASHES_SUFFIX, SHARDED_SUFFIX, TAG_FIELD, CheckpointStore, Member
 from noether.core.config import ConfigError
 from noether.core.storage import HOST, process_alive
+from noether.core.utils.background import in_background, yield_cpu
 from noether.core.utils.formatting import format_bytes
 from noether.core.utils.training.iteration import TrainingIteration
 
@@ -58,7 +58,6 @@ S3_PART_LOOPS = 4
 S3_PARTS_IN_FLIGHT = 10
 """Parts sent at once over those loops, as boto3's transfer manager does by default: on a link with a
 high latency the number of requests in flight, not the CPU, sets the pace."""
-UPLOAD_NICENESS = 19
 DOWNLOADING = "~download"
 
 
@@ -150,22 +149,6 @@ class Bucket:
         self.remove([source])
 
 
-def _yield_cpu() -> None:
-    """Lowest CPU priority for the calling thread (Linux, where a thread's nice value is its own): an
-    upload takes the cores training leaves idle, and the queue's bound makes training wait if that is
-    too little."""
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
-
-
-def _in_background(work: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        _yield_cpu()
-        work()
-
-    return run
-
-
 _parts_of_filesystems: dict[int, _ParallelParts] = {}
 _parts_lock = threading.Lock()
 
@@ -193,9 +176,9 @@ class _ParallelParts:
         self._clients = []
         for index in range(loops):
             loop = asyncio.new_event_loop()
-            threading.Thread(target=_in_background(loop.run_forever), name=f"noether-s3-loop-{index}", daemon=True).start()
+            threading.Thread(target=in_background(loop.run_forever), name=f"noether-s3-loop-{index}", daemon=True).start()
             self._clients.append(type(fs)(loop=loop, skip_instance_cache=True, **fs.storage_options))
-        self._pool = ThreadPoolExecutor(parts_in_flight, thread_name_prefix="noether-s3-part", initializer=_yield_cpu)
+        self._pool = ThreadPoolExecutor(parts_in_flight, thread_name_prefix="noether-s3-part", initializer=yield_cpu)
         self._client_of_thread = threading.local()
         self._client_numbers = itertools.count()
 
@@ -480,8 +463,8 @@ class Uploader:
         self._outage_since: float | None = None
         self._gave_up = False
         self._said_waiting_at = -WAIT_NOTICE_SECONDS
-        self._pool = ThreadPoolExecutor(PARALLEL_FILES, thread_name_prefix="noether-upload", initializer=_yield_cpu)
-        self._thread = threading.Thread(target=_in_background(self._work), name="noether-uploader", daemon=True)
+        self._pool = ThreadPoolExecutor(PARALLEL_FILES, thread_name_prefix="noether-upload", initializer=yield_cpu)
+        self._thread = threading.Thread(target=in_background(self._work), name="noether-uploader", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
