@@ -197,9 +197,10 @@ class _ParallelParts:
                     response = self._client().call_s3(
                         "upload_part", Bucket=bucket, Key=path, UploadId=upload_id, PartNumber=number, Body=data, **checksum
                     )
-                    return {"PartNumber": number, "ETag": response["ETag"]} | {
-                        f"Checksum{algorithm}": response[f"Checksum{algorithm}"] for algorithm in checksum.values()
-                    }
+                    part = {"PartNumber": number, "ETag": response["ETag"]}
+                    if checksum:  # the completion lists what each part was checked against
+                        part["ChecksumCRC32"] = response["ChecksumCRC32"]
+                    return part
 
                 futures = [self._pool.submit(upload_part, number) for number in range(1, part_count + 1)]
                 try:
